@@ -1,0 +1,101 @@
+"""`make bench`: throughput measured side by side in one run, printed as ratios.
+
+Absolute figures drift with machine load; the ratios between paths measured in the same run
+are what to compare. BENCH_N sets the number of pairs (default 100); BENCH_ONLY=name[,name]
+runs some sections only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ALPACA = ROOT.parent / "shared" / "data" / "alpaca_cherry_sample.json"
+SAMPLE = ROOT / "examples" / "sample.jsonl"
+MODEL = os.environ.get("BENCH_MODEL", "packaged:smollm2-135m-instruct")
+
+
+def pairs(n: int) -> tuple[list[dict[str, str]], str]:
+    if ALPACA.exists():
+        rows = json.loads(ALPACA.read_text())[:n]
+        source = f"{ALPACA.name} (first {len(rows)})"
+    else:
+        rows = [json.loads(line) for line in SAMPLE.read_text().splitlines() if line.strip()][:n]
+        source = f"{SAMPLE.name} ({len(rows)}; the Alpaca benchmark file is absent)"
+    return [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]} for r in rows], source
+
+
+def matmul_peak(dtype, k: int, n: int, m: int = 2048, seconds: float = 2.0) -> float:
+    """FLOP/s of an [m,k]x[k,n] matmul on this machine's threads, best of a short run."""
+    import torch
+
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    a @ b
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * m * k * n / (time.perf_counter() - start))
+    return best
+
+
+def bench_scoring(n: int) -> None:
+    import torch
+
+    from reflectune.engines.hf import TransformersScorer, load_causal_lm
+    from reflectune.scoring import TokenSequence, build_sequences, score_rows
+    from tests import oracle
+
+    rows, source = pairs(n)
+    print(f"\n== student scoring: {MODEL} on {source}, {torch.get_num_threads()} threads")
+    fast = TransformersScorer(MODEL)
+    cfg = fast.model.config
+    params = sum(p.numel() for p in fast.model.parameters())
+    built = build_sequences(rows, fast.tokenizer)
+    tokens = sum(len(s.ids) for parts in built for s in parts.values() if isinstance(s, TokenSequence))
+
+    peak = {dt: matmul_peak(dt, cfg.hidden_size, cfg.intermediate_size) for dt in (torch.bfloat16, torch.float32)}
+
+    model, tok = load_causal_lm(MODEL, "float32", "cpu")
+    start = time.perf_counter()
+    for r in rows:
+        oracle.score_pair(model, tok, r["instruction"], r["input"], r["output"])
+    per_sample = tokens / (time.perf_counter() - start)
+    del model
+
+    score_rows(rows[:4], fast)  # warm-up
+    start = time.perf_counter()
+    score_rows(rows, fast)
+    batched = tokens / (time.perf_counter() - start)
+
+    flops_per_token = 2 * params
+    bound = {dt: p / flops_per_token for dt, p in peak.items()}
+    print(f"pairs {len(rows)}, tokens {tokens} (all four sequences), parameters {params / 1e6:.1f}M")
+    print(f"matmul peak: bf16 {peak[torch.bfloat16] / 1e9:.1f} GFLOP/s, fp32 {peak[torch.float32] / 1e9:.1f} GFLOP/s")
+    print(f"per-sample fp32 batch 1 : {per_sample:8.0f} tok/s")
+    print(f"fast scorer ({str(fast.dtype).removeprefix('torch.')}) : {batched:8.0f} tok/s")
+    print(f"ratio fast / per-sample : {batched / per_sample:8.2f}x   (target >= 3x)")
+    print(f"of the bf16 matmul bound ({bound[torch.bfloat16]:.0f} tok/s): {batched / bound[torch.bfloat16]:.0%}   (target >= 50%)")
+    print(f"of the {str(fast.dtype).removeprefix('torch.')} matmul bound ({bound[fast.dtype]:.0f} tok/s): {batched / bound[fast.dtype]:.0%}")
+
+
+SECTIONS = {"scoring": bench_scoring}
+
+
+def main() -> None:
+    n = int(os.environ.get("BENCH_N", "100"))
+    only = [s for s in os.environ.get("BENCH_ONLY", "").split(",") if s]
+    for name, fn in SECTIONS.items():
+        if not only or name in only:
+            fn(n)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""transformers engines: the student scorer (and, later, a teacher) on CPU or one GPU.
+
+The scorer sorts sequences by length and packs them into right-padded batches under a token
+budget. Right padding with causal attention needs no attention mask (a real token never
+attends to a later pad), so attention takes the fused causal path. The LM head runs only on
+the hidden states that predict a label, the costly part of a forward pass for a small-vocab
+model is thereby skipped on prompt tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from reflectune import models
+from reflectune.scoring import TokenSequence
+
+
+def pick_device(device: str = "auto") -> Any:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN has native bfloat16 kernels (AVX-512 BF16 / AMX). Elsewhere bf16 is
+    emulated and runs many times slower than fp32."""
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_dtype(dtype: str, device: Any) -> Any:
+    import torch
+
+    named = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype != "auto":
+        if dtype not in named:
+            raise ValueError(f"unknown dtype '{dtype}': choose auto, float32, bfloat16 or float16")
+        return named[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def load_causal_lm(spec: str, dtype: str = "auto", device: str = "auto") -> tuple[Any, Any]:
+    """(model, tokenizer) in eval mode on the chosen device."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = models.resolve(spec)
+    dev = pick_device(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev), attn_implementation="sdpa")
+    model.to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.set_grad_enabled(False)
+    return model, tokenizer
+
+
+class TransformersScorer:
+    """Student engine on transformers. One model load per instance; reuse it across shards."""
+
+    def __init__(self, spec: str, dtype: str = "auto", device: str = "auto", max_batch_tokens: int | None = None):
+        self.spec = spec
+        self.model, self.tokenizer = load_causal_lm(spec, dtype, device)
+        self.device = self.model.device
+        self.dtype = self.model.dtype
+        # On CPU, activations of ~2k tokens stay in cache; larger batches measured slower there.
+        self.max_batch_tokens = max_batch_tokens or (2048 if self.device.type == "cpu" else 32768)
+        self._decoder = self.model.get_decoder()
+        self._head = self.model.get_output_embeddings()
+        self._softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def token_nll(self, sequences: Sequence[TokenSequence], progress: Callable[[int], None] | None = None) -> list[float]:
+        import torch
+
+        out = [math.nan] * len(sequences)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].ids), reverse=True)
+        with torch.inference_mode():
+            for batch in _pack(order, sequences, self.max_batch_tokens):
+                means = self._batch_nll([sequences[i] for i in batch])
+                for i, value in zip(batch, means):
+                    out[i] = value
+                if progress:
+                    progress(sum(len(sequences[i].ids) for i in batch))
+        return out
+
+    def _batch_nll(self, seqs: list[TokenSequence]) -> list[float]:
+        import torch
+
+        width = max(len(s.ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)
+        rows, positions, counts = [], [], []
+        for r, s in enumerate(seqs):
+            ids[r, : len(s.ids)] = torch.tensor(s.ids)
+            # the hidden state at position p predicts token p + 1
+            positions.append(torch.arange(s.label_start - 1, len(s.ids) - 1))
+            rows.append(torch.full((s.n_labels,), r))
+            counts.append(s.n_labels)
+        rows_t, pos_t = torch.cat(rows), torch.cat(positions)
+        ids = ids.to(self.device)
+        hidden = self._decoder(input_ids=ids).last_hidden_state
+        picked = hidden[rows_t.to(self.device), pos_t.to(self.device)]
+        targets = ids[rows_t.to(self.device), pos_t.to(self.device) + 1]
+        nll = torch.empty(picked.shape[0], dtype=torch.float32, device=self.device)
+        for start in range(0, picked.shape[0], 2048):  # bound the [labels x vocab] logits
+            logits = self._head(picked[start : start + 2048]).float()
+            if self._softcap:
+                logits = torch.tanh(logits / self._softcap) * self._softcap
+            nll[start : start + 2048] = torch.nn.functional.cross_entropy(
+                logits, targets[start : start + 2048], reduction="none"
+            )
+        sums = torch.zeros(len(seqs), dtype=torch.float64, device=self.device)
+        sums.index_add_(0, rows_t.to(self.device), nll.double())
+        return (sums.cpu() / torch.tensor(counts, dtype=torch.float64)).tolist()
+
+    def close(self) -> None:
+        self.model = self._decoder = self._head = None
+
+
+def _pack(order: list[int], seqs: Sequence[TokenSequence], budget: int) -> list[list[int]]:
+    """Consecutive runs of the length-sorted order whose padded size stays within budget."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = len(seqs[current[0]].ids) if current else len(seqs[i].ids)
+        if current and (len(current) + 1) * width > budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches

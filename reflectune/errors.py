@@ -1,0 +1,27 @@
+"""Errors a user can act on. The CLI prints their message and exits non-zero."""
+
+
+class ReflectuneError(Exception):
+    """Base class: the message names what is wrong and how to fix it."""
+
+
+class InputFileError(ReflectuneError):
+    """A dataset file cannot be read at all (bad JSON, bad bytes, missing columns)."""
+
+
+class SchemaError(ReflectuneError):
+    """A stage received a table without the columns it needs."""
+
+
+class ModelSpecError(ReflectuneError):
+    """A model spec cannot be resolved to weights on this machine."""
+
+
+class MissingExtraError(ReflectuneError):
+    """An optional dependency is needed for the chosen option."""
+
+
+def missing_extra(package: str, extra: str, why: str) -> MissingExtraError:
+    return MissingExtraError(
+        f"{why} needs the '{package}' package: install it with `pip install 'reflectune[{extra}]'`"
+    )

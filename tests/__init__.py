@@ -1,0 +1,1 @@
+"""Reflectune test suite (a package, so tests share helpers with relative imports)."""

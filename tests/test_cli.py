@@ -1,0 +1,71 @@
+import json
+import os
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+
+from reflectune.errors import ModelSpecError
+from reflectune.models import home, resolve
+from reflectune.records import SCORE_COLUMNS
+
+from .conftest import MODEL, ROOT, SAMPLE
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, "-m", "reflectune.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=900
+    )
+
+
+def test_score_command_writes_every_valid_row_in_order(tmp_path):
+    src = tmp_path / "in.jsonl"
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()][:5]
+    rows.insert(2, {"instruction": "No answer here"})
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scores.parquet"
+    result = run_cli("score", str(src), "--out", str(out), "--student", MODEL, "--template", "vicuna")
+    assert result.returncode == 0, result.stderr
+    df = pl.read_parquet(out)
+    assert df.columns[:5] == ["sample_id", "source_index", "instruction", "input", "output"]
+    assert set(SCORE_COLUMNS) <= set(df.columns)
+    assert df["source_index"].to_list() == [0, 1, 3, 4, 5]
+    assert df["ifd_ppl"].is_nan().sum() == 0
+    assert "scoring" in result.stderr  # the progress bar
+    assert "6 input rows: 5 scored, 1 rejected" in result.stderr
+    rejected = pl.read_parquet(tmp_path / "scores.rejected.parquet")
+    assert rejected["source_index"].to_list() == [2]
+
+
+def test_score_command_writes_jsonl(tmp_path):
+    out = tmp_path / "scores.jsonl"
+    result = run_cli("score", str(SAMPLE), "--out", str(out), "--limit", "3")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 3 and all(line["rifd_ppl"] > 0 for line in lines)
+
+
+def test_malformed_input_exits_nonzero_and_writes_nothing(tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"instruction": "a", "output": "b"}\n{oops}\n')
+    out = tmp_path / "scores.parquet"
+    result = run_cli("score", str(src), "--out", str(out))
+    assert result.returncode == 2
+    assert "bad.jsonl: line 2" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_models_prepare_and_specs(tmp_path):
+    result = run_cli("models", "prepare")
+    assert result.returncode == 0, result.stderr
+    path = result.stdout.strip()
+    assert path == str(home() / "models" / "smollm2-135m-instruct")
+    assert os.path.exists(os.path.join(path, "model.safetensors"))
+    assert resolve(path) == path  # a local directory works as a spec
+    with pytest.raises(ModelSpecError, match="no config.json"):
+        resolve(str(tmp_path))
+    with pytest.raises(ModelSpecError, match="could not be fetched from the Hugging Face hub"):
+        resolve("some-org/not-a-local-model")
+    with pytest.raises(ModelSpecError, match="unknown packaged model"):
+        resolve("packaged:nope")
