@@ -86,7 +86,55 @@ def bench_scoring(n: int) -> None:
     print(f"of the {str(fast.dtype).removeprefix('torch.')} matmul bound ({bound[fast.dtype]:.0f} tok/s): {batched / bound[fast.dtype]:.0%}")
 
 
-SECTIONS = {"scoring": bench_scoring}
+def _generation_rate(engine, chats, sampling) -> tuple[float, int]:
+    start = time.perf_counter()
+    gens = engine.generate(chats, sampling)
+    elapsed = time.perf_counter() - start
+    tokens = sum(g.completion_tokens for g in gens)
+    return tokens / elapsed, tokens
+
+
+def bench_teacher(n: int) -> None:
+    import socket
+    import tempfile
+
+    from reflectune import prompts
+    from reflectune.engines.hf import TransformersTeacher
+    from reflectune.engines.openai_compat import OpenAITeacher
+    from reflectune.engines.vllm_engine import Server
+    from reflectune.reflection import Sampling
+
+    rows, source = pairs(min(n, int(os.environ.get("BENCH_TEACHER_N", "16"))))
+    new_tokens = int(os.environ.get("BENCH_GEN_TOKENS", "128"))
+    chats = [prompts.instruction_reflection(r["instruction"], r["input"], r["output"]) for r in rows]
+    # min_new_tokens is not a chat API parameter: greedy decoding of the same chats keeps the work comparable
+    sampling = Sampling(max_new_tokens=new_tokens)
+    print(f"\n== teacher generation: {MODEL}, instruction-reflection chats from {source}, up to {new_tokens} new tokens")
+    results = {}
+    teacher = TransformersTeacher(MODEL, batch_size=len(chats))
+    _generation_rate(teacher, chats[:2], Sampling(max_new_tokens=4))  # warm-up
+    results["transformers, batch of %d" % len(chats)] = _generation_rate(teacher, chats, sampling)
+    teacher.batch_size = 1
+    results["transformers, one at a time"] = _generation_rate(teacher, chats[:4], sampling)
+    teacher.close()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.NamedTemporaryFile(suffix=".log") as log:
+        start = time.perf_counter()
+        with Server(MODEL, port, "bench", log.name) as server:
+            print(f"vllm serve healthy after {time.perf_counter() - start:.0f}s")
+            for concurrency, subset in ((1, chats[:4]), (16, chats)):
+                engine = OpenAITeacher("bench", base_url=f"{server.url}/v1", concurrency=concurrency)
+                _generation_rate(engine, subset[:1], Sampling(max_new_tokens=4))
+                results[f"vllm serve via openai engine, concurrency {concurrency}"] = _generation_rate(engine, subset, sampling)
+    base = results["transformers, one at a time"][0]
+    for name, (rate, tokens) in results.items():
+        print(f"{name:45s} {rate:8.1f} new tok/s  ({tokens} tokens)  {rate / base:5.2f}x one-at-a-time")
+
+
+SECTIONS = {"scoring": bench_scoring, "teacher": bench_teacher}
 
 
 def main() -> None:

@@ -9,7 +9,9 @@ from collections.abc import Callable
 
 from reflectune import io
 from reflectune.errors import ReflectuneError
+from reflectune.engines import TEACHER_ENGINES
 from reflectune.models import DEFAULT_MODEL
+from reflectune.reflection import KINDS
 from reflectune.templates import DEFAULT_TEMPLATE, TEMPLATES
 
 
@@ -46,6 +48,28 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     _intake_options(score)
     score.set_defaults(func=_score)
+
+    reflect = sub.add_parser("reflect", help="teacher reflection: write the ins, res and ins_res variants")
+    reflect.add_argument("input", help="dataset: .json array, .jsonl or .parquet; local path or s3:// URI")
+    reflect.add_argument("--out", required=True, help="variants file (.parquet or .jsonl)")
+    reflect.add_argument("--teacher", default=DEFAULT_MODEL,
+                         help="model spec; for --engine openai the served model name (default: %(default)s)")
+    reflect.add_argument("--engine", default="transformers", choices=TEACHER_ENGINES, help="teacher engine")
+    reflect.add_argument("--kind", default="both", choices=KINDS,
+                         help="instruction: ins; response: res; both: ins, res and ins_res (default)")
+    reflect.add_argument("--max-new-tokens", type=int, default=1024, help="generation limit per request")
+    reflect.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as the reference")
+    reflect.add_argument("--top-p", type=float, default=1.0)
+    reflect.add_argument("--seed", type=int, default=0)
+    reflect.add_argument("--base-url", help="openai: endpoint, e.g. http://gpu-host:8000/v1")
+    reflect.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: variable holding the key")
+    reflect.add_argument("--concurrency", type=int, default=16, help="openai: requests in flight")
+    reflect.add_argument("--timeout", type=float, default=300.0, help="openai: seconds per request")
+    reflect.add_argument("--batch-size", type=int, default=8, help="transformers: chats per generate call")
+    reflect.add_argument("--dtype", default="auto", help="transformers: auto, float32, bfloat16")
+    reflect.add_argument("--device", default="auto", help="transformers: auto, cpu or cuda[:N]")
+    _intake_options(reflect)
+    reflect.set_defaults(func=_reflect)
     return parser
 
 
@@ -88,6 +112,36 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reflect(args: argparse.Namespace) -> int:
+    from reflectune import intake, reflection
+    from reflectune.engines import load_teacher
+
+    if not args.out.endswith((".parquet", ".jsonl")):
+        raise ReflectuneError(f"--out '{args.out}': use a .parquet or .jsonl file name")
+    data = intake.load(args.input, intake.parse_column_map(args.map), args.limit)
+    if args.engine == "openai":
+        options = dict(base_url=args.base_url, api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout)
+    else:
+        options = dict(batch_size=args.batch_size, dtype=args.dtype, device=args.device)
+    teacher = load_teacher(args.engine, args.teacher, **options)
+    sampling = reflection.Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    per_row = {"instruction": 1, "response": 1, "both": 3}[args.kind]
+    with _progress("reflecting", unit="gen") as advance:
+        variants = reflection.reflect(data.valid, teacher, args.kind, sampling,
+                                      progress=lambda n: advance(n, per_row * data.valid.height))
+    io.write_table(variants, args.out)
+    if data.rejected.height:
+        io.write_table(data.rejected, _beside(args.out, "rejected"))
+    status = variants.group_by("variant", "parse_status").len().sort("variant", "parse_status")
+    summary = ", ".join(f"{v}/{s}: {n}" for v, s, n in status.iter_rows())
+    print(
+        f"reflectune: {data.input_rows} input rows, {data.valid.height} reflected, {data.rejected.height} rejected; "
+        f"{summary}; tokens in {variants['prompt_tokens'].sum()}, out {variants['completion_tokens'].sum()} -> {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _beside(uri: str, tag: str) -> str:
     stem, ext = os.path.splitext(uri)
     return f"{stem}.{tag}{ext}"
@@ -96,8 +150,9 @@ def _beside(uri: str, tag: str) -> str:
 class _progress:
     """A tqdm bar on stderr driven by `advance(n, total)` callbacks."""
 
-    def __init__(self, label: str):
+    def __init__(self, label: str, unit: str = "tok"):
         self.label = label
+        self.unit = unit
         self.bar = None
 
     def __enter__(self) -> Callable[[int, int], None]:
@@ -105,7 +160,7 @@ class _progress:
             if self.bar is None:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, desc=self.label, unit="tok", unit_scale=True, file=sys.stderr)
+                self.bar = tqdm(total=total, desc=self.label, unit=self.unit, unit_scale=True, file=sys.stderr)
             self.bar.update(n)
 
         return advance

@@ -34,6 +34,21 @@ REJECTED: dict[str, pl.DataType] = {
     "raw": pl.String,
 }
 
+# A teacher variant of a sample (METHOD.md: ins, res, ins_res), with everything the teacher
+# wrote: the raw text of every attempt, how parsing went, and what it cost.
+VARIANTS = ("orig", "ins", "res", "ins_res")
+VARIANT: dict[str, pl.DataType] = RECORD | {
+    "variant": pl.String,
+    "raw_text": pl.List(pl.String),
+    # ok: every field parsed; partial: some field fell back to the base pair's; fallback: all did
+    "parse_status": pl.String,
+    "parse_detail": pl.String,
+    "prompt_version": pl.String,
+    "teacher": pl.String,
+    "prompt_tokens": pl.Int64,
+    "completion_tokens": pl.Int64,
+}
+
 # Student scores of one pair (METHOD.md: losses are mean token NLL, PPL = exp(loss)).
 SCORE_COLUMNS = [
     "loss_q_direct",

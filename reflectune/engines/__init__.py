@@ -1,7 +1,8 @@
 """Engines run models; the method's logic stays in scoring and reflection modules.
 
-Heavy imports (torch, transformers, vllm, openai) happen inside the engine modules' functions,
-so every module imports on a CPU-only install without them.
+Heavy imports (torch, transformers, vllm) happen inside the engine modules' functions, so
+every module imports on a CPU-only install without them. Choosing an engine is a plain
+if/elif: there are three.
 """
 
 from __future__ import annotations
@@ -9,12 +10,27 @@ from __future__ import annotations
 from typing import Any
 
 STUDENT_ENGINES = ("transformers",)
+TEACHER_ENGINES = ("transformers", "openai")
 
 
 def load_student(engine: str, spec: str, **options: Any) -> Any:
-    """A student engine (see scoring.StudentEngine) for `spec`."""
+    """A student engine (scoring.StudentEngine) for the model `spec`."""
     if engine == "transformers":
         from reflectune.engines.hf import TransformersScorer
 
         return TransformersScorer(spec, **options)
     raise ValueError(f"unknown student engine '{engine}': choose one of {', '.join(STUDENT_ENGINES)}")
+
+
+def load_teacher(engine: str, spec: str, **options: Any) -> Any:
+    """A teacher engine (reflection.TeacherEngine). For `openai`, `spec` is the served model
+    name and options carry base_url, api_key or api_key_env, concurrency, timeout."""
+    if engine == "transformers":
+        from reflectune.engines.hf import TransformersTeacher
+
+        return TransformersTeacher(spec, **options)
+    if engine == "openai":
+        from reflectune.engines.openai_compat import OpenAITeacher
+
+        return OpenAITeacher(spec, **options)
+    raise ValueError(f"unknown teacher engine '{engine}': choose one of {', '.join(TEACHER_ENGINES)}")

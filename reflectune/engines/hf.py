@@ -139,3 +139,94 @@ def _pack(order: list[int], seqs: Sequence[TokenSequence], budget: int) -> list[
     if current:
         batches.append(current)
     return batches
+
+
+class TransformersTeacher:
+    """Teacher engine on transformers: batched chat generation with left padding, greedy by
+    default. One model load per instance."""
+
+    def __init__(self, spec: str, dtype: str = "auto", device: str = "auto", batch_size: int = 8):
+        self.model, self.tokenizer = load_causal_lm(spec, dtype, device)
+        self.tokenizer.padding_side = "left"
+        self.teacher_id = f"transformers:{models.model_id(spec)}"
+        self.batch_size = batch_size
+        self.context = getattr(self.model.config, "max_position_embeddings", None)
+        eos = self.model.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [self.tokenizer.eos_token_id])
+        self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self._eos))
+
+    def generate(self, chats, sampling, progress=None):
+        import torch
+
+        from reflectune.reflection import Generation
+
+        encoded = [self.tokenizer(render_chat(self.tokenizer, c), add_special_tokens=False)["input_ids"] for c in chats]
+        out: list[Generation] = [Generation() for _ in chats]
+        runnable = []
+        for i, ids in enumerate(encoded):
+            if self.context and len(ids) + sampling.max_new_tokens > self.context:
+                out[i] = Generation(prompt_tokens=len(ids), error=(
+                    f"prompt of {len(ids)} tokens + {sampling.max_new_tokens} new tokens exceeds the teacher's context of {self.context}"))
+            else:
+                runnable.append(i)
+        runnable.sort(key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        with torch.inference_mode():
+            for start in range(0, len(runnable), self.batch_size):
+                batch = runnable[start : start + self.batch_size]
+                for i, gen in zip(batch, self._generate_batch([encoded[i] for i in batch], sampling)):
+                    out[i] = gen
+                if progress:
+                    progress(len(batch))
+        return out
+
+    def _generate_batch(self, encoded, sampling):
+        import torch
+
+        from reflectune.reflection import Generation
+
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for r, ids in enumerate(encoded):
+            input_ids[r, width - len(ids):] = torch.tensor(ids)
+            mask[r, width - len(ids):] = 1
+        greedy = sampling.temperature <= 0
+        generated = self.model.generate(
+            input_ids=input_ids.to(self.model.device),
+            attention_mask=mask.to(self.model.device),
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None,
+            pad_token_id=self._pad,
+        )[:, width:].tolist()
+        results = []
+        for ids, new in zip(encoded, generated):
+            stop = next((k for k, t in enumerate(new) if t in self._eos), None)
+            completion = new if stop is None else new[:stop]
+            results.append(Generation(
+                text=self.tokenizer.decode(completion, skip_special_tokens=True),
+                prompt_tokens=len(ids),
+                completion_tokens=len(completion) + (stop is not None),
+                finish_reason="length" if stop is None else "stop",
+            ))
+        return results
+
+    def close(self) -> None:
+        self.model = None
+
+
+def render_chat(tokenizer, chat) -> str:
+    """The chat as the model's template writes it, ready for the assistant's turn. Templates
+    that refuse a system role get the system text at the top of the first user turn."""
+    try:
+        return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    except Exception:
+        if not chat or chat[0]["role"] != "system":
+            raise
+        system, first, *rest = chat
+        merged = [{"role": "user", "content": system["content"] + "\n\n" + first["content"]}, *rest]
+        return tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=False)

@@ -1,0 +1,101 @@
+"""Parsing teacher output: the marked fields, tolerant of what models really write.
+
+A field is the text after its marker (`[New Instruction]`, `New Instruction:`, `**New
+Instruction:**`, any case) up to `[End]`, the next marker, or the end of the text. When a
+marker occurs several times (a model restating the format, then answering), the last usable
+candidate wins: the prompt asks for the fields at the end. A field is unusable when it is
+missing, empty, echoes the template ("your instruction", "your answer", "N/A"), or was cut off
+by the token limit (it runs to the end of a generation that stopped for length).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_NAMES = {
+    "new_instruction": r"new\s+instruction",
+    "new_answer": r"new\s+answer",
+    "better_answer": r"better\s+answer",
+}
+# "[New Answer]", "[New Answer]:", "New Answer:", "**New Answer:**", "### New Answer:"
+_MARKER = {
+    key: re.compile(
+        rf"\[\s*{name}\s*\]\s*:?|(?:^|(?<=\n))[ \t]*(?:#+\s*|\*\*)?{name}\s*(?:\*\*\s*)?:(?:\s*\*\*)?",
+        re.IGNORECASE,
+    )
+    for key, name in _NAMES.items()
+}
+_END = re.compile(r"\[\s*/?\s*end\s*\]", re.IGNORECASE)
+_ECHOES = {"your instruction", "your answer", "your new instruction", "your new answer", "your better answer",
+           "n/a", "na", "none", "instruction", "answer", "..."}
+
+
+@dataclass
+class Parsed:
+    fields: dict[str, str] = field(default_factory=dict)  # usable fields only
+    problems: dict[str, str] = field(default_factory=dict)  # field -> why it is unusable
+
+
+def parse(text: str, wanted: tuple[str, ...], cut_off: bool = False) -> Parsed:
+    """Extract `wanted` fields (keys of _NAMES). `cut_off`: the generation stopped at its
+    token limit, so a field running to the end of the text is incomplete."""
+    spans = _marker_spans(text or "")
+    out = Parsed()
+    for name in wanted:
+        candidates = [s for s in spans if s[2] == name]
+        if not candidates:
+            out.problems[name] = f"no [{_title(name)}] marker"
+            continue
+        reason = ""
+        for start, end, _ in reversed(candidates):
+            value, ran_to_end = _field_text(text, end, spans)
+            reason = _unusable(value, ran_to_end and cut_off)
+            if not reason:
+                out.fields[name] = value
+                break
+        else:
+            out.problems[name] = reason
+    return out
+
+
+def _marker_spans(text: str) -> list[tuple[int, int, str]]:
+    spans = [(m.start(), m.end(), name) for name, rx in _MARKER.items() for m in rx.finditer(text)]
+    return sorted(spans)
+
+
+def _field_text(text: str, start: int, spans: list[tuple[int, int, str]]) -> tuple[str, bool]:
+    stop = len(text)
+    for s, _, _ in spans:
+        if s >= start:
+            stop = s
+            break
+    end = _END.search(text, start, stop)
+    if end:
+        stop = end.start()
+    ran_to_end = stop == len(text) and not end
+    return _clean(text[start:stop]), ran_to_end
+
+
+def _clean(value: str) -> str:
+    value = value.strip()
+    # a marker's own decoration left around the value: "** text **", quotes around the whole
+    value = value.strip("*").strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        value = value[1:-1].strip()
+    return value
+
+
+def _unusable(value: str, cut_off: bool) -> str:
+    if not value:
+        return "empty"
+    normal = re.sub(r"[\s\[\]().:*\"'`]+", " ", value.lower()).strip()
+    if normal in _ECHOES or (len(normal) < 40 and normal.startswith(("your instruction", "your answer"))):
+        return f"echoes the template ({value[:40]!r})"
+    if cut_off:
+        return "cut off at the token limit"
+    return ""
+
+
+def _title(name: str) -> str:
+    return name.replace("_", " ").title()

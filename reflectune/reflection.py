@@ -1,0 +1,167 @@
+"""Teacher reflection: from original pairs to the variants ins, res and ins_res (METHOD.md).
+
+Phase 1 asks the teacher for the instruction reflection (ins) and the response reflection of
+the original (res) together; phase 2 asks for the response reflection of each new pair
+(ins_res). After each phase, rows whose output could not be parsed get one more try with
+different sampling; a field still unusable falls back to the base pair's field. Every row
+keeps the raw teacher text of every attempt, its parse status and token usage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import polars as pl
+
+from reflectune import parsing, prompts
+from reflectune.records import RECORD, VARIANT
+
+KINDS = ("instruction", "response", "both")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop", "length"
+    error: str | None = None  # the request failed for this chat only
+
+
+class TeacherEngine(Protocol):
+    """What reflection needs from a teacher: chats in, one generation per chat out, in order.
+    A request that fails on its own returns a Generation with `error`; a failure that dooms
+    the whole run (bad key, unknown model) raises."""
+
+    teacher_id: str
+
+    def generate(self, chats: Sequence[prompts.Messages], sampling: Sampling,
+                 progress: Callable[[int], None] | None = None) -> list[Generation]: ...
+
+
+@dataclass
+class _Job:
+    """One variant of one sample on its way through the teacher."""
+
+    base: dict[str, str]  # the pair reflected on: sample_id, source_index, instruction, input, output
+    variant: str
+    raw: list[str]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    result: dict | None = None  # the finished variant row
+
+
+def reflect(
+    records: pl.DataFrame,
+    teacher: TeacherEngine,
+    kind: str = "both",
+    sampling: Sampling = Sampling(),
+    retry_sampling: Sampling | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> pl.DataFrame:
+    """Variant rows (records.VARIANT) for `records` (records.RECORD), ordered by source and variant."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown reflection kind '{kind}': choose one of {', '.join(KINDS)}")
+    retry_sampling = retry_sampling or Sampling(0.7, 0.95, sampling.max_new_tokens, (sampling.seed or 0) + 1)
+    bases = records.select(list(RECORD)).to_dicts()
+
+    phase1 = []
+    if kind in ("instruction", "both"):
+        phase1 += [_Job(b, "ins", []) for b in bases]
+    if kind in ("response", "both"):
+        phase1 += [_Job(b, "res", []) for b in bases]
+    _run(phase1, teacher, sampling, retry_sampling, progress)
+
+    phase2 = []
+    if kind == "both":
+        phase2 = [_Job(_as_base(job.result), "ins_res", []) for job in phase1 if job.variant == "ins"]
+        _run(phase2, teacher, sampling, retry_sampling, progress)
+
+    rows = [job.result for job in phase1 + phase2]
+    order = {"ins": 0, "res": 1, "ins_res": 2}
+    rows.sort(key=lambda r: (r["source_index"], order[r["variant"]]))
+    return pl.DataFrame(rows, schema=VARIANT) if rows else pl.DataFrame(schema=VARIANT)
+
+
+def _as_base(row: dict) -> dict[str, str]:
+    return {name: row[name] for name in RECORD}
+
+
+def _run(jobs: list[_Job], teacher: TeacherEngine, sampling: Sampling, retry: Sampling,
+         progress: Callable[[int], None] | None) -> None:
+    pending = jobs
+    for attempt, params in enumerate((sampling, retry)):
+        if not pending:
+            return
+        chats = [_chat(job) for job in pending]
+        generations = teacher.generate(chats, params, progress)
+        failed = []
+        for job, gen in zip(pending, generations):
+            job.raw.append(gen.text if gen.error is None else f"[request failed: {gen.error}]")
+            job.prompt_tokens += gen.prompt_tokens
+            job.completion_tokens += gen.completion_tokens
+            parsed = _parse(job, gen)
+            last = attempt == 1
+            if parsed.problems and not last:
+                failed.append(job)
+            else:
+                job.result = _finish(job, parsed, teacher.teacher_id)
+        pending = failed
+
+
+def _chat(job: _Job) -> prompts.Messages:
+    b = job.base
+    if job.variant == "ins":
+        return prompts.instruction_reflection(b["instruction"], b["input"], b["output"])
+    return prompts.response_reflection(b["instruction"], b["input"], b["output"])
+
+
+def _parse(job: _Job, gen: Generation) -> parsing.Parsed:
+    wanted = ("new_instruction", "new_answer") if job.variant == "ins" else ("better_answer",)
+    if gen.error is not None:
+        return parsing.Parsed(problems={name: f"request failed: {gen.error}" for name in wanted})
+    return parsing.parse(gen.text, wanted, cut_off=gen.finish_reason == "length")
+
+
+def _finish(job: _Job, parsed: parsing.Parsed, teacher_id: str) -> dict:
+    b = job.base
+    if job.variant == "ins":
+        instruction = parsed.fields.get("new_instruction")
+        output = parsed.fields.get("new_answer")
+        fields = {
+            "instruction": instruction if instruction is not None else b["instruction"],
+            # the new instruction is self-contained; a fallen-back one still needs its input
+            "input": "" if instruction is not None else b["input"],
+            "output": output if output is not None else b["output"],
+        }
+        version = prompts.INSTRUCTION_VERSION
+        total = 2
+    else:
+        output = parsed.fields.get("better_answer")
+        fields = {"instruction": b["instruction"], "input": b["input"], "output": output if output is not None else b["output"]}
+        version = prompts.RESPONSE_VERSION
+        total = 1
+    status = "ok" if not parsed.problems else ("fallback" if len(parsed.problems) == total else "partial")
+    return {
+        "sample_id": b["sample_id"],
+        "source_index": b["source_index"],
+        "variant": job.variant,
+        **fields,
+        "raw_text": job.raw,
+        "parse_status": status,
+        "parse_detail": "; ".join(f"{k}: {v}" for k, v in parsed.problems.items()) or None,
+        "prompt_version": version,
+        "teacher": teacher_id,
+        "prompt_tokens": job.prompt_tokens,
+        "completion_tokens": job.completion_tokens,
+    }

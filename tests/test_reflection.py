@@ -1,0 +1,162 @@
+"""Teacher reflection with the packaged model (transformers) and with `vllm serve` behind a
+faulty proxy (the OpenAI-compatible engine)."""
+
+import json
+import os
+
+import polars as pl
+import pytest
+
+from reflectune import intake, prompts
+from reflectune.engines.openai_compat import OpenAITeacher, TeacherFatalError
+from reflectune.records import VARIANT, check_columns
+from reflectune.reflection import Sampling, reflect
+
+from .conftest import SAMPLE
+from .fault_proxy import FaultProxy
+
+SECRET = "sk-test-0123456789abcdef-never-print-me"
+
+
+@pytest.fixture(scope="module")
+def records():
+    data = intake.load(str(SAMPLE))
+    # a vague one, one with input, a good one
+    return data.valid.filter(pl.col("source_index").is_in([1, 2, 9]))
+
+
+def test_prompts_cover_the_criteria_and_markers():
+    ins = prompts.instruction_reflection("Name a fruit.", "", "Apple.")
+    assert [m["role"] for m in ins] == ["system", "user"]
+    task, pair = ins[0]["content"], ins[1]["content"]
+    for phrase in ("complexity of topic", "level of detail", "knowledge it requires", "ambiguous", "logical reasoning",
+                   "helpfulness, relevance, accuracy and level of detail", "[New Instruction]", "[New Answer]", "[End]"):
+        assert phrase in task, phrase
+    assert "[Instruction]\nName a fruit." in pair and "Apple." in pair and "Input" not in pair
+    # the task is a constant prefix, so a prefix-caching server computes it once
+    assert prompts.instruction_reflection("Other.", "x", "y")[0] == ins[0]
+    res = prompts.response_reflection("Translate.", "Bonjour", "Hello")
+    assert "[The Start of Input]\nBonjour\n[The End of Input]" in res[1]["content"]
+    assert "[Better Answer]" in res[0]["content"] and "helpfulness, relevance, accuracy" in res[0]["content"]
+    assert prompts.response_reflection("Other.", "", "y")[0] == res[0]
+
+
+class Recording:
+    """The real teacher, with the sampling of each call recorded."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.teacher_id = engine.teacher_id
+        self.calls = []
+
+    def generate(self, chats, sampling, progress=None):
+        self.calls.append((len(chats), sampling))
+        return self.engine.generate(chats, sampling, progress)
+
+
+def test_packaged_teacher_end_to_end(teacher, records):
+    recording = Recording(teacher)
+    variants = reflect(records, recording, "both", Sampling(max_new_tokens=96))
+    check_columns(variants, VARIANT, "reflect")
+    assert variants.height == 3 * records.height
+    assert sorted(variants["variant"].unique().to_list()) == ["ins", "ins_res", "res"]
+    for row in variants.iter_rows(named=True):
+        # every row ends with a variant or a recorded fallback, raw text kept
+        assert row["parse_status"] in ("ok", "partial", "fallback")
+        assert (row["parse_status"] == "ok") == (row["parse_detail"] is None)
+        assert len(row["raw_text"]) in (1, 2) and row["completion_tokens"] > 0 and row["prompt_tokens"] > 0
+        # a row is retried exactly when its first attempt did not parse
+        assert (len(row["raw_text"]) == 2) == (row["parse_status"] != "ok" or _first_failed(row))
+        assert row["output"].strip() and row["instruction"].strip()
+        assert row["teacher"].startswith("transformers:packaged:smollm2-135m-instruct@")
+    by = {(r["source_index"], r["variant"]): r for r in variants.iter_rows(named=True)}
+    for r in records.iter_rows(named=True):
+        ins, res, ins_res = (by[(r["source_index"], v)] for v in ("ins", "res", "ins_res"))
+        assert res["instruction"] == r["instruction"] and res["input"] == r["input"]
+        assert ins_res["instruction"] == ins["instruction"] and ins_res["input"] == ins["input"]
+        if res["parse_status"] == "fallback":
+            assert res["output"] == r["output"]
+        assert ins["prompt_version"] == prompts.INSTRUCTION_VERSION and res["prompt_version"] == prompts.RESPONSE_VERSION
+    # first attempts greedy; the retry (if any) samples differently
+    assert recording.calls[0][1].temperature == 0.0
+    assert all(s.temperature > 0 for n, s in recording.calls if s != recording.calls[0][1])
+
+
+def _first_failed(row):
+    from reflectune.parsing import parse
+
+    wanted = ("new_instruction", "new_answer") if row["variant"] == "ins" else ("better_answer",)
+    return bool(parse(row["raw_text"][0], wanted).problems)
+
+
+@pytest.fixture()
+def proxy(vllm_server):
+    p = FaultProxy("127.0.0.1", vllm_server["port"])
+    yield p
+    p.close()
+
+
+def openai_teacher(proxy, vllm_server, **kw):
+    return OpenAITeacher(vllm_server["model"], base_url=f"{proxy.url}/v1", api_key=SECRET,
+                         backoff_base=0.2, backoff_max=2.0, **kw)
+
+
+def test_openai_engine_retries_through_faults_and_loses_nothing(proxy, vllm_server, records, tmp_path):
+    proxy.set_faults(["429", "500", "close", "503", "429"])
+    engine = openai_teacher(proxy, vllm_server, concurrency=4)
+    variants = reflect(records, engine, "both", Sampling(max_new_tokens=64))
+    check_columns(variants, VARIANT, "reflect")
+    assert variants.height == 3 * records.height
+    assert proxy.log[:5] == ["429", "500", "close", "503", "429"]
+    assert engine.usage.retries >= 5 and engine.usage.failed == 0
+    assert not any("request failed" in (d or "") for d in variants["parse_detail"].to_list())
+    assert engine.usage.completion_tokens == variants["completion_tokens"].sum()
+    assert engine.teacher_id == f"openai:smollm2@127.0.0.1:{proxy.port}"
+    # the key went to the server and nowhere else
+    assert any(SECRET.encode() in r for r in proxy.requests)
+    out = tmp_path / "v.parquet"
+    variants.write_parquet(out)
+    assert SECRET not in json.dumps(variants.to_dicts(), default=str) and SECRET.encode() not in out.read_bytes()
+    assert SECRET not in repr(engine)
+
+
+def test_openai_engine_stops_on_auth_errors_with_a_clear_message(proxy, vllm_server, records):
+    proxy.set_faults(["401"] * 20)
+    engine = openai_teacher(proxy, vllm_server)
+    with pytest.raises(TeacherFatalError, match=r"answered 401 for model 'smollm2': the API key was refused") as err:
+        reflect(records, engine, "response", Sampling(max_new_tokens=16))
+    assert SECRET not in str(err.value)
+
+
+def test_openai_engine_bad_request_fails_that_row_only(proxy, vllm_server, records):
+    # one request at a time, in order: the first row's request and, after the other two rows,
+    # the first row's retry get 400 (a 400 is not retried within a request)
+    proxy.set_faults(["400", "pass", "pass", "400"])
+    engine = openai_teacher(proxy, vllm_server, concurrency=1)
+    variants = reflect(records, engine, "response", Sampling(max_new_tokens=32))
+    assert variants.height == records.height
+    failed = variants.filter(pl.col("parse_detail").str.contains("request failed: HTTP 400"))
+    assert failed.height == 1 and failed["parse_status"][0] == "fallback"
+    assert failed["raw_text"][0][0].startswith("[request failed: HTTP 400")
+    assert failed["source_index"][0] == records["source_index"][0]
+    assert proxy.log[:4] == ["400", "pass", "pass", "400"] and engine.usage.failed == 2
+
+
+def test_reflect_cli_with_the_openai_engine(vllm_server, tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    out = tmp_path / "variants.jsonl"
+    env = {**os.environ, "MY_TEACHER_KEY": SECRET}
+    result = subprocess.run(
+        [sys.executable, "-m", "reflectune.cli", "reflect", str(SAMPLE), "--limit", "2", "--out", str(out),
+         "--engine", "openai", "--teacher", vllm_server["model"], "--base-url", f"{vllm_server['url']}/v1",
+         "--api-key-env", "MY_TEACHER_KEY", "--kind", "response", "--max-new-tokens", "32"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["res", "res"]
+    assert "reflecting" in result.stderr and SECRET not in result.stderr + result.stdout + out.read_text()
