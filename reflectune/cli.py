@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from reflectune import io
 from reflectune.errors import ReflectuneError
-from reflectune.engines import TEACHER_ENGINES
+from reflectune.engines import STUDENT_ENGINES, TEACHER_ENGINES
 from reflectune.models import DEFAULT_MODEL
 from reflectune.reflection import KINDS
 from reflectune.templates import DEFAULT_TEMPLATE, TEMPLATES
@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("input", help="dataset: .json array, .jsonl or .parquet; local path or s3:// URI")
     score.add_argument("--out", required=True, help="output file (.parquet or .jsonl)")
     score.add_argument("--student", default=DEFAULT_MODEL, help="model spec (default: %(default)s)")
-    score.add_argument("--engine", default="transformers", choices=["transformers"], help="scoring engine")
+    score.add_argument("--engine", default="transformers", choices=STUDENT_ENGINES,
+                       help="transformers (the CPU default) or vllm (GPU workers)")
     score.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES, help="prompt template P (default: %(default)s)")
     score.add_argument("--max-length", type=int, default=2048, help="truncation length in tokens (default: %(default)s)")
     score.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it, else fp32), float32, bfloat16")
@@ -92,10 +93,18 @@ def _score(args: argparse.Namespace) -> int:
 
     if not args.out.endswith((".parquet", ".jsonl")):
         raise ReflectuneError(f"--out '{args.out}': use a .parquet or .jsonl file name")
+    _check_engine(args.engine)
     data = intake.load(args.input, intake.parse_column_map(args.map), args.limit)
-    engine = load_student(args.engine, args.student, dtype=args.dtype, device=args.device)
-    with _progress("scoring") as advance:
-        scored = scoring.score_table(data.valid, engine, args.template, args.max_length, advance)
+    if args.engine == "vllm":
+        options = dict(dtype=args.dtype, max_model_len=max(args.max_length + 1, 2048))
+    else:
+        options = dict(dtype=args.dtype, device=args.device)
+    engine = load_student(args.engine, args.student, **options)
+    try:
+        with _progress("scoring") as advance:
+            scored = scoring.score_table(data.valid, engine, args.template, args.max_length, advance)
+    finally:
+        engine.close()
     io.write_table(scored, args.out)
     if data.rejected.height:
         rejected_uri = _beside(args.out, "rejected")
@@ -118,17 +127,23 @@ def _reflect(args: argparse.Namespace) -> int:
 
     if not args.out.endswith((".parquet", ".jsonl")):
         raise ReflectuneError(f"--out '{args.out}': use a .parquet or .jsonl file name")
+    _check_engine(args.engine)
     data = intake.load(args.input, intake.parse_column_map(args.map), args.limit)
     if args.engine == "openai":
         options = dict(base_url=args.base_url, api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout)
+    elif args.engine == "vllm":
+        options = dict(dtype=args.dtype)
     else:
         options = dict(batch_size=args.batch_size, dtype=args.dtype, device=args.device)
     teacher = load_teacher(args.engine, args.teacher, **options)
     sampling = reflection.Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
     per_row = {"instruction": 1, "response": 1, "both": 3}[args.kind]
-    with _progress("reflecting", unit="gen") as advance:
-        variants = reflection.reflect(data.valid, teacher, args.kind, sampling,
-                                      progress=lambda n: advance(n, per_row * data.valid.height))
+    try:
+        with _progress("reflecting", unit="gen") as advance:
+            variants = reflection.reflect(data.valid, teacher, args.kind, sampling,
+                                          progress=lambda n: advance(n, per_row * data.valid.height))
+    finally:
+        teacher.close()
     io.write_table(variants, args.out)
     if data.rejected.height:
         io.write_table(data.rejected, _beside(args.out, "rejected"))
@@ -140,6 +155,14 @@ def _reflect(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _check_engine(engine: str) -> None:
+    """Fail before reading data or loading models when the engine's package is missing."""
+    if engine == "vllm":
+        from reflectune.engines.vllm_engine import require_vllm
+
+        require_vllm("--engine vllm")
 
 
 def _beside(uri: str, tag: str) -> str:

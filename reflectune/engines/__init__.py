@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-STUDENT_ENGINES = ("transformers",)
-TEACHER_ENGINES = ("transformers", "openai")
+STUDENT_ENGINES = ("transformers", "vllm")
+TEACHER_ENGINES = ("transformers", "vllm", "openai")
 
 
 def load_student(engine: str, spec: str, **options: Any) -> Any:
@@ -19,6 +19,10 @@ def load_student(engine: str, spec: str, **options: Any) -> Any:
         from reflectune.engines.hf import TransformersScorer
 
         return TransformersScorer(spec, **options)
+    if engine == "vllm":
+        from reflectune.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(spec, **options)
     raise ValueError(f"unknown student engine '{engine}': choose one of {', '.join(STUDENT_ENGINES)}")
 
 
@@ -29,6 +33,10 @@ def load_teacher(engine: str, spec: str, **options: Any) -> Any:
         from reflectune.engines.hf import TransformersTeacher
 
         return TransformersTeacher(spec, **options)
+    if engine == "vllm":
+        from reflectune.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(spec, **options)
     if engine == "openai":
         from reflectune.engines.openai_compat import OpenAITeacher
 

@@ -1,0 +1,66 @@
+"""One engine per worker process, reused across shards.
+
+Engines live in this plain module (not in a task's module: Prefect pickles task functions by
+value, so a global there would be a fresh copy per task). Asking for an engine with other
+model closes the ones held first, so a worker never holds two different models at once (a
+teacher and a student of the same model may both stay); `close_all`
+shuts engines down explicitly (vLLM's engine processes do not end cleanly at exit otherwise).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import threading
+from typing import Any
+
+_held: dict[str, Any] = {}
+_lock = threading.Lock()
+
+
+def _key(role: str, engine: str, spec: str, options: dict[str, Any]) -> str:
+    # the API key is not part of the identity and never lands in a key that may be logged
+    shown = {k: v for k, v in sorted(options.items()) if k != "api_key"}
+    return json.dumps([engine, spec, shown], default=str) + f"#{role}"
+
+
+def get(role: str, engine: str, spec: str, **options: Any) -> Any:
+    """The held engine for (role, engine, spec, options), loading it once. `role` is
+    "student" or "teacher"; a vLLM engine can serve both roles for the same model."""
+    from reflectune.engines import load_student, load_teacher
+
+    key = _key(role, engine, spec, options)
+    with _lock:
+        if key in _held:
+            return _held[key]
+        if engine == "vllm":
+            # one vLLM engine per model serves both roles: look for it under the other role
+            other = _key("teacher" if role == "student" else "student", engine, spec, options)
+            if other in _held:
+                _held[key] = _held[other]
+                return _held[key]
+        for old in list(_held):
+            if json.loads(old.rpartition("#")[0])[1] != spec:
+                _close(_held.pop(old))
+        loader = load_student if role == "student" else load_teacher
+        _held[key] = loader(engine, spec, **options)
+        return _held[key]
+
+
+def close_all() -> None:
+    with _lock:
+        seen = set()
+        for key in list(_held):
+            engine = _held.pop(key)
+            if id(engine) not in seen:
+                seen.add(id(engine))
+                _close(engine)
+
+
+def _close(engine: Any) -> None:
+    close = getattr(engine, "close", None)
+    if close:
+        close()
+
+
+atexit.register(close_all)
