@@ -74,6 +74,19 @@ def bench_scoring(n: int) -> None:
     start = time.perf_counter()
     score_rows(rows, fast)
     batched = tokens / (time.perf_counter() - start)
+    fast.close()
+
+    vllm_rate = None
+    if os.environ.get("BENCH_VLLM", "1") == "1":
+        from reflectune.engines.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(MODEL)
+        score_rows(rows[:4], engine)
+        start = time.perf_counter()
+        score_rows(rows, engine)
+        vllm_rate = tokens / (time.perf_counter() - start)
+        vllm_dtype = engine.args.dtype
+        engine.close()
 
     flops_per_token = 2 * params
     bound = {dt: p / flops_per_token for dt, p in peak.items()}
@@ -82,6 +95,9 @@ def bench_scoring(n: int) -> None:
     print(f"per-sample fp32 batch 1 : {per_sample:8.0f} tok/s")
     print(f"fast scorer ({str(fast.dtype).removeprefix('torch.')}) : {batched:8.0f} tok/s")
     print(f"ratio fast / per-sample : {batched / per_sample:8.2f}x   (target >= 3x)")
+    if vllm_rate:
+        print(f"vllm scorer ({vllm_dtype})   : {vllm_rate:8.0f} tok/s   {vllm_rate / batched:.2f}x the fast scorer, "
+              f"{vllm_rate / per_sample:.2f}x per-sample")
     print(f"of the bf16 matmul bound ({bound[torch.bfloat16]:.0f} tok/s): {batched / bound[torch.bfloat16]:.0%}   (target >= 50%)")
     print(f"of the {str(fast.dtype).removeprefix('torch.')} matmul bound ({bound[fast.dtype]:.0f} tok/s): {batched / bound[fast.dtype]:.0%}")
 
@@ -129,6 +145,12 @@ def bench_teacher(n: int) -> None:
                 engine = OpenAITeacher("bench", base_url=f"{server.url}/v1", concurrency=concurrency)
                 _generation_rate(engine, subset[:1], Sampling(max_new_tokens=4))
                 results[f"vllm serve via openai engine, concurrency {concurrency}"] = _generation_rate(engine, subset, sampling)
+    from reflectune.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(MODEL)
+    _generation_rate(engine, chats[:2], Sampling(max_new_tokens=4))
+    results[f"vllm offline engine, {len(chats)} requests at once"] = _generation_rate(engine, chats, sampling)
+    engine.close()
     base = results["transformers, one at a time"][0]
     for name, (rate, tokens) in results.items():
         print(f"{name:45s} {rate:8.1f} new tok/s  ({tokens} tokens)  {rate / base:5.2f}x one-at-a-time")
