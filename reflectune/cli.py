@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from reflectune import io
+from reflectune import intake, io
 from reflectune.errors import ReflectuneError
 from reflectune.engines import STUDENT_ENGINES, TEACHER_ENGINES
 from reflectune.models import DEFAULT_MODEL
@@ -71,6 +71,35 @@ def _parser() -> argparse.ArgumentParser:
     reflect.add_argument("--device", default="auto", help="transformers: auto, cpu or cuda[:N]")
     _intake_options(reflect)
     reflect.set_defaults(func=_reflect)
+
+    rec = sub.add_parser("recycle", help="the whole pipeline as a Prefect flow: shards, teacher, student, "
+                         "selection, training")
+    rec.add_argument("input", help="dataset: .json array, .jsonl or .parquet; local path or s3:// URI")
+    rec.add_argument("--out", required=True, help="output folder (local or s3://); rerunning resumes")
+    rec.add_argument("--params", help="a JSON file of flow parameters; options given here override it")
+    rec.add_argument("--teacher", help="teacher model spec (openai: the served model name)")
+    rec.add_argument("--teacher-engine", choices=TEACHER_ENGINES)
+    rec.add_argument("--base-url", help="openai teacher: endpoint")
+    rec.add_argument("--api-key-env", help="openai teacher: variable holding the key")
+    rec.add_argument("--max-new-tokens", type=int, help="teacher generation limit")
+    rec.add_argument("--student", help="student model spec")
+    rec.add_argument("--student-engine", choices=STUDENT_ENGINES)
+    rec.add_argument("--template", choices=TEMPLATES)
+    rec.add_argument("--shard-size", type=int, help="records per shard")
+    rec.add_argument("--selection", choices=["released", "paper"], help="selection rule")
+    rec.add_argument("--budget", type=float, help="keep the top fraction by IFD, e.g. 0.05")
+    rec.add_argument("--no-train", action="store_true", help="stop after selection")
+    rec.add_argument("--epochs", type=float)
+    rec.add_argument("--learning-rate", type=float)
+    rec.add_argument("--batch-size", type=int, help="global training batch")
+    rec.add_argument("--per-device-batch-size", type=int)
+    rec.add_argument("--train-max-length", type=int)
+    rec.add_argument("--lora", action="store_true", help="train LoRA adapters (merged when saved)")
+    rec.add_argument("--mode", choices=["local", "cluster"], help="where shard work runs")
+    rec.add_argument("--max-workers", type=int)
+    rec.add_argument("--retries", type=int, help="retries of a failed shard task")
+    _intake_options(rec)
+    rec.set_defaults(func=_recycle)
     return parser
 
 
@@ -154,6 +183,69 @@ def _reflect(args: argparse.Namespace) -> int:
         f"{summary}; tokens in {variants['prompt_tokens'].sum()}, out {variants['completion_tokens'].sum()} -> {args.out}",
         file=sys.stderr,
     )
+    return 0
+
+
+def recycle_params(args: argparse.Namespace):
+    """RecycleParams from a JSON file (optional) and the options given."""
+    import json
+
+    from reflectune.config import RecycleParams
+
+    base = json.loads(io.read_bytes(args.params)) if args.params else {}
+    given = {
+        ("dataset",): args.input, ("output",): args.out, ("limit",): args.limit, ("shard_size",): args.shard_size,
+        ("teacher", "model"): args.teacher, ("teacher", "engine"): args.teacher_engine,
+        ("teacher", "base_url"): args.base_url, ("teacher", "api_key_env"): args.api_key_env,
+        ("teacher", "max_new_tokens"): args.max_new_tokens,
+        ("student", "model"): args.student, ("student", "engine"): args.student_engine,
+        ("student", "template"): args.template,
+        ("selection", "mode"): args.selection, ("selection", "budget"): args.budget,
+        ("training", "enabled"): False if args.no_train else None, ("training", "epochs"): args.epochs,
+        ("training", "learning_rate"): args.learning_rate, ("training", "batch_size"): args.batch_size,
+        ("training", "per_device_batch_size"): args.per_device_batch_size,
+        ("training", "max_length"): args.train_max_length, ("training", "lora"): True if args.lora else None,
+        ("execution", "mode"): args.mode, ("execution", "max_workers"): args.max_workers,
+        ("execution", "retries"): args.retries,
+    }
+    if args.map:
+        base["column_map"] = intake.parse_column_map(args.map)
+    for path, value in given.items():
+        if value is None:
+            continue
+        node = base
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    try:
+        return RecycleParams.model_validate(base)
+    except ValueError as exc:  # pydantic lists every problem at once
+        raise ReflectuneError(f"invalid recycle parameters:\n{exc}") from None
+
+
+def _recycle(args: argparse.Namespace) -> int:
+    from reflectune import progress
+
+    params = recycle_params(args)
+    if "vllm" in (params.teacher.engine, params.student.engine):
+        _check_engine("vllm")
+    from flows.recycle import recycle
+
+    with _progress("shards", unit="task") as advance:
+        progress.listen(lambda event, info: advance(1, info["total"]) if event == "shard" else None)
+        try:
+            manifest = recycle(params)
+        finally:
+            progress.listen(None)
+    c = manifest["counts"]
+    print(f"reflectune: {c['input_rows']} input rows: {c['valid_rows']} valid, {c['rejected_rows']} rejected; "
+          f"{c['selected_rows']} selected, {c['dropped_rows']} dropped", file=sys.stderr)
+    t = manifest["training"]
+    if t.get("trained"):
+        print(f"reflectune: trained on {t['rows']} rows, {t['steps']} steps, loss {t['first_loss']:.3f} -> "
+              f"{t['last_loss']:.3f}", file=sys.stderr)
+    print(f"reflectune: outputs in {params.output}: selected.jsonl, selected.parquet, decisions.parquet, "
+          f"rejected.parquet, manifest.json" + (", model/" if t.get("trained") else ""), file=sys.stderr)
     return 0
 
 

@@ -12,10 +12,14 @@ from __future__ import annotations
 import atexit
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 _held: dict[str, Any] = {}
 _lock = threading.Lock()
+# engines are not thread-safe: one shard at a time per worker process uses the model
+_in_use = threading.RLock()
 
 
 def _key(role: str, engine: str, spec: str, options: dict[str, Any]) -> str:
@@ -45,6 +49,13 @@ def get(role: str, engine: str, spec: str, **options: Any) -> Any:
         loader = load_student if role == "student" else load_teacher
         _held[key] = loader(engine, spec, **options)
         return _held[key]
+
+
+@contextmanager
+def using(role: str, engine: str, spec: str, **options: Any) -> Iterator[Any]:
+    """The held engine, for the exclusive use of the calling thread."""
+    with _in_use:
+        yield get(role, engine, spec, **options)
 
 
 def close_all() -> None:

@@ -1,0 +1,1 @@
+"""Prefect flows: the recycle DAG and the GPU batch flow that holds an engine."""

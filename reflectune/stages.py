@@ -1,0 +1,220 @@
+"""The recycle pipeline's stages as plain functions over files.
+
+input -> records -> shards -> variants (teacher) -> scores (student) -> decisions -> selected
+-> trained student. Each stage reads the previous stage's Parquet and writes its own, named
+after the input shard and a hash of everything that determines its content, so a stage whose
+output exists is done: a rerun with the same parameters skips it. Files are written
+atomically; the manifest is written last, so its presence means the run finished.
+
+Prefect lives in tasks/ and flows/; this module only computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import polars as pl
+
+from reflectune import intake, io, prompts, reflection, scoring, selection
+from reflectune.config import RecycleParams, StudentConfig, TeacherConfig
+from reflectune.records import RECORD, SCORES, VARIANT, VARIANTS, check_columns
+
+TEACHER_FIELDS = ("model", "engine", "base_url", "max_new_tokens", "temperature", "top_p", "retry_temperature", "seed")
+STUDENT_FIELDS = ("model", "engine", "template", "max_length", "dtype")
+
+
+@dataclass
+class Shard:
+    index: int
+    uri: str
+    rows: int
+    content: str  # hash of the shard's sample ids
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}"
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    stage: str
+    uri: str
+    rows: int
+    reused: bool
+    seconds: float
+    detail: dict[str, Any]
+
+
+# -- intake and sharding -----------------------------------------------------------------------
+
+def shard_dataset(params: RecycleParams) -> dict[str, Any]:
+    """Validate the input, write the shards and the rejected rows; return the intake summary."""
+    data = intake.load(params.dataset, intake.parse_column_map(params.column_map), params.limit)
+    out = params.output
+    shards = []
+    for index, start in enumerate(range(0, data.valid.height, params.shard_size)):
+        part = data.valid.slice(start, params.shard_size)
+        uri = io.join(out, "shards", f"part-{index:05d}.parquet")
+        content = _hash(part["sample_id"].to_list())
+        if not _same_shard(uri, content):
+            io.write_table(part, uri)
+        shards.append(Shard(index, uri, part.height, content))
+    io.write_table(data.rejected, io.join(out, "intake", "rejected.parquet"))
+    summary = {"source": params.dataset, **data.counts, "shards": [asdict(s) for s in shards]}
+    io.write_json(summary, io.join(out, "intake", "summary.json"))
+    return summary
+
+
+def _same_shard(uri: str, content: str) -> bool:
+    if not io.exists(uri):
+        return False
+    try:
+        return _hash(io.read_parquet(uri)["sample_id"].to_list()) == content
+    except Exception:  # an unreadable leftover is rewritten
+        return False
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+def model_identity(cfg: TeacherConfig | StudentConfig) -> str:
+    if cfg.engine == "openai":
+        from urllib.parse import urlsplit
+
+        host = urlsplit(cfg.base_url).netloc.rpartition("@")[2] if cfg.base_url else "api.openai.com"
+        return f"openai:{cfg.model}@{host}"
+    from reflectune.models import model_id
+
+    return model_id(cfg.model)
+
+
+def teacher_key(shard: Shard, cfg: TeacherConfig) -> str:
+    settings = {k: getattr(cfg, k) for k in TEACHER_FIELDS} | {"id": model_identity(cfg)}
+    return _hash(["teacher", shard.content, prompts.INSTRUCTION_VERSION, prompts.RESPONSE_VERSION, settings])
+
+
+def student_key(shard: Shard, cfg: StudentConfig, teacher: str) -> str:
+    from reflectune.models import model_id
+
+    settings = {k: getattr(cfg, k) for k in STUDENT_FIELDS} | {"id": model_id(cfg.model)}
+    return _hash(["student", shard.content, teacher, settings])
+
+
+def variants_uri(out: str, shard: Shard, key: str) -> str:
+    return io.join(out, "variants", f"{shard.name}.{key}.parquet")
+
+
+def scores_uri(out: str, shard: Shard, key: str) -> str:
+    return io.join(out, "scores", f"{shard.name}.{key}.parquet")
+
+
+# -- per-shard work ------------------------------------------------------------------------------
+
+def done(target: str) -> ShardResult | None:
+    """The result of a finished shard stage, or None. The stats file is written after the
+    data file, so its presence means the data file is complete."""
+    marker = f"{target}.json"
+    if not (io.exists(marker) and io.exists(target)):
+        return None
+    result = ShardResult(**io.read_json(marker))
+    result.reused = True
+    return result
+
+
+def _finish(result: ShardResult) -> ShardResult:
+    io.write_json(asdict(result), f"{result.uri}.json")
+    return result
+
+
+def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any) -> ShardResult:
+    """The shard's ins, res and ins_res variants, written to `target`."""
+    start = time.perf_counter()
+    records = io.read_parquet(shard.uri)
+    check_columns(records, RECORD, "teacher", shard.uri)
+    sampling = reflection.Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed)
+    retry = reflection.Sampling(cfg.retry_temperature, 0.95, cfg.max_new_tokens, cfg.seed + 1)
+    variants = reflection.reflect(records, engine, "both", sampling, retry)
+    check_columns(variants, VARIANT, "teacher output")
+    io.write_table(variants, target)
+    status = variants.group_by("parse_status").len()
+    return _finish(ShardResult(shard.name, "teacher", target, records.height, False, time.perf_counter() - start, {
+        "generations": int(variants["raw_text"].list.len().sum()),
+        "prompt_tokens": int(variants["prompt_tokens"].sum()),
+        "completion_tokens": int(variants["completion_tokens"].sum()),
+        **{f"parse_{s}": int(n) for s, n in status.iter_rows()},
+    }))
+
+
+def student_shard(shard: Shard, variants_at: str, target: str, cfg: StudentConfig, engine: Any) -> ShardResult:
+    """Scores of the four variants of every sample in the shard, written to `target`."""
+    start = time.perf_counter()
+    records = io.read_parquet(shard.uri)
+    variants = io.read_parquet(variants_at)
+    check_columns(records, RECORD, "student", shard.uri)
+    check_columns(variants, VARIANT, "student", variants_at)
+    table = long_table(records, variants)
+    scored = scoring.score_table(table, engine, cfg.template, cfg.max_length)
+    check_columns(scored, SCORES, "student output")
+    io.write_table(scored, target)
+    return _finish(ShardResult(shard.name, "student", target, records.height, False, time.perf_counter() - start, {
+        "sequences_scored": 4 * table.height,
+        "nan_rows": int(scored["score_error"].is_not_null().sum()),
+    }))
+
+
+def long_table(records: pl.DataFrame, variants: pl.DataFrame) -> pl.DataFrame:
+    """One row per (sample, variant): the original as `orig` plus the teacher's variants."""
+    orig = records.select(list(RECORD)).with_columns(
+        variant=pl.lit("orig"), parse_status=pl.lit("ok"), teacher=pl.lit(None, pl.String),
+        prompt_version=pl.lit(None, pl.String))
+    rest = variants.select(*RECORD, "variant", "parse_status", "teacher", "prompt_version")
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    return pl.concat([orig, rest]).sort(
+        pl.col("source_index"), pl.col("variant").replace_strict(order, return_dtype=pl.Int8))
+
+
+# -- join, selection, outputs --------------------------------------------------------------------
+
+def select_and_write(params: RecycleParams, score_uris: list[str], intake_summary: dict[str, Any],
+                     teacher_id: str, student_id: str) -> dict[str, Any]:
+    out = params.output
+    scored = pl.concat([io.read_parquet(u) for u in score_uris]) if score_uris else pl.DataFrame()
+    decisions = selection.select(selection.wide(scored), params.selection.mode, params.selection.budget) \
+        if score_uris else pl.DataFrame()
+    chosen = selection.selected_rows(decisions) if score_uris else selection.selected_rows(_empty_decisions())
+    prompt_version = {"ins": prompts.INSTRUCTION_VERSION, "ins_res": prompts.RESPONSE_VERSION,
+                      "res": prompts.RESPONSE_VERSION, "orig": None}
+    selected = chosen.with_columns(
+        teacher=pl.when(pl.col("variant") == "orig").then(None).otherwise(pl.lit(teacher_id)),
+        student=pl.lit(student_id),
+        prompt_version=pl.col("variant").replace_strict(prompt_version, return_dtype=pl.String),
+    )
+    io.write_table(decisions, io.join(out, "decisions.parquet"))
+    io.write_table(selected, io.join(out, "selected.parquet"))
+    io.write_table(selected.select("instruction", "input", "output"), io.join(out, "selected.jsonl"))
+    rejected = io.read_parquet(io.join(out, "intake", "rejected.parquet"))
+    io.write_table(rejected, io.join(out, "rejected.parquet"))
+    branches = decisions.group_by("branch", "selected").len() if decisions.height else pl.DataFrame()
+    per_branch = {f"{b}_{'kept' if s else 'dropped'}": int(n) for b, s, n in branches.iter_rows()} if branches.height else {}
+    return {
+        "input_rows": intake_summary["input_rows"],
+        "valid_rows": intake_summary["valid_rows"],
+        "rejected_rows": intake_summary["rejected_rows"],
+        "duplicate_rows": intake_summary["duplicate_rows"],
+        "selected_rows": selected.height,
+        "dropped_rows": decisions.height - selected.height,
+        "per_branch": dict(sorted(per_branch.items())),
+        "per_variant": {v: int(n) for v, n in selected.group_by("variant").len().iter_rows()},
+    }
+
+
+def _empty_decisions() -> pl.DataFrame:
+    return pl.DataFrame(schema={"sample_id": pl.String, "selected": pl.Boolean})
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
