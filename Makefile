@@ -24,11 +24,16 @@ $(STAMP): pyproject.toml infra/constraints-cpu.txt
 	$(BIN)/reflectune models prepare
 	touch $(STAMP)
 
+# The whole pipeline on the bundled sample with the packaged model as teacher (vLLM on CPU)
+# and student, training included, against Prefect's local API (or PREFECT_API_URL).
+# Small settings so it ends in minutes on 2 cores; "paper" selection keeps the original
+# pairs too, since the small teacher's rewrites are weak.
+DEMO_OUT ?= out/demo
 demo: setup
-	$(BIN)/reflectune score examples/sample.jsonl --out out/demo/scores.parquet
-	$(BIN)/python -c "import polars as pl; df = pl.read_parquet('out/demo/scores.parquet'); \
-	pl.Config.set_tbl_rows(12); pl.Config.set_fmt_str_lengths(40); \
-	print(df.select('instruction', 'ifd_ppl', 'rifd_ppl').sort('ifd_ppl'))"
+	$(BIN)/reflectune recycle examples/sample.jsonl --out $(DEMO_OUT) --shard-size 8 \
+	  --teacher-engine vllm --max-new-tokens 64 --selection paper \
+	  --epochs 1 --batch-size 8 --per-device-batch-size 4 --learning-rate 1e-4 --train-max-length 512
+	$(BIN)/python -m reflectune.demo_summary $(DEMO_OUT)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -156,7 +156,32 @@ def bench_teacher(n: int) -> None:
         print(f"{name:45s} {rate:8.1f} new tok/s  ({tokens} tokens)  {rate / base:5.2f}x one-at-a-time")
 
 
-SECTIONS = {"scoring": bench_scoring, "teacher": bench_teacher}
+def bench_flow(n: int) -> None:
+    """Orchestration overhead: the recycle flow's wall time against the time spent in engine
+    work (shard compute plus engine loads), on the sample split into 8 shards."""
+    import tempfile
+
+    from flows.recycle import recycle
+    from reflectune.config import RecycleParams
+
+    teacher_engine = os.environ.get("BENCH_FLOW_TEACHER", "vllm")
+    with tempfile.TemporaryDirectory() as out:
+        params = RecycleParams(dataset=str(SAMPLE), output=out, limit=40, shard_size=5,
+                               teacher={"engine": teacher_engine, "max_new_tokens": 32},
+                               training={"enabled": False})
+        start = time.perf_counter()
+        manifest = recycle(params)
+        outside = time.perf_counter() - start
+    flow_wall = manifest["seconds"]
+    compute = sum(r["seconds"] for r in manifest["shard_results"])
+    engine = compute + manifest["engine_load_seconds"]
+    print(f"\n== orchestration: recycle flow on {SAMPLE.name} (40 rows, {manifest['shards']} shards, teacher {teacher_engine})")
+    print(f"flow run wall time          {flow_wall:8.1f}s  (with the local Prefect API start: {outside:.1f}s)")
+    print(f"engine work: shard compute  {compute:8.1f}s + engine loads {manifest['engine_load_seconds']:.1f}s")
+    print(f"orchestration overhead      {flow_wall - engine:8.1f}s = {(flow_wall - engine) / flow_wall:.1%} of the flow (target < 10%)")
+
+
+SECTIONS = {"scoring": bench_scoring, "teacher": bench_teacher, "flow": bench_flow}
 
 
 def main() -> None:

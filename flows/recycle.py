@@ -31,6 +31,7 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
     """Recycle an instruction dataset with Selective Reflection-Tuning."""
     log = get_run_logger()
     started = time.perf_counter()
+    loads_before = len(pool.load_seconds)
     summary = intake_and_shard(params)
     shards = summary["shards"]
     tracker = _Tracker(2 * len(shards))
@@ -65,6 +66,8 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
         "shards": len(shards),
         "shard_results": sorted(results, key=lambda r: (r["shard"], r["stage"])),
         "training": train_metrics,
+        # local mode: engine loads in this process (cluster workers load their own)
+        "engine_load_seconds": round(sum(pool.load_seconds[loads_before:]), 2),
         "seconds": round(time.perf_counter() - started, 2),
     }
     write_manifest(params, manifest)
@@ -100,8 +103,9 @@ def _run_local(params: RecycleParams, shards: list[dict[str, Any]], tracker: _Tr
             students = [student.submit(s, params, wait_for=[t]) for s, t in zip(batch, teachers)]
             results += _collect(teachers + students, tracker)
         return results
-    # two models: every teacher shard first, so one device never holds both
+    # two engines: every teacher shard first, then the teacher leaves the device to the student
     results = _bounded(lambda s: teacher.submit(s, params), shards, limit, tracker)
+    pool.close_all()
     return results + _bounded(lambda s: student.submit(s, params), shards, limit, tracker)
 
 

@@ -15,6 +15,12 @@ import pytest
 # A stray hub lookup must fail at once, not wait on the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prefect keeps its database and settings for this session only.
+import tempfile  # noqa: E402
+
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="reflectune-prefect-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "examples" / "sample.jsonl"
@@ -107,6 +113,15 @@ def vllm_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     with Server(MODEL, free_port(), "smollm2", str(log)) as server:
         yield {"url": server.url, "port": server.port, "model": server.served_name, "log": log}
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (the test harness: a temporary server with its own database)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture(scope="session")

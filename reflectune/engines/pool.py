@@ -12,11 +12,13 @@ from __future__ import annotations
 import atexit
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 _held: dict[str, Any] = {}
+load_seconds: list[float] = []  # time spent loading engines in this process, for accounting
 _lock = threading.Lock()
 # engines are not thread-safe: one shard at a time per worker process uses the model
 _in_use = threading.RLock()
@@ -47,7 +49,9 @@ def get(role: str, engine: str, spec: str, **options: Any) -> Any:
             if json.loads(old.rpartition("#")[0])[1] != spec:
                 _close(_held.pop(old))
         loader = load_student if role == "student" else load_teacher
+        start = time.perf_counter()
         _held[key] = loader(engine, spec, **options)
+        load_seconds.append(time.perf_counter() - start)
         return _held[key]
 
 

@@ -63,13 +63,15 @@ def fill_context(args: EngineArgs, spec: str) -> EngineArgs:
     return args
 
 
-def cpu_threads_env() -> None:
+def engine_env() -> None:
     """On CPU, vLLM keeps one core for its front end by default, which halves a 2-core
     machine's throughput (measured: prefill 278 -> 468 tok/s with both cores). The offline
     engine's front end is idle while the model runs, so give the model every core unless the
     user chose otherwise."""
     import os
 
+    # engine chatter stays out of run logs unless asked for
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if not on_gpu():
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
@@ -121,7 +123,7 @@ class Server:
         import urllib.request
 
         self._log = open(self.log_path, "wb")
-        cpu_threads_env()
+        engine_env()
         self._proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -163,7 +165,7 @@ class VLLMEngine:
 
     def __init__(self, spec: str, args: EngineArgs | None = None, block: int = 512, **options):
         require_vllm("--engine vllm")
-        cpu_threads_env()
+        engine_env()
         import vllm
 
         self.spec = spec

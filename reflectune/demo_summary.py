@@ -1,0 +1,30 @@
+"""Print what a recycle run produced: counts, branches, and a few decisions."""
+
+from __future__ import annotations
+
+import sys
+
+import polars as pl
+
+from reflectune import io
+
+
+def main(out: str) -> None:
+    manifest = io.read_json(io.join(out, "manifest.json"))
+    c = manifest["counts"]
+    print(f"\nRun {out}: teacher {manifest['teacher']}, student {manifest['student']}, {manifest['seconds']:.0f}s")
+    print(f"input {c['input_rows']} = valid {c['valid_rows']} + rejected {c['rejected_rows']}; "
+          f"valid {c['valid_rows']} = selected {c['selected_rows']} + dropped {c['dropped_rows']}")
+    print("branches:", c["per_branch"], " selected variants:", c["per_variant"])
+    print("teacher tokens:", manifest["token_usage"])
+    t = manifest["training"]
+    if t.get("trained"):
+        print(f"training: {t['rows']} rows, {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}")
+    decisions = io.read_parquet(io.join(out, "decisions.parquet"))
+    with pl.Config(tbl_rows=10, fmt_str_lengths=48, tbl_width_chars=160):
+        print(decisions.select("source_index", "orig_instruction", "orig_ifd_ppl", "orig_rifd_ppl", "branch", "chosen")
+              .head(10))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "out/demo")

@@ -1,0 +1,166 @@
+"""The recycle flow on a real Prefect API with the packaged model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+
+from reflectune import io
+from reflectune.config import RecycleParams
+from reflectune.records import SCORE_COLUMNS
+
+from .conftest import MODEL, ROOT, SAMPLE
+from .fault_proxy import FaultProxy
+
+TINY_TRAIN = {"epochs": 1, "batch_size": 4, "per_device_batch_size": 2, "learning_rate": 1e-4, "max_length": 256}
+
+
+def dataset(tmp_path, extra_rows=()):
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()][:5]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*rows, *extra_rows]))
+    return str(path)
+
+
+def client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def task_runs(flow_run_id):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with client() as c:
+        return c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_the_whole_flow_on_a_few_rows(prefect_api, tmp_path):
+    from flows.recycle import recycle
+
+    bad = [{"instruction": "No answer"}, json.loads(SAMPLE.read_text().splitlines()[0])]  # a bad row, a duplicate
+    params = RecycleParams(
+        dataset=dataset(tmp_path, bad), output=str(tmp_path / "out"), shard_size=2,
+        teacher={"max_new_tokens": 24}, selection={"mode": "paper"}, training=TINY_TRAIN,
+    )
+    state = recycle(params, return_state=True)
+    assert state.is_completed()
+    out = tmp_path / "out"
+    manifest = json.loads((out / "manifest.json").read_text())
+    c = manifest["counts"]
+    assert (c["input_rows"], c["valid_rows"], c["rejected_rows"], c["duplicate_rows"]) == (7, 5, 2, 1)
+    assert c["valid_rows"] + c["rejected_rows"] == c["input_rows"]
+    assert c["selected_rows"] + c["dropped_rows"] == c["valid_rows"]
+    assert manifest["shards"] == 3 and len(manifest["shard_results"]) == 6
+    assert manifest["token_usage"]["completion_tokens"] > 0
+    assert manifest["parameters"]["teacher"]["max_new_tokens"] == 24
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+
+    decisions = pl.read_parquet(out / "decisions.parquet")
+    assert decisions.height == 5 and decisions["sample_id"].n_unique() == 5
+    for variant in ("orig", "ins", "res", "ins_res"):
+        assert {f"{variant}_ifd_ppl", f"{variant}_rifd_ppl", f"{variant}_output"} <= set(decisions.columns)
+    assert decisions["reason"].null_count() == 0 and set(decisions["branch"]) <= {"orig", "ins", "res", "ins_res"}
+
+    selected = pl.read_parquet(out / "selected.parquet")
+    assert selected.height == c["selected_rows"]
+    assert {"sample_id", "source_index", "variant", "teacher", "student", "prompt_version", *SCORE_COLUMNS} <= set(selected.columns)
+    lines = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    assert len(lines) == selected.height and all(set(line) == {"instruction", "input", "output"} for line in lines)
+    rejected = pl.read_parquet(out / "rejected.parquet")
+    assert rejected["source_index"].to_list() == [5, 6] and "duplicate of line 1" in rejected["reason"][1]
+
+    if manifest["training"]["trained"]:
+        from transformers import AutoModelForCausalLM
+
+        assert AutoModelForCausalLM.from_pretrained(out / "model").num_parameters() > 1e8
+
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with client() as cl:
+        arts = cl.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["reflectune-shards", "reflectune-summary"])))
+        assert {a.key for a in arts} == {"reflectune-shards", "reflectune-summary"}
+        runs = {t.name.rsplit("-", 1)[0] for t in task_runs(state.state_details.flow_run_id)}
+    assert {"intake-and-shard", "teacher-shard", "student-shard", "select-and-write", "write-manifest"} <= runs
+
+
+def test_a_shard_task_that_fails_twice_is_retried(prefect_api, vllm_server, tmp_path):
+    """The teacher endpoint refuses the shard's first two attempts (401); the third passes."""
+    from flows.recycle import recycle
+
+    proxy = FaultProxy("127.0.0.1", vllm_server["port"], ["401", "401"])
+    try:
+        params = RecycleParams(
+            dataset=dataset(tmp_path), output=str(tmp_path / "out"), limit=2, shard_size=2,
+            teacher={"engine": "openai", "model": vllm_server["model"], "base_url": f"{proxy.url}/v1",
+                     "max_new_tokens": 16, "concurrency": 1},
+            training={"enabled": False}, execution={"retries": 2, "retry_delay_seconds": 0},
+        )
+        state = recycle(params, return_state=True)
+    finally:
+        proxy.close()
+    assert state.is_completed()
+    assert proxy.log[:2] == ["401", "401"] and proxy.log[2:] and set(proxy.log[2:]) == {"pass"}
+    teacher_runs = [t for t in task_runs(state.state_details.flow_run_id) if t.name.startswith("teacher-shard")]
+    assert len(teacher_runs) == 1 and teacher_runs[0].run_count == 3 and teacher_runs[0].state.is_completed()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["valid_rows"] == 2 and manifest["teacher"].startswith("openai:smollm2@")
+
+
+def test_a_killed_run_resumes_without_redoing_finished_shards(prefect_api, tmp_path):
+    from flows.recycle import recycle
+    from reflectune.cli import _parser, recycle_params
+
+    argv = ["recycle", dataset(tmp_path), "--out", str(tmp_path / "out"), "--limit", "4", "--shard-size", "1",
+            "--max-new-tokens", "12", "--no-train"]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.Popen([sys.executable, "-m", "reflectune.cli", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    scores = tmp_path / "out" / "scores"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if scores.exists() and any(p.suffix == ".json" for p in scores.iterdir()):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    out = tmp_path / "out"
+    assert not (out / "manifest.json").exists()
+    done_before = {p.name for d in ("variants", "scores") for p in (out / d).glob("*.json")}
+    assert 1 <= len(done_before) < 8
+
+    manifest = recycle(recycle_params(_parser().parse_args(argv)))
+    reused = [r for r in manifest["shard_results"] if r["reused"]]
+    computed = [r for r in manifest["shard_results"] if not r["reused"]]
+    assert {os.path.basename(r["uri"]) + ".json" for r in reused} == done_before
+    assert len(computed) == 8 - len(done_before)
+    assert manifest["counts"]["valid_rows"] == 4
+    decisions = pl.read_parquet(out / "decisions.parquet")
+    assert decisions.height == 4 and decisions["sample_id"].n_unique() == 4
+
+
+def test_flow_parameters_render_a_form():
+    from flows.recycle import recycle
+
+    schema = recycle.parameters.model_dump()
+    params = schema["definitions"]["RecycleParams"]["properties"]
+    assert {"dataset", "output", "teacher", "student", "selection", "training", "shard_size", "limit"} <= set(params)
+    for name, model in (("TeacherConfig", "teacher"), ("StudentConfig", "student"), ("SelectionConfig", "selection"),
+                        ("TrainingConfig", "training"), ("ExecutionConfig", "execution")):
+        for field, spec in schema["definitions"][name]["properties"].items():
+            assert spec.get("description"), f"{model}.{field} has no description"
+            assert "default" in spec, f"{model}.{field} has no default"
+
+
+def test_invalid_parameters_are_reported_together():
+    with pytest.raises(ValueError) as err:
+        RecycleParams(shard_size=0, selection={"mode": "best", "budget": 2})
+    text = str(err.value)
+    assert "shard_size" in text and "selection.mode" in text and "selection.budget" in text

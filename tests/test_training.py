@@ -1,0 +1,56 @@
+"""Training the packaged student for a few steps: it loads, its parameters changed, its loss fell."""
+
+import polars as pl
+import pytest
+import torch
+
+from reflectune.config import StudentConfig, TrainingConfig
+from reflectune.training import examples, train
+
+from .conftest import MODEL
+
+
+@pytest.fixture(scope="module")
+def pairs(sample_rows):
+    return pl.DataFrame([{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]}
+                         for r in sample_rows[:8]])
+
+
+def _params(path):
+    from transformers import AutoModelForCausalLM
+
+    return dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).named_parameters())
+
+
+def _changed(before, after):
+    return sum(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_examples_use_the_scoring_template(pairs):
+    rows = examples(pairs.head(2), "vicuna")
+    assert rows[0]["prompt"].endswith("USER: " + pairs["instruction"][0] + " ASSISTANT:")
+    assert rows[0]["completion"] == pairs["output"][0]
+    chat = examples(pairs.head(1), "chat")[0]
+    assert chat["prompt"][0]["role"] == "user" and chat["completion"][0]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_changes_the_model_and_lowers_the_loss(pairs, tmp_path, lora):
+    from reflectune.models import resolve
+
+    cfg = TrainingConfig(epochs=3, batch_size=4, per_device_batch_size=4, learning_rate=3e-4 if lora else 1e-4,
+                         max_length=256, warmup_ratio=0.0, lora=lora, lora_r=8)
+    metrics = train(pairs, StudentConfig(), cfg, str(tmp_path / "model"))
+    assert metrics["trained"] and metrics["steps"] == 6 and metrics["rows"] == 8
+    assert metrics["last_loss"] < metrics["first_loss"]
+    before, after = _params(resolve(MODEL)), _params(tmp_path / "model")
+    assert before.keys() == after.keys()
+    changed = _changed(before, after)
+    # full fine-tuning moves every weight; merged LoRA adapters move the linear layers
+    assert changed == len(before) if not lora else changed >= 30 * 7
+
+
+def test_nothing_selected_means_nothing_trained(tmp_path):
+    empty = pl.DataFrame(schema={"instruction": pl.String, "input": pl.String, "output": pl.String})
+    assert train(empty, StudentConfig(), TrainingConfig(), str(tmp_path / "m")) == {
+        "trained": False, "reason": "no selected rows to train on"}
