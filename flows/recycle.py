@@ -32,7 +32,8 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
     log = get_run_logger()
     started = time.perf_counter()
     loads_before = len(pool.load_seconds)
-    summary = intake_and_shard(params)
+    # every step reads or writes the output location (maybe S3): each retries on its own
+    summary = with_retries(intake_and_shard, params)(params)
     shards = summary["shards"]
     tracker = _Tracker(2 * len(shards))
 
@@ -45,7 +46,8 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
     teacher_results = [r for r in results if r["stage"] == "teacher"]
     student_results = sorted((r for r in results if r["stage"] == "student"), key=lambda r: r["shard"])
     teacher_id, student_id = stages.model_identity(params.teacher), stages.model_identity(params.student)
-    counts = select_and_write(params, [r["uri"] for r in student_results], summary, teacher_id, student_id)
+    counts = with_retries(select_and_write, params)(params, [r["uri"] for r in student_results], summary,
+                                                    teacher_id, student_id)
 
     train_metrics: dict[str, Any] = {"trained": False, "reason": "training disabled"}
     if params.training.enabled:
@@ -70,7 +72,7 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
         "engine_load_seconds": round(sum(pool.load_seconds[loads_before:]), 2),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_manifest(params, manifest)
+    with_retries(write_manifest, params)(params, manifest)
     _artifacts(params, manifest)
     log.info("recycled %s -> %s: %d of %d valid samples selected", params.dataset, params.output,
              counts["selected_rows"], counts["valid_rows"])
@@ -151,18 +153,30 @@ def gpu_batch_run(params: RecycleParams, stage: str, batch: list[dict[str, Any]]
 
 
 def _gpu_batch(params: RecycleParams, stage: str, batch: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
-    """Run one GPU batch flow on the work pool and read its shard results from the outputs."""
+    """Run one GPU batch flow on the work pool and read its shard results from the outputs.
+
+    A batch whose run crashed (its worker died: Prefect marks a run whose heartbeats stop as
+    Crashed, see `reflectune cluster setup`) or failed is launched again, up to
+    `execution.retries` times, under a new idempotency key; the new run skips the shards the
+    old one finished. A retried parent run finds its earlier children by the same keys."""
     from prefect.deployments import run_deployment
 
+    log = get_run_logger()
     parent = flow_run.get_id() or "local"
-    run = run_deployment(
-        name=params.execution.gpu_deployment,
-        parameters={"stage": stage, "shards": batch, "params": params.model_dump(mode="json")},
-        timeout=None,
-        idempotency_key=f"{parent}:{stage}:{index}",
-    )
-    if not run.state or not run.state.is_completed():
-        raise RuntimeError(f"GPU batch {stage} #{index} ended {run.state.name if run.state else 'without a state'}")
+    for attempt in range(params.execution.retries + 1):
+        run = run_deployment(
+            name=params.execution.gpu_deployment,
+            parameters={"stage": stage, "shards": batch, "params": params.model_dump(mode="json")},
+            timeout=None,
+            idempotency_key=f"{parent}:{stage}:{index}:{attempt}",
+        )
+        if run.state and run.state.is_completed():
+            break
+        state = run.state.name if run.state else "without a state"
+        log.warning("GPU batch %s #%d (flow run %s) ended %s (attempt %d of %d)", stage, index, run.id, state,
+                    attempt + 1, params.execution.retries + 1)
+    else:
+        raise RuntimeError(f"GPU batch {stage} #{index} did not complete in {params.execution.retries + 1} attempts")
     if stage == "train":
         from reflectune import io
 

@@ -100,6 +100,35 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--retries", type=int, help="retries of a failed shard task")
     _intake_options(rec)
     rec.set_defaults(func=_recycle)
+
+    pl_ = sub.add_parser("plan", help="before spending GPU hours: rows, shards, tokens and time per stage")
+    pl_.add_argument("input", help="dataset: .json array, .jsonl or .parquet; local path or s3:// URI")
+    pl_.add_argument("--student", default=DEFAULT_MODEL, help="student model spec: its tokenizer counts tokens")
+    pl_.add_argument("--teacher-engine", default="transformers", choices=TEACHER_ENGINES)
+    pl_.add_argument("--student-engine", default="transformers", choices=STUDENT_ENGINES)
+    pl_.add_argument("--teacher-size", default="135M", help="teacher parameters, e.g. 70B (default: %(default)s)")
+    pl_.add_argument("--student-size", default="135M", help="student parameters, e.g. 7B (default: %(default)s)")
+    pl_.add_argument("--device", default="cpu", choices=["cpu", "h100"], help="throughput basis (default: %(default)s)")
+    pl_.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES)
+    pl_.add_argument("--shard-size", type=int, default=512)
+    pl_.add_argument("--max-length", type=int, default=2048)
+    pl_.add_argument("--max-new-tokens", type=int, default=1024)
+    pl_.add_argument("--epochs", type=float, default=3.0)
+    for stage in ("teacher", "student", "train"):
+        pl_.add_argument(f"--{stage}-tps", type=float, help=f"{stage} tokens/s measured on your workers "
+                         "(teacher: new tokens; others: tokens read)")
+    _intake_options(pl_)
+    pl_.set_defaults(func=_plan)
+
+    cluster = sub.add_parser("cluster", help="Prefect server setup for deployments").add_subparsers()
+    setup = cluster.add_parser("setup", help="create the work pools and the automation that marks runs of "
+                               "dead workers Crashed (PREFECT_API_URL names the server)")
+    setup.add_argument("--pool", action="append", metavar="NAME=TYPE", default=[],
+                       help="work pools to create when missing (default: reflectune=process gpu=process); "
+                       "TYPE process or kubernetes (uses infra/kubernetes/gpu-base-job-template.json)")
+    setup.add_argument("--heartbeat", type=int, default=30, help="flow run heartbeat seconds set on the workers")
+    setup.add_argument("--grace", type=int, default=60, help="seconds past a missed heartbeat before Crashed")
+    setup.set_defaults(func=_cluster_setup)
     return parser
 
 
@@ -246,6 +275,39 @@ def _recycle(args: argparse.Namespace) -> int:
               f"{t['last_loss']:.3f}", file=sys.stderr)
     print(f"reflectune: outputs in {params.output}: selected.jsonl, selected.parquet, decisions.parquet, "
           f"rejected.parquet, manifest.json" + (", model/" if t.get("trained") else ""), file=sys.stderr)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from reflectune import plan
+    from reflectune.models import resolve
+
+    try:
+        sizes = plan.parse_size(args.teacher_size), plan.parse_size(args.student_size)
+    except ValueError as exc:
+        raise ReflectuneError(str(exc)) from None
+    tokenizer = AutoTokenizer.from_pretrained(resolve(args.student))
+    given = {k: v for k, v in (("teacher", args.teacher_tps), ("student", args.student_tps),
+                                 ("train", args.train_tps)) if v}
+    result = plan.plan(args.input, tokenizer, column_map=intake.parse_column_map(args.map), limit=args.limit,
+                       shard_size=args.shard_size, teacher_engine=args.teacher_engine,
+                       student_engine=args.student_engine, template=args.template, max_length=args.max_length,
+                       max_new_tokens=args.max_new_tokens, epochs=args.epochs, device=args.device,
+                       teacher_params=sizes[0], student_params=sizes[1], throughput=given)
+    print(plan.render(result))
+    return 0
+
+
+def _cluster_setup(args: argparse.Namespace) -> int:
+    from flows.cluster import setup
+
+    pools = dict(item.split("=", 1) for item in args.pool if "=" in item) or {"reflectune": "process", "gpu": "process"}
+    result = setup(pools, args.heartbeat, args.grace)
+    print(f"reflectune: work pools created: {', '.join(result['pools_created']) or 'none (all existed)'}; "
+          f"automation {result['automation']} marks runs Crashed after {args.heartbeat + args.grace}s "
+          "without a heartbeat")
     return 0
 
 

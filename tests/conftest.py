@@ -129,3 +129,29 @@ def teacher():
     from reflectune.engines.hf import TransformersTeacher
 
     return TransformersTeacher(MODEL, batch_size=16)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on loopback with its own database: what workers and the UI talk to.
+    The scheduler looks for due runs every few seconds so scheduled runs start promptly."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{url}/health", 120)
+        yield {"url": url, "ui": f"http://127.0.0.1:{port}", "home": home, "log": home / "server.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -1,0 +1,130 @@
+"""What a run will cost before it runs: rows, shards, tokens read and written per stage, and
+time per stage from throughput that was measured (`make bench`) or is given.
+
+Token counts use the student's tokenizer on the real rows: the student's sequences are built
+exactly as the scorer builds them; teacher prompts are the real reflection prompts. What the
+teacher will write is not known ahead, so it is estimated as the pair restated plus
+`analysis_tokens` of reasoning, capped by max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from reflectune import intake, prompts, scoring
+
+# Tokens/s measured on the reference CPU host (2 cores, fp32) with SmolLM2-135M; scaled to
+# other models by parameter count. GPU rows follow the README's H100 estimates (bf16):
+# prefill at ~45% of 989 TFLOP/s, decode at ~45% of prefill at large batch.
+CPU_MEASURED_135M = {"teacher:transformers": 22.0, "teacher:vllm": 56.0, "teacher:openai": 53.0,
+                     "student:transformers": 400.0, "student:vllm": 200.0}
+PACKAGED_PARAMS = 134.5e6
+H100_FLOPS, EFFICIENCY, DECODE_SHARE = 989e12, 0.45, 0.45
+
+
+@dataclass
+class Stage:
+    name: str
+    reads: int  # tokens
+    writes: int  # tokens
+    tokens_per_second: float
+    basis: str
+
+    @property
+    def seconds(self) -> float:
+        work = self.writes if self.name == "teacher" else self.reads
+        return work / self.tokens_per_second if self.tokens_per_second > 0 else math.nan
+
+
+def plan(uri: str, tokenizer: Any, *, column_map: dict[str, str] | None = None, limit: int | None = None,
+         shard_size: int = 512, teacher_engine: str = "transformers", student_engine: str = "transformers",
+         template: str = "vicuna", max_length: int = 2048, max_new_tokens: int = 1024, epochs: float = 3.0,
+         device: str = "cpu", teacher_params: float = PACKAGED_PARAMS, student_params: float = PACKAGED_PARAMS,
+         analysis_tokens: int = 150, throughput: dict[str, float] | None = None) -> dict[str, Any]:
+    data = intake.load(uri, column_map, limit)
+    rows = data.valid.to_dicts()
+    n = len(rows)
+    count = lambda texts: sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
+
+    ins_prompts = [_chat_text(prompts.instruction_reflection(r["instruction"], r["input"], r["output"])) for r in rows]
+    res_prompts = [_chat_text(prompts.response_reflection(r["instruction"], r["input"], r["output"])) for r in rows]
+    pair_tokens = [count([r["instruction"] + "\n" + r["input"] + "\n" + r["output"]]) for r in rows]
+    per_answer = [min(max_new_tokens, p + analysis_tokens) for p in pair_tokens]
+    # ins, res and ins_res: the ins_res prompt is about as long as the res prompt
+    teacher_reads = count(ins_prompts) + 2 * count(res_prompts)
+    teacher_writes = 3 * sum(per_answer)
+
+    sequences = scoring.build_sequences(rows, tokenizer, template, max_length)
+    orig_tokens = sum(len(s.ids) for parts in sequences for s in parts.values() if not isinstance(s, str))
+    student_reads = 4 * orig_tokens  # four variants of about the original's length
+    # training: one pair per selected sample (at most n), forward and backward ~3x a forward pass
+    train_reads = int(epochs * orig_tokens / 2)
+
+    given = throughput or {}
+    stages = [
+        _stage("teacher", teacher_reads, teacher_writes, f"teacher:{teacher_engine}", device, teacher_params, given, True),
+        _stage("student", student_reads, 0, f"student:{student_engine}", device, student_params, given, False),
+        _stage("train", train_reads, 0, "train", device, student_params, given, False),
+    ]
+    return {"source": uri, **data.counts, "shards": math.ceil(n / shard_size) if n else 0, "stages": stages}
+
+
+def _stage(name: str, reads: int, writes: int, key: str, device: str, params: float, given: dict[str, float],
+           decode: bool) -> Stage:
+    if name in given:
+        return Stage(name, reads, writes, given[name], "given")
+    if key == "train" and device == "cpu":
+        # a training step is a forward and a backward pass: about three forward passes
+        tps = CPU_MEASURED_135M["student:transformers"] * PACKAGED_PARAMS / params / 3
+        return Stage(name, reads, writes, tps, "a third of the measured forward rate")
+    if device == "cpu" or key == "teacher:openai":
+        tps = CPU_MEASURED_135M[key] * PACKAGED_PARAMS / params
+        basis = "measured, 2 CPU cores, 135M model" + (", scaled by size" if abs(params / PACKAGED_PARAMS - 1) > 0.05 else "")
+        if key == "teacher:openai":
+            basis = "measured against a vllm serve on CPU; an API's rate is its own"
+        return Stage(name, reads, writes, tps, basis)
+    prefill = EFFICIENCY * H100_FLOPS / (2 * params)
+    tps = prefill * (DECODE_SHARE if decode else 1.0) / (3.0 if name == "train" else 1.0)
+    return Stage(name, reads, writes, tps, "H100 estimate from FLOP bound")
+
+
+def parse_size(text: str) -> float:
+    """'135M', '7B', '70e9' -> parameters."""
+    t = text.strip().upper()
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}.get(t[-1:], 1.0)
+    try:
+        return float(t[:-1] if scale != 1.0 else t) * scale
+    except ValueError:
+        raise ValueError(f"model size '{text}': write it like 135M, 7B or 70B") from None
+
+
+def _chat_text(messages: list[dict[str, str]]) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['source']}: {result['input_rows']} rows, {result['valid_rows']} valid, "
+        f"{result['rejected_rows']} rejected ({result['duplicate_rows']} duplicates), {result['shards']} shards",
+        "",
+        f"{'stage':<8} {'reads (tok)':>12} {'writes (tok)':>13} {'tok/s':>10} {'time':>10}  basis",
+    ]
+    total = 0.0
+    for s in result["stages"]:
+        total += s.seconds
+        lines.append(f"{s.name:<8} {s.reads:>12,} {s.writes:>13,} {s.tokens_per_second:>10,.0f} "
+                     f"{_duration(s.seconds):>10}  {s.basis}")
+    lines.append(f"{'total':<8} {'':>12} {'':>13} {'':>10} {_duration(total):>10}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f}min"
+    return f"{seconds / 3600:.1f}h"

@@ -1,0 +1,243 @@
+"""Deployments on a real Prefect server with real process workers: a worker killed mid-run,
+scheduled re-recycling, and the deployment files themselves."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import polars as pl
+import psutil
+import pytest
+
+from .conftest import ROOT, SAMPLE
+
+BIN = Path(sys.executable).parent
+FAST = {"teacher": {"max_new_tokens": 8}, "selection": {"mode": "paper"}, "training": {"enabled": False}}
+
+
+class Cluster:
+    def __init__(self, server: dict, root: Path):
+        self.server, self.root = server, root
+        self.watch, self.rerecycle_out = root / "incoming", root / "rerecycle"
+        self.watch.mkdir()
+        self.env = {**os.environ, "PREFECT_API_URL": server["url"], "REFLECTUNE_CODE_DIR": str(ROOT),
+                    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "PREFECT_WORKER_QUERY_SECONDS": "2",
+                    "REFLECTUNE_WATCH": str(self.watch), "REFLECTUNE_RERECYCLE_OUT": str(self.rerecycle_out),
+                    "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    def command(self, *args: str) -> str:
+        done = subprocess.run(list(args), cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{args}: {done.stdout}\n{done.stderr}"
+        return done.stdout + done.stderr
+
+    def start_worker(self, name: str, pool: str, limit: int) -> None:
+        log = open(self.root / f"worker-{name}.log", "a")
+        self.workers[name] = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name,
+             "--limit", str(limit)], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    def kill_worker(self, name: str) -> None:
+        """SIGKILL the worker and every process it started, as when its machine dies."""
+        proc = psutil.Process(self.workers[name].pid)
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        self.workers[name].wait(10)
+
+    def worker_running(self, flow_run_id: str) -> str | None:
+        """The worker whose processes run this flow run (found by the run id in their environment)."""
+        for name, popen in self.workers.items():
+            if popen.poll() is not None:
+                continue
+            for child in psutil.Process(popen.pid).children(recursive=True):
+                try:
+                    if child.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
+                        return name
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+        return None
+
+    def stop(self) -> None:
+        for name, popen in self.workers.items():
+            if popen.poll() is None:
+                self.kill_worker(name)
+
+
+@pytest.fixture(scope="module")
+def cluster(prefect_server, tmp_path_factory):
+    c = Cluster(prefect_server, tmp_path_factory.mktemp("cluster"))
+    out = c.command(str(BIN / "reflectune"), "cluster", "setup", "--grace", "30")
+    assert "work pools created: reflectune, gpu" in out
+    c.command(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    c.start_worker("orchestrator", "reflectune", 4)
+    c.start_worker("gpu-a", "gpu", 1)
+    c.start_worker("gpu-b", "gpu", 1)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@contextmanager
+def api(cluster: Cluster):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: cluster.server["url"]}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+def runs_of(client, deployment: str):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    dep = client.read_deployment_by_name(deployment)
+    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+
+
+def wait_until(check, timeout: float, what: str, every: float = 2.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def sample(n: int, start: int = 0) -> list[dict]:
+    return [json.loads(line) for line in SAMPLE.read_text().splitlines()][start : start + n]
+
+
+def test_deployments_are_on_the_server_with_their_pools(cluster):
+    with api(cluster) as client:
+        names = {(d.name, d.work_pool_name) for d in client.read_deployments()}
+        recycle = client.read_deployment_by_name("reflectune-recycle/recycle")
+        rerecycle = client.read_deployment_by_name("reflectune-rerecycle/re-recycle")
+        automations = client.read_automations_by_name("reflectune: crash runs whose heartbeats stopped")
+    assert {("recycle", "reflectune"), ("re-recycle", "reflectune"), ("gpu", "gpu")} <= names
+    # the UI form comes from the parameter model: descriptions and defaults
+    props = recycle.parameter_openapi_schema["definitions"]["RecycleParams"]["properties"]
+    assert "Records per Parquet shard" in props["shard_size"]["description"] and props["shard_size"]["default"] == 512
+    assert recycle.parameters["params"]["execution"]["mode"] == "cluster"
+    [schedule] = rerecycle.schedules
+    assert schedule.schedule.cron == "0 3 * * *" and schedule.active
+    assert schedule.parameters["params"]["dataset"] == str(cluster.watch)
+    assert len(automations) == 1 and automations[0].trigger.within == timedelta(seconds=60)
+
+
+def test_a_worker_killed_mid_run_loses_nothing(cluster, tmp_path):
+    """8 shards in 4 batches on two GPU-pool workers; the worker running a batch is SIGKILLed with its
+    children. Its run is marked Crashed when heartbeats stop, the batch is launched again on
+    the other worker, and every sample ends once in the outputs."""
+    from prefect.deployments import run_deployment
+
+    data = tmp_path / "data.jsonl"
+    write_rows(data, sample(8))
+    out = tmp_path / "out"
+    params = {"dataset": str(data), "output": str(out), "shard_size": 1, **FAST,
+              "execution": {"mode": "cluster", "shards_per_batch": 4, "retries": 2, "retry_delay_seconds": 0}}
+    with api(cluster) as client:
+        parent = run_deployment("reflectune-recycle/recycle", parameters={"params": params}, timeout=0)
+
+        def running_batch_after_a_shard():
+            variants = out / "variants"
+            if not (variants.exists() and list(variants.glob("*.parquet.json"))):
+                return None
+            for run in runs_of(client, "reflectune-gpu-batch/gpu"):
+                if run.state and run.state.is_running():
+                    worker = cluster.worker_running(str(run.id))
+                    if worker:
+                        return run, worker
+            return None
+
+        victim_run, victim = wait_until(running_batch_after_a_shard, 400, "a GPU batch running after a finished shard",
+                                        every=0.5)
+        cluster.kill_worker(victim)
+        final = wait_until(lambda: (r := client.read_flow_run(parent.id)).state.is_final() and r, 600,
+                           "the recycle run to finish", every=3)
+        crashed = client.read_flow_run(victim_run.id)
+        batches = runs_of(client, "reflectune-gpu-batch/gpu")
+    cluster.start_worker(victim, "gpu", 1)  # the later tests get their two workers back
+    assert final.state.is_completed(), final.state.message
+    assert crashed.state.type.value == "CRASHED"
+    # 2 teacher and 2 student batches, plus at least one relaunch of the crashed one
+    assert len([r for r in batches if r.state.is_completed()]) == 4 and len(batches) >= 5
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    c = manifest["counts"]
+    assert manifest["shards"] == 8 and (c["input_rows"], c["valid_rows"]) == (8, 8)
+    assert c["selected_rows"] + c["dropped_rows"] == c["valid_rows"]
+    decisions = pl.read_parquet(out / "decisions.parquet")
+    expected = set(pl.concat([pl.read_parquet(p) for p in (out / "shards").glob("*.parquet")])["sample_id"])
+    assert decisions.height == 8 and set(decisions["sample_id"]) == expected  # none missing, none twice
+    assert len(list((out / "scores").glob("*.parquet"))) == 8 and len(list((out / "variants").glob("*.parquet"))) == 8
+    selected = pl.read_parquet(out / "selected.parquet")
+    assert selected["sample_id"].n_unique() == selected.height == c["selected_rows"]
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_scheduled_rerecycling_takes_only_new_rows(cluster):
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    write_rows(cluster.watch / "part-1.jsonl", sample(3, 20))
+    params = {"dataset": str(cluster.watch), "output": str(cluster.rerecycle_out), "shard_size": 2, **FAST}
+    root = cluster.rerecycle_out
+    with api(cluster) as client:
+        dep = client.read_deployment_by_name("reflectune-rerecycle/re-recycle")
+        [schedule] = client.create_deployment_schedules(dep.id, [DeploymentScheduleCreate(
+            schedule=IntervalSchedule(interval=timedelta(seconds=15)), active=True, parameters={"params": params})])
+        try:
+            def batches() -> list[Path]:
+                return sorted(p.parent for p in (root / "runs").glob("*/manifest.json")) if root.exists() else []
+
+            def ledger_rows() -> int:
+                path = root / "ledger.parquet"
+                return pl.read_parquet(path).height if path.exists() else 0
+
+            wait_until(lambda: len(batches()) == 1 and ledger_rows() == 3, 400, "the first scheduled batch")
+            first = batches()[0]
+            before = _fingerprint(first) | {f"inputs/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
+                                            for p in (root / "inputs").iterdir()}
+            # two new rows, and one row the first batch already took
+            write_rows(cluster.watch / "part-2.jsonl", [*sample(2, 30), sample(1, 20)[0]])
+            wait_until(lambda: len(batches()) == 2 and ledger_rows() == 5, 400, "the second scheduled batch")
+        finally:
+            client.delete_deployment_schedule(dep.id, schedule.id)
+        runs = runs_of(client, "reflectune-rerecycle/re-recycle")
+
+    second = next(b for b in batches() if b != first)
+    m1 = json.loads((first / "manifest.json").read_text())
+    m2 = json.loads((second / "manifest.json").read_text())
+    assert m1["counts"]["input_rows"] == 3 and m2["counts"]["input_rows"] == 2
+    new_instructions = {r["instruction"] for r in sample(2, 30)}
+    shards = pl.concat([pl.read_parquet(p) for p in (second / "shards").glob("*.parquet")])
+    assert set(shards["instruction"]) == new_instructions
+    assert pl.read_parquet(second / "decisions.parquet").height == 2
+    after = _fingerprint(first) | {f"inputs/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
+                                   for p in (root / "inputs").iterdir() if f"inputs/{p.name}" in before}
+    assert after == before  # the earlier batch's outputs are untouched
+    assert all(r.auto_scheduled for r in runs if r.state and r.state.is_completed())
+    assert len([r for r in runs if r.state and r.state.is_completed()]) >= 2
