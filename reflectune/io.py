@@ -22,7 +22,9 @@ def storage_options(uri: str) -> dict[str, Any]:
     S3-compatible stores comes from AWS_ENDPOINT_URL or REFLECTUNE_S3_ENDPOINT_URL."""
     if uri.startswith(("s3://", "s3a://")):
         endpoint = os.environ.get("REFLECTUNE_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-        opts: dict[str, Any] = {}
+        # a stalled connection is dropped and retried rather than waited on forever
+        opts: dict[str, Any] = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 120,
+                                                  "retries": {"max_attempts": 5, "mode": "standard"}}}
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
         return opts

@@ -59,7 +59,7 @@ class FaultProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:  # a client may send several requests over one kept-alive connection
-                request = await _read_request(reader)
+                request = await _read_request(reader, writer)
                 if request is None:
                     break
                 with self._lock:
@@ -102,14 +102,21 @@ class FaultProxy:
         return response
 
 
-async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
+async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError:
         return None
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
+    length, lines = 0, []
+    for line in head[:-4].split(b"\r\n"):
+        lower = line.lower()
+        if lower.startswith(b"content-length:"):
             length = int(line.split(b":", 1)[1])
+        if lower.startswith(b"expect:") and b"100-continue" in lower:
+            # S3 clients wait for this before sending a body; upstream gets the request without it
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+            continue
+        lines.append(line)
     body = await reader.readexactly(length) if length else b""
-    return head + body
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body

@@ -21,6 +21,7 @@ import pytest
 from .conftest import ROOT, SAMPLE
 
 BIN = Path(sys.executable).parent
+CHROMIUM = os.environ.get("REFLECTUNE_CHROMIUM", "/usr/bin/chromium")
 FAST = {"teacher": {"max_new_tokens": 8}, "selection": {"mode": "paper"}, "training": {"enabled": False}}
 
 
@@ -241,3 +242,63 @@ def test_scheduled_rerecycling_takes_only_new_rows(cluster):
     assert after == before  # the earlier batch's outputs are untouched
     assert all(r.auto_scheduled for r in runs if r.state and r.state.is_completed())
     assert len([r for r in runs if r.state and r.state.is_completed()]) >= 2
+
+
+def test_a_run_started_from_the_ui_completes(cluster, tmp_path):
+    """Headless Chromium opens the recycle deployment, fills the custom-run form (the form the
+    parameter model gives) and submits; the run completes on the workers."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    data, out = tmp_path / "ui.jsonl", tmp_path / "ui-out"
+    write_rows(data, sample(4, 10))
+    shots = ROOT / "out" / "test-artifacts"
+    shots.mkdir(parents=True, exist_ok=True)
+    with api(cluster) as client:
+        dep = client.read_deployment_by_name("reflectune-recycle/recycle")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu",
+                                                                    "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{cluster.server['ui']}/deployments/deployment/{dep.id}")
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run").click()
+
+        def field(label: str):
+            """The innermost form property whose label starts with `label`."""
+            name = page.locator(".schema-form-property__label", has_text=re.compile(f"^{label}"))
+            return page.locator(".schema-form-property", has=name).last
+
+        field("Dataset").locator("textarea").fill(str(data))
+        field("Output").locator("textarea").fill(str(out))
+        field("Shard Size").locator("input").fill("2")
+        field("Max New Tokens").locator("input").fill("8")
+        toggle = field("Enabled").locator("input[type=checkbox]")  # hidden under the drawn switch
+        toggle.evaluate("el => el.click()")
+        assert not toggle.is_checked()
+        page.get_by_role("button", name="Submit").click()
+        with api(cluster) as client:
+            started = wait_until(lambda: [r for r in runs_of(client, "reflectune-recycle/recycle")
+                                          if r.parameters["params"].get("output") == str(out)], 60,
+                                 "the run the form started")
+            run = wait_until(lambda: (r := client.read_flow_run(started[0].id)).state.is_final() and r, 600,
+                             "the UI-started run to finish", every=3)
+        page.goto(f"{cluster.server['ui']}/runs/flow-run/{run.id}")
+        page.wait_for_load_state("networkidle")
+        page.get_by_text("Completed").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(shots / "ui-run-page.png"), full_page=True)
+        browser.close()
+
+    assert run.state.is_completed(), run.state.message
+    params = run.parameters["params"]
+    assert (params["dataset"], params["output"], params["shard_size"]) == (str(data), str(out), 2)
+    assert params["teacher"]["max_new_tokens"] == 8 and params["training"]["enabled"] is False
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["valid_rows"] == 4 and manifest["shards"] == 2
+    assert manifest["parameters"]["teacher"]["max_new_tokens"] == 8
+
+    from PIL import Image, ImageStat
+
+    image = Image.open(shots / "ui-run-page.png").convert("L")
+    assert image.width >= 1400 and max(ImageStat.Stat(image).stddev) > 10  # drawn, not blank
