@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 setup: $(STAMP)
 
@@ -35,8 +35,17 @@ demo: setup
 	  --epochs 1 --batch-size 8 --per-device-batch-size 4 --learning-rate 1e-4 --train-max-length 512
 	$(BIN)/python -m reflectune.demo_summary $(DEMO_OUT)
 
-test: setup
-	$(BIN)/python -m pytest -q tests
+# The UI test drives the system Chromium (Debian's package): test tools' browser downloads
+# are not used.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	@test -x $(CHROMIUM) || { echo "Chromium is missing at $(CHROMIUM): install it (apt-get install chromium) or set CHROMIUM=PATH"; exit 1; }
+
+test: setup browser
+	REFLECTUNE_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q tests
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py

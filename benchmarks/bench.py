@@ -181,7 +181,62 @@ def bench_flow(n: int) -> None:
     print(f"orchestration overhead      {flow_wall - engine:8.1f}s = {(flow_wall - engine) / flow_wall:.1%} of the flow (target < 10%)")
 
 
-SECTIONS = {"scoring": bench_scoring, "teacher": bench_teacher, "flow": bench_flow}
+def bench_scale(n: int) -> None:
+    """Cost against work: the recycle deployment on 2, 4 and 8 shards (2 rows each) on a real
+    Prefect server with two GPU-pool process workers, each stage split in two batches."""
+    import subprocess
+    import tempfile
+
+    from prefect.deployments import run_deployment
+
+    from tests.conftest import free_port, wait_http
+    from tests.test_cluster import Cluster, api, write_rows
+
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        port = free_port()
+        env = {**os.environ, "PREFECT_HOME": str(root / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+                                   "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        cluster = None
+        try:
+            url = f"http://127.0.0.1:{port}/api"
+            wait_http(f"{url}/health", 120)
+            (root / "cluster").mkdir()
+            cluster = Cluster({"url": url}, root / "cluster")
+            cluster.command(str(Path(sys.executable).parent / "reflectune"), "cluster", "setup")
+            cluster.command(str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all",
+                            "--prefect-file", "deployments/prefect.yaml")
+            cluster.start_worker("orchestrator", "reflectune", 4)
+            cluster.start_worker("gpu-a", "gpu", 1)
+            cluster.start_worker("gpu-b", "gpu", 1)
+            print("\n== scale: recycle deployment, 2 rows per shard, two GPU-pool workers (transformers teacher, "
+                  "8 new tokens, no training)")
+            print(f"{'shards':>6} {'rows':>5} {'wall':>8} {'per shard':>10} {'vs 2 shards':>12}")
+            base = None
+            for shards in (2, 4, 8):
+                data = root / f"data-{shards}.jsonl"
+                write_rows(data, rows[: 2 * shards])
+                params = {"dataset": str(data), "output": str(root / f"out-{shards}"), "shard_size": 2,
+                          "teacher": {"max_new_tokens": 8}, "training": {"enabled": False},
+                          "execution": {"mode": "cluster", "shards_per_batch": shards // 2, "retry_delay_seconds": 0}}
+                with api(cluster):
+                    run = run_deployment("reflectune-recycle/recycle", parameters={"params": params}, timeout=1800)
+                assert run.state.is_completed(), run.state
+                wall = (run.end_time - run.start_time).total_seconds()
+                base = base or wall / shards
+                print(f"{shards:>6} {2 * shards:>5} {wall:>7.1f}s {wall / shards:>9.1f}s {wall / shards / base:>11.2f}x")
+        finally:
+            if cluster:
+                cluster.stop()
+            server.terminate()
+            server.wait(30)
+
+
+SECTIONS = {"scoring": bench_scoring, "teacher": bench_teacher, "flow": bench_flow, "scale": bench_scale}
 
 
 def main() -> None:

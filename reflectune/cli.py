@@ -120,6 +120,23 @@ def _parser() -> argparse.ArgumentParser:
     _intake_options(pl_)
     pl_.set_defaults(func=_plan)
 
+    ev = sub.add_parser("evaluate", help="judge model A against baseline B on a test set (both orders) and "
+                        "compare held-out loss")
+    ev.add_argument("--model", required=True, help="model A, e.g. the student trained on the selected data (DIR/model)")
+    ev.add_argument("--baseline", required=True, help="model B, e.g. the student trained on the original data")
+    ev.add_argument("--judge", default=DEFAULT_MODEL, help="judge model spec; openai: the served model name")
+    ev.add_argument("--judge-engine", default="transformers", choices=TEACHER_ENGINES)
+    ev.add_argument("--base-url", help="openai judge: endpoint")
+    ev.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai judge: variable holding the key")
+    ev.add_argument("--test-set", help="JSONL with instruction (and optional input, output); default: the "
+                    "bundled 40 instructions")
+    ev.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES, help="the template both models "
+                    "were trained with (default: %(default)s)")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
+    ev.add_argument("--limit", type=int, help="only the first N test items")
+    ev.add_argument("--out", help="write verdicts (.jsonl or .parquet) and OUT's .json summary")
+    ev.set_defaults(func=_evaluate)
+
     cluster = sub.add_parser("cluster", help="Prefect server setup for deployments").add_subparsers()
     setup = cluster.add_parser("setup", help="create the work pools and the automation that marks runs of "
                                "dead workers Crashed (PREFECT_API_URL names the server)")
@@ -297,6 +314,28 @@ def _plan(args: argparse.Namespace) -> int:
                        max_new_tokens=args.max_new_tokens, epochs=args.epochs, device=args.device,
                        teacher_params=sizes[0], student_params=sizes[1], throughput=given)
     print(plan.render(result))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import polars as pl
+
+    from reflectune import evaluation
+
+    tests = evaluation.load_test_set(args.test_set)[: args.limit]
+    options = {}
+    if args.judge_engine == "openai":
+        options = {"base_url": args.base_url, "api_key_env": args.api_key_env}
+    _check_engine(args.judge_engine)
+    result = evaluation.evaluate(args.model, args.baseline, args.judge, tests, template=args.template,
+                                 judge_engine=args.judge_engine, judge_options=options,
+                                 max_new_tokens=args.max_new_tokens)
+    if args.out:
+        io.write_table(pl.DataFrame(result.rows), args.out)
+        io.write_json(result.summary, os.path.splitext(args.out)[0] + ".json")
+    print(evaluation.render_table(result.summary))
     return 0
 
 

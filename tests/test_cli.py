@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -69,3 +70,26 @@ def test_models_prepare_and_specs(tmp_path):
         resolve("some-org/not-a-local-model")
     with pytest.raises(ModelSpecError, match="unknown packaged model"):
         resolve("packaged:nope")
+
+
+def test_plan_counts_the_real_tokens_and_estimates_time(tokenizer, sample_rows):
+    from reflectune import plan
+    from reflectune.scoring import build_sequences
+
+    result = plan.plan(str(SAMPLE), tokenizer, shard_size=8, max_new_tokens=64)
+    stages = {s.name: s for s in result["stages"]}
+    assert (result["valid_rows"], result["shards"]) == (41, 6)
+    exact = sum(len(s.ids) for parts in build_sequences(sample_rows, tokenizer) for s in parts.values()
+                if not isinstance(s, str))
+    assert stages["student"].reads == 4 * exact
+    assert 0 < stages["teacher"].writes <= 3 * 41 * 64 and stages["teacher"].reads > 41 * 3 * 100
+    assert stages["student"].seconds == pytest.approx(stages["student"].reads / stages["student"].tokens_per_second)
+    # a bigger model on a GPU: faster per token than the CPU figure scaled down
+    gpu = plan.plan(str(SAMPLE), tokenizer, device="h100", student_params=plan.parse_size("7B"))
+    assert gpu["stages"][1].tokens_per_second > 10_000 and gpu["stages"][1].basis.startswith("H100")
+
+    done = run_cli("plan", str(SAMPLE), "--teacher-size", "70B", "--device", "h100", "--student-tps", "5000")
+    assert done.returncode == 0, done.stderr
+    assert "41 rows, 41 valid" in done.stdout and re.search(r"student .* 5,000 .* given", done.stdout)
+    bad = run_cli("plan", str(SAMPLE), "--teacher-size", "huge")
+    assert bad.returncode == 2 and "write it like 135M, 7B or 70B" in bad.stderr

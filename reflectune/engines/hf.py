@@ -156,12 +156,17 @@ class TransformersTeacher:
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self._eos))
 
     def generate(self, chats, sampling, progress=None):
+        return self.complete([render_chat(self.tokenizer, c) for c in chats], sampling, progress, specials=False)
+
+    def complete(self, texts, sampling, progress=None, specials: bool = True):
+        """Continue raw prompts (e.g. a scoring template's P(x)); `specials` adds the
+        tokenizer's BOS as the scorer and the trainer do. Chats go through `generate`."""
         import torch
 
         from reflectune.reflection import Generation
 
-        encoded = [self.tokenizer(render_chat(self.tokenizer, c), add_special_tokens=False)["input_ids"] for c in chats]
-        out: list[Generation] = [Generation() for _ in chats]
+        encoded = [self.tokenizer(t, add_special_tokens=specials)["input_ids"] for t in texts]
+        out: list[Generation] = [Generation() for _ in texts]
         runnable = []
         for i, ids in enumerate(encoded):
             if self.context and len(ids) + sampling.max_new_tokens > self.context:

@@ -1,0 +1,214 @@
+"""Did the student get better? Pairwise judging and held-out loss (METHOD.md).
+
+Both models answer every test instruction in the template they were trained with. A judge
+scores the two answers 1-10 twice, once in each order, so a judge that favours the first (or
+second) position cannot decide the outcome: per order, A wins when its score is higher; then
+win/win, win/tie and tie/win are a win, win/lose, lose/win and tie/tie a tie, the rest a loss.
+Winning score = (wins - losses) / N + 1: 1 is parity, 2 all wins, 0 all losses. Where the test
+set has reference answers, each model's loss on them (mean per-token NLL of the reference given
+the prompt) is reported too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reflectune import io, templates
+from reflectune.errors import InputFileError
+from reflectune.reflection import Sampling
+
+BUNDLED_TEST_SET = Path(__file__).resolve().parent / "data" / "test_set.jsonl"
+JUDGE_VERSION = "pairwise-judge/v1"
+# field names of the common test sets (Vicuna, Koala, WizardLM, Self-instruct, LIMA) as shipped
+INSTRUCTION_NAMES = ("instruction", "text", "prompt", "question", "Instruction")
+INPUT_NAMES = ("input", "instances_input")
+OUTPUT_NAMES = ("output", "reference", "answer", "target")
+
+JUDGE_SYSTEM = (
+    "You are a careful, impartial judge of answers written by AI assistants. You compare two answers to the "
+    "same question for helpfulness, relevance, accuracy, depth and level of detail. The order of the answers "
+    "says nothing about their quality, and neither does their length."
+)
+
+
+def judge_messages(question: str, first: str, second: str) -> list[dict[str, str]]:
+    user = (
+        f"[Question]\n{question}\n\n"
+        f"[The Start of Assistant 1's Answer]\n{first}\n[The End of Assistant 1's Answer]\n\n"
+        f"[The Start of Assistant 2's Answer]\n{second}\n[The End of Assistant 2's Answer]\n\n"
+        "Rate each assistant's answer with a score from 1 to 10, higher is better. On the first line write only "
+        "the two scores, for Assistant 1 and Assistant 2, separated by a space. On the following lines explain "
+        "your rating briefly."
+    )
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+_SCORES = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*[,;\s]\s*(\d+(?:\.\d+)?)")
+
+
+def parse_scores(text: str) -> tuple[float, float] | None:
+    """The two scores from the judge's first line that has two numbers; None when there are none
+    (or they are not 0-10)."""
+    for line in text.strip().splitlines():
+        m = _SCORES.search(line)
+        if m:
+            a, b = float(m.group(1)), float(m.group(2))
+            if 0 <= a <= 10 and 0 <= b <= 10:
+                return a, b
+    return None
+
+
+def order_verdict(scores: tuple[float, float] | None, a_first: bool) -> str:
+    """win / tie / lose for model A in one judging order; unparsed judge output is a tie."""
+    if scores is None:
+        return "tie"
+    a, b = scores if a_first else (scores[1], scores[0])
+    return "win" if a > b else "lose" if a < b else "tie"
+
+
+def combine(first: str, second: str) -> str:
+    """The outcome of both orders (METHOD.md)."""
+    pair = {first, second}
+    if pair <= {"win", "tie"} and "win" in pair:
+        return "win"
+    if pair == {"win", "lose"} or pair == {"tie"}:
+        return "tie"
+    return "loss"
+
+
+def winning_score(outcomes: list[str]) -> float:
+    n = len(outcomes)
+    return (outcomes.count("win") - outcomes.count("loss")) / n + 1 if n else float("nan")
+
+
+@dataclass
+class Result:
+    model: str
+    baseline: str
+    judge: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    loss_model: float | None = None
+    loss_baseline: float | None = None
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        outcomes = [r["outcome"] for r in self.rows]
+        return {"model": self.model, "baseline": self.baseline, "judge": self.judge, "judge_prompt": JUDGE_VERSION,
+                "n": len(outcomes), "wins": outcomes.count("win"), "ties": outcomes.count("tie"),
+                "losses": outcomes.count("loss"), "winning_score": round(winning_score(outcomes), 4),
+                "unparsed_judgements": sum((r["scores_ab"] is None) + (r["scores_ba"] is None) for r in self.rows),
+                "heldout_loss_model": self.loss_model, "heldout_loss_baseline": self.loss_baseline}
+
+
+def load_test_set(uri: str | None = None) -> list[dict[str, str]]:
+    """JSONL (or a JSON array) with an instruction and optional input and reference output."""
+    uri = uri or str(BUNDLED_TEST_SET)
+    text = io.read_bytes(uri).decode("utf-8-sig")
+    stripped = text.lstrip()
+    rows = json.loads(text) if stripped.startswith("[") else []
+    if not rows:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise InputFileError(f"{uri}: line {number}: invalid JSON ({exc.msg}): one object per line") from None
+    out = []
+    for i, row in enumerate(rows):
+        instruction = next((row[k] for k in INSTRUCTION_NAMES if isinstance(row.get(k), str) and row[k].strip()), None)
+        if instruction is None:
+            raise InputFileError(f"{uri}: item {i + 1}: no instruction: give it one of the fields {list(INSTRUCTION_NAMES)}")
+        out.append({"instruction": instruction,
+                    "input": next((row[k] for k in INPUT_NAMES if isinstance(row.get(k), str)), ""),
+                    "output": next((row[k] for k in OUTPUT_NAMES if isinstance(row.get(k), str)), "")})
+    return out
+
+
+def answer(engine: Any, tests: list[dict[str, str]], template: str, sampling: Sampling) -> list[str]:
+    """Each test instruction answered in `template`, as the student was trained; the chat
+    template goes through the engine's chat path."""
+    if template == "chat":
+        chats = [[{"role": "user", "content": templates.question(t["instruction"], t["input"])}] for t in tests]
+        gens = engine.generate(chats, sampling)
+    else:
+        prompts = [templates.render(template, t["instruction"], t["input"]) for t in tests]
+        gens = engine.complete(prompts, sampling)
+    return [g.text.strip() if not g.error else "" for g in gens]
+
+
+def judge(judge_engine: Any, tests: list[dict[str, str]], answers_a: list[str], answers_b: list[str],
+          sampling: Sampling) -> list[dict[str, Any]]:
+    """Each pair judged in both orders; one row per test item with both verdicts and the outcome."""
+    questions = [templates.question(t["instruction"], t["input"]) for t in tests]
+    chats = [judge_messages(q, a, b) for q, a, b in zip(questions, answers_a, answers_b)]
+    chats += [judge_messages(q, b, a) for q, a, b in zip(questions, answers_a, answers_b)]
+    gens = judge_engine.generate(chats, sampling)
+    n = len(tests)
+    rows = []
+    for i, test in enumerate(tests):
+        ab, ba = parse_scores(gens[i].text), parse_scores(gens[n + i].text)
+        first, second = order_verdict(ab, a_first=True), order_verdict(ba, a_first=False)
+        rows.append({"instruction": test["instruction"], "input": test["input"], "answer_model": answers_a[i],
+                     "answer_baseline": answers_b[i], "judge_ab": gens[i].text, "judge_ba": gens[n + i].text,
+                     "scores_ab": list(ab) if ab else None, "scores_ba": list(ba) if ba else None,
+                     "verdict_ab": first, "verdict_ba": second, "outcome": combine(first, second)})
+    return rows
+
+
+def heldout_loss(scorer: Any, tests: list[dict[str, str]], template: str, max_length: int = 2048) -> float | None:
+    """Mean of each reference answer's loss given its prompt (loss_a_condition), over the
+    test items that have one."""
+    from reflectune import scoring
+
+    refs = [t for t in tests if t["output"].strip()]
+    if not refs:
+        return None
+    losses = [r["loss_a_condition"] for r in scoring.score_rows(refs, scorer, template, max_length)]
+    losses = [x for x in losses if isinstance(x, float) and math.isfinite(x)]  # failed rows are left out
+    return round(sum(losses) / len(losses), 4) if losses else None
+
+
+def render_table(summary: dict[str, Any]) -> str:
+    def loss(x):
+        return f"{x:.3f}" if isinstance(x, float) else "n/a"
+
+    return "\n".join([
+        f"evaluation: {summary['model']} vs {summary['baseline']} on {summary['n']} test instructions, "
+        f"judge {summary['judge']} (both orders)",
+        f"  wins {summary['wins']}  ties {summary['ties']}  losses {summary['losses']}  "
+        f"winning score {summary['winning_score']:.3f}  (1 = parity; unparsed judgements: {summary['unparsed_judgements']})",
+        f"  held-out loss on reference answers: model {loss(summary['heldout_loss_model'])}, "
+        f"baseline {loss(summary['heldout_loss_baseline'])}",
+    ])
+
+
+def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, str]], *, template: str = "vicuna",
+             judge_engine: str = "transformers", judge_options: dict[str, Any] | None = None,
+             max_new_tokens: int = 256, judge_max_new_tokens: int = 64, max_length: int = 2048,
+             batch_size: int = 8) -> Result:
+    """Answers of both models (one loaded at a time), the judge in both orders, held-out loss."""
+    from reflectune import models
+    from reflectune.engines import load_teacher
+    from reflectune.engines.hf import TransformersScorer, TransformersTeacher
+
+    sampling = Sampling(0.0, 1.0, max_new_tokens, 0)
+    answers, losses = {}, {}
+    for name, spec in (("model", model), ("baseline", baseline)):
+        engine = TransformersTeacher(spec, batch_size=batch_size)
+        answers[name] = answer(engine, tests, template, sampling)
+        engine.close()
+        scorer = TransformersScorer(spec)
+        losses[name] = heldout_loss(scorer, tests, template, max_length)
+        scorer.close()
+    judge_engine_ = load_teacher(judge_engine, judge_spec, **(judge_options or {}))
+    try:
+        rows = judge(judge_engine_, tests, answers["model"], answers["baseline"], Sampling(0.0, 1.0, judge_max_new_tokens, 0))
+    finally:
+        judge_engine_.close()
+    return Result(models.model_id(model), models.model_id(baseline), getattr(judge_engine_, "teacher_id", judge_spec),
+                  rows, losses["model"], losses["baseline"])

@@ -1,0 +1,95 @@
+"""Evaluation: the pairwise scoring rules on every combination of verdicts, position
+swapping, test-set formats, and a real run with the packaged model as judge."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from reflectune import evaluation as ev
+
+from .conftest import MODEL, ROOT
+
+# METHOD.md: win/win, win/tie, tie/win = win; win/lose, lose/win, tie/tie = tie; else loss
+EXPECTED = {
+    ("win", "win"): "win", ("win", "tie"): "win", ("tie", "win"): "win",
+    ("win", "lose"): "tie", ("lose", "win"): "tie", ("tie", "tie"): "tie",
+    ("lose", "lose"): "loss", ("lose", "tie"): "loss", ("tie", "lose"): "loss",
+}
+FLIP = {"win": "lose", "lose": "win", "tie": "tie"}
+
+
+@pytest.mark.parametrize("first,second", list(itertools.product(["win", "tie", "lose"], repeat=2)))
+def test_both_orders_combine_as_the_method_says(first, second):
+    assert ev.combine(first, second) == EXPECTED[(first, second)]
+
+
+@pytest.mark.parametrize("ab,ba", list(itertools.product([(8, 5), (6, 6), (3, 9), None], repeat=2)))
+def test_swapping_a_and_b_swaps_wins_and_losses(ab, ba):
+    a_view = ev.combine(ev.order_verdict(ab, a_first=True), ev.order_verdict(ba, a_first=False))
+    # the same judgements seen from B: B was second in the first order and first in the second
+    b_view = ev.combine(ev.order_verdict(ba, a_first=True), ev.order_verdict(ab, a_first=False))
+    assert {"win": "loss", "loss": "win", "tie": "tie"}[a_view] == b_view
+
+
+def test_order_verdicts_and_a_position_biased_judge_is_neutralised():
+    assert ev.order_verdict((9, 4), a_first=True) == "win" and ev.order_verdict((9, 4), a_first=False) == "lose"
+    assert ev.order_verdict(None, a_first=True) == "tie"
+    # a judge that always prefers the first answer: A wins one order, loses the other -> tie
+    biased = ev.combine(ev.order_verdict((9, 2), True), ev.order_verdict((9, 2), False))
+    assert biased == "tie"
+
+
+def test_winning_score():
+    assert ev.winning_score(["win"] * 3 + ["tie"] + ["loss"]) == pytest.approx((3 - 1) / 5 + 1)
+    assert ev.winning_score(["tie", "tie"]) == 1.0 and ev.winning_score(["loss"]) == 0.0
+    assert ev.winning_score(["win", "win"]) == 2.0
+
+
+@pytest.mark.parametrize("text,scores", [
+    ("8 6\nAssistant 1 is more detailed.", (8.0, 6.0)),
+    ("Scores: 7/10, 9/10", (7.0, 9.0)),
+    ("Here is my rating.\n5 5", (5.0, 5.0)),
+    ("7.5 8", (7.5, 8.0)),
+    ("I cannot decide.", None),
+    ("42 17", None),
+])
+def test_parse_judge_scores(text, scores):
+    assert ev.parse_scores(text) == scores
+
+
+def test_test_sets_in_the_common_formats(tmp_path):
+    bundled = ev.load_test_set()
+    assert len(bundled) == 40 and sum(bool(t["output"]) for t in bundled) == 20
+    assert all(t["instruction"].strip() for t in bundled)
+    vicuna = tmp_path / "vicuna.jsonl"
+    vicuna.write_text(json.dumps({"question_id": 1, "text": "How can I improve my time management?", "category": "generic"}) + "\n")
+    koala = tmp_path / "koala.jsonl"
+    koala.write_text(json.dumps({"prompt": "Write a limerick.", "id": "k1"}) + "\n")
+    assert ev.load_test_set(str(vicuna))[0]["instruction"].startswith("How can I")
+    assert ev.load_test_set(str(koala)) == [{"instruction": "Write a limerick.", "input": "", "output": ""}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"category": "x"}\n')
+    with pytest.raises(Exception, match=r"item 1: no instruction"):
+        ev.load_test_set(str(bad))
+
+
+def test_evaluate_with_the_packaged_model_as_judge(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "verdicts.jsonl"
+    done = subprocess.run([sys.executable, "-m", "reflectune.cli", "evaluate", "--model", MODEL, "--baseline", MODEL,
+                           "--judge", MODEL, "--limit", "4", "--max-new-tokens", "24", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert "winning score" in done.stdout and "held-out loss" in done.stdout
+    summary = json.loads((tmp_path / "verdicts.json").read_text())
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["n"] == 4 == len(rows) and summary["wins"] + summary["ties"] + summary["losses"] == 4
+    # the same model on both sides answers identically (greedy): a fair judge cannot separate them
+    assert all(r["answer_model"] == r["answer_baseline"] for r in rows)
+    assert all(r["outcome"] == ev.combine(r["verdict_ab"], r["verdict_ba"]) for r in rows)
+    assert isinstance(summary["heldout_loss_model"], float) and summary["heldout_loss_model"] == summary["heldout_loss_baseline"]
