@@ -27,12 +27,14 @@ $(STAMP): pyproject.toml infra/constraints-cpu.txt
 # The whole pipeline on the bundled sample with the packaged model as teacher (vLLM on CPU)
 # and student, training included, against Prefect's local API (or PREFECT_API_URL).
 # Small settings so it ends in minutes on 2 cores; "paper" selection keeps the original
-# pairs too, since the small teacher's rewrites are weak.
+# pairs too, since the small teacher's rewrites are weak. The evaluation trains a second
+# student on as many original pairs and judges both on 20 bundled test instructions.
 DEMO_OUT ?= out/demo
 demo: setup
 	$(BIN)/reflectune recycle examples/sample.jsonl --out $(DEMO_OUT) --shard-size 8 \
 	  --teacher-engine vllm --max-new-tokens 64 --selection paper \
-	  --epochs 1 --batch-size 8 --per-device-batch-size 4 --learning-rate 1e-4 --train-max-length 512
+	  --epochs 1 --batch-size 8 --per-device-batch-size 4 --learning-rate 1e-4 --train-max-length 512 \
+	  --evaluate --eval-limit 20 --eval-max-new-tokens 48
 	$(BIN)/python -m reflectune.demo_summary $(DEMO_OUT)
 
 # The UI test drives the system Chromium (Debian's package): test tools' browser downloads

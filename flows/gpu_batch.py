@@ -10,7 +10,7 @@ from prefect import flow
 
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
-from tasks.outputs import train_student
+from tasks.outputs import evaluate_students, train_student
 from tasks.shards import student_shard, teacher_shard
 
 
@@ -26,11 +26,13 @@ def with_retries(task_fn, params: RecycleParams):
 
 
 @flow(name="reflectune-gpu-batch", log_prints=False)
-def gpu_batch(stage: Literal["teacher", "student", "train"], shards: list[dict[str, Any]],
+def gpu_batch(stage: Literal["teacher", "student", "train", "evaluate"], shards: list[dict[str, Any]],
               params: RecycleParams) -> list[dict[str, Any]]:
     try:
         if stage == "train":
             return [with_retries(train_student, params)(params)]
+        if stage == "evaluate":
+            return [with_retries(evaluate_students, params)(params)]
         work = with_retries(teacher_shard if stage == "teacher" else student_shard, params)
         return [work(shard, params) for shard in shards]
     finally:

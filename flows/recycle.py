@@ -22,7 +22,8 @@ from flows.gpu_batch import with_retries
 from reflectune import progress, prompts, stages
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
-from tasks.outputs import intake_and_shard, select_and_write, train_student, write_manifest
+from tasks.outputs import (evaluate_students, intake_and_shard, select_and_write, train_student, write_manifest,
+                           write_report)
 from tasks.shards import student_shard, teacher_shard
 
 
@@ -56,6 +57,13 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
         else:
             train_metrics = with_retries(train_student, params)(params)
 
+    evaluation: dict[str, Any] = {"evaluated": False, "reason": "evaluation disabled"}
+    if params.evaluation.enabled and train_metrics.get("trained"):
+        if params.execution.mode == "cluster":
+            evaluation = _gpu_batch(params, "evaluate", [], 0)[0]
+        else:
+            evaluation = with_retries(evaluate_students, params)(params)
+
     usage = {k: sum(r["detail"].get(k, 0) for r in teacher_results) for k in ("generations", "prompt_tokens", "completion_tokens")}
     manifest = {
         "status": "complete",
@@ -68,10 +76,12 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
         "shards": len(shards),
         "shard_results": sorted(results, key=lambda r: (r["shard"], r["stage"])),
         "training": train_metrics,
+        "evaluation": evaluation,
         # local mode: engine loads in this process (cluster workers load their own)
         "engine_load_seconds": round(sum(pool.load_seconds[loads_before:]), 2),
         "seconds": round(time.perf_counter() - started, 2),
     }
+    manifest["report"] = with_retries(write_report, params)(params, manifest)
     with_retries(write_manifest, params)(params, manifest)
     _artifacts(params, manifest)
     log.info("recycled %s -> %s: %d of %d valid samples selected", params.dataset, params.output,
@@ -177,10 +187,10 @@ def _gpu_batch(params: RecycleParams, stage: str, batch: list[dict[str, Any]], i
                     attempt + 1, params.execution.retries + 1)
     else:
         raise RuntimeError(f"GPU batch {stage} #{index} did not complete in {params.execution.retries + 1} attempts")
-    if stage == "train":
+    if stage in ("train", "evaluate"):
         from reflectune import io
 
-        return [io.read_json(io.join(params.output, "training.json"))]
+        return [io.read_json(io.join(params.output, "training.json" if stage == "train" else "evaluation.json"))]
     results = []
     for shard in batch:
         s = stages.Shard(**shard)
@@ -222,8 +232,23 @@ Teacher `{manifest['teacher']}`, student `{manifest['student']}`, selection `{pa
 |---|---|
 {branches}
 
-Training: {trained}. Outputs in `{params.output}`.
+Training: {trained}. {_evaluation_line(manifest['evaluation'])}
+
+Report: [{manifest['report']}]({_link(manifest['report'])}). Outputs in `{params.output}`.
 """,
         key="reflectune-summary",
         description="Recycle run summary",
     )
+
+
+def _evaluation_line(ev: dict[str, Any]) -> str:
+    if not ev.get("evaluated"):
+        return f"Evaluation: {ev.get('reason', 'not run')}."
+    return (f"Evaluation against a student trained on as many original pairs: {ev['wins']} wins, {ev['ties']} ties, "
+            f"{ev['losses']} losses, winning score {ev['winning_score']:.3f}.")
+
+
+def _link(uri: str) -> str:
+    import os
+
+    return uri if "://" in uri else "file://" + os.path.abspath(uri)

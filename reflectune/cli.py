@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--per-device-batch-size", type=int)
     rec.add_argument("--train-max-length", type=int)
     rec.add_argument("--lora", action="store_true", help="train LoRA adapters (merged when saved)")
+    rec.add_argument("--evaluate", action="store_true", help="also train a student on as many original pairs and "
+                     "judge the two (see `reflectune evaluate`)")
+    rec.add_argument("--judge", help="evaluation judge model spec")
+    rec.add_argument("--eval-limit", type=int, help="evaluation: only the first N test instructions")
+    rec.add_argument("--eval-max-new-tokens", type=int, help="evaluation: answer length limit")
     rec.add_argument("--mode", choices=["local", "cluster"], help="where shard work runs")
     rec.add_argument("--max-workers", type=int)
     rec.add_argument("--retries", type=int, help="retries of a failed shard task")
@@ -119,6 +124,12 @@ def _parser() -> argparse.ArgumentParser:
                          "(teacher: new tokens; others: tokens read)")
     _intake_options(pl_)
     pl_.set_defaults(func=_plan)
+
+    rep = sub.add_parser("report", help="write DIR/report.html from a finished run's outputs")
+    rep.add_argument("dir", help="a recycle output folder (local or s3://)")
+    rep.add_argument("--price-in", type=float, default=0.0, help="teacher price per million prompt tokens, for the cost")
+    rep.add_argument("--price-out", type=float, default=0.0, help="teacher price per million completion tokens")
+    rep.set_defaults(func=_report)
 
     ev = sub.add_parser("evaluate", help="judge model A against baseline B on a test set (both orders) and "
                         "compare held-out loss")
@@ -251,6 +262,8 @@ def recycle_params(args: argparse.Namespace):
         ("training", "learning_rate"): args.learning_rate, ("training", "batch_size"): args.batch_size,
         ("training", "per_device_batch_size"): args.per_device_batch_size,
         ("training", "max_length"): args.train_max_length, ("training", "lora"): True if args.lora else None,
+        ("evaluation", "enabled"): True if args.evaluate else None, ("evaluation", "judge"): args.judge,
+        ("evaluation", "limit"): args.eval_limit, ("evaluation", "max_new_tokens"): args.eval_max_new_tokens,
         ("execution", "mode"): args.mode, ("execution", "max_workers"): args.max_workers,
         ("execution", "retries"): args.retries,
     }
@@ -290,7 +303,12 @@ def _recycle(args: argparse.Namespace) -> int:
     if t.get("trained"):
         print(f"reflectune: trained on {t['rows']} rows, {t['steps']} steps, loss {t['first_loss']:.3f} -> "
               f"{t['last_loss']:.3f}", file=sys.stderr)
-    print(f"reflectune: outputs in {params.output}: selected.jsonl, selected.parquet, decisions.parquet, "
+    ev = manifest.get("evaluation", {})
+    if ev.get("evaluated"):
+        from reflectune.evaluation import render_table
+
+        print(render_table(ev))
+    print(f"reflectune: outputs in {params.output}: report.html, selected.jsonl, selected.parquet, decisions.parquet, "
           f"rejected.parquet, manifest.json" + (", model/" if t.get("trained") else ""), file=sys.stderr)
     return 0
 
@@ -314,6 +332,15 @@ def _plan(args: argparse.Namespace) -> int:
                        max_new_tokens=args.max_new_tokens, epochs=args.epochs, device=args.device,
                        teacher_params=sizes[0], student_params=sizes[1], throughput=given)
     print(plan.render(result))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from reflectune import report
+
+    if not io.exists(io.join(args.dir, "manifest.json")):
+        raise ReflectuneError(f"{args.dir}: no manifest.json: give the output folder of a finished recycle run")
+    print(report.write(args.dir, price_in=args.price_in, price_out=args.price_out))
     return 0
 
 

@@ -81,6 +81,19 @@ class TrainingConfig(_Config):
     seed: int = Field(0, description="Training seed.")
 
 
+class EvaluationConfig(_Config):
+    enabled: bool = Field(False, description="After training, train a second student on the original pairs with "
+                          "the same budget (as many rows as were selected) and judge the two against each other.")
+    test_set: str | None = Field(None, description="JSONL of test instructions (instruction, optional input and "
+                                 "reference output); empty uses the bundled 40.")
+    judge: str = Field(DEFAULT_MODEL, description="Judge model spec; for judge_engine openai the served model name.")
+    judge_engine: Literal["transformers", "vllm", "openai"] = Field("transformers", description="Judge engine.")
+    judge_base_url: str | None = Field(None, description="openai judge: the endpoint.")
+    max_new_tokens: int = Field(256, ge=1, description="Answer length limit of both students.")
+    limit: int | None = Field(None, ge=1, description="Only the first N test instructions.")
+    seed: int = Field(0, description="Seed of the sample of original pairs the baseline is trained on.")
+
+
 class ExecutionConfig(_Config):
     mode: Literal["local", "cluster"] = Field(
         "local", description="local: shard tasks run in this flow's process with a bounded task runner; "
@@ -107,6 +120,8 @@ class RecycleParams(_Config):
     student: StudentConfig = Field(default_factory=StudentConfig, description="Who scores the pairs (and is trained).")
     selection: SelectionConfig = Field(default_factory=SelectionConfig, description="What the student keeps.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Fine-tuning on the selected data.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Selected against original "
+                                         "data: two students, one judge.")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Where the work runs.")
 
     @model_validator(mode="after")
@@ -117,6 +132,11 @@ class RecycleParams(_Config):
                             "name (and teacher.base_url for a server other than api.openai.com)")
         if self.training.enabled and self.training.max_length < 64:
             problems.append(f"training.max_length {self.training.max_length} is too short to hold a pair: use >= 64")
+        if self.evaluation.enabled and not self.training.enabled:
+            problems.append("evaluation.enabled needs training.enabled: the evaluation compares trained students")
+        if self.evaluation.enabled and "://" in self.output and not self.output.startswith("file://"):
+            problems.append(f"evaluation.enabled needs a local output folder (output is {self.output}): the students "
+                            "are loaded from it; run `reflectune evaluate` on a copy instead")
         unknown = sorted(set(self.column_map) - {"instruction", "input", "output"})
         if unknown:
             problems.append(f"column_map names unknown field(s) {unknown}: map instruction, input or output")

@@ -24,6 +24,15 @@ def main(out: str) -> None:
     with pl.Config(tbl_rows=10, fmt_str_lengths=48, tbl_width_chars=160):
         print(decisions.select("source_index", "orig_instruction", "orig_ifd_ppl", "orig_rifd_ppl", "branch", "chosen")
               .head(10))
+    if manifest.get("report"):
+        print(f"report: {manifest['report']}")
+    ev = manifest.get("evaluation", {})
+    if ev.get("evaluated"):
+        from reflectune.evaluation import render_table
+
+        print("\n" + render_table(ev))
+    else:
+        print(f"\nevaluation: {ev.get('reason', 'not run')}")
 
 
 if __name__ == "__main__":

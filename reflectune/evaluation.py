@@ -189,7 +189,7 @@ def render_table(summary: dict[str, Any]) -> str:
 
 def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, str]], *, template: str = "vicuna",
              judge_engine: str = "transformers", judge_options: dict[str, Any] | None = None,
-             max_new_tokens: int = 256, judge_max_new_tokens: int = 64, max_length: int = 2048,
+             max_new_tokens: int = 256, judge_max_new_tokens: int = 32, max_length: int = 2048,
              batch_size: int = 8) -> Result:
     """Answers of both models (one loaded at a time), the judge in both orders, held-out loss."""
     from reflectune import models

@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from reflectune import io, stages, training
+from reflectune import io, report, stages, training
 from reflectune.config import RecycleParams
 
 
@@ -44,3 +44,40 @@ def write_manifest(params: RecycleParams, manifest: dict[str, Any]) -> str:
     uri = io.join(params.output, "manifest.json")
     io.write_json(manifest, uri)
     return uri
+
+
+@task(name="evaluate-students", tags=["reflectune", "train"])
+def evaluate_students(params: RecycleParams) -> dict[str, Any]:
+    """Train a baseline student on as many original pairs as were selected, then judge the
+    student trained on the selected data against it (reflectune.evaluation)."""
+    import polars as pl
+
+    from reflectune import evaluation
+
+    ev = params.evaluation
+    out = params.output
+    selected = io.read_parquet(io.join(out, "selected.parquet"))
+    originals = io.read_parquet(io.join(out, "decisions.parquet")).select(
+        instruction="orig_instruction", input="orig_input", output="orig_output")
+    budget = originals.sample(n=min(selected.height, originals.height), seed=ev.seed, shuffle=True)
+    baseline_dir = io.join(out, "baseline-model")
+    metrics = training.train(budget, params.student, params.training, baseline_dir)
+    if not metrics.get("trained"):
+        return {"evaluated": False, "reason": f"baseline not trained: {metrics.get('reason')}"}
+    tests = evaluation.load_test_set(ev.test_set)[: ev.limit]
+    options = {"base_url": ev.judge_base_url} if ev.judge_engine == "openai" else {}
+    result = evaluation.evaluate(io.join(out, "model"), baseline_dir, ev.judge, tests,
+                                 template=params.student.template, judge_engine=ev.judge_engine,
+                                 judge_options=options, max_new_tokens=ev.max_new_tokens,
+                                 max_length=params.student.max_length)
+    io.write_table(pl.DataFrame(result.rows), io.join(out, "evaluation.parquet"))
+    summary = {"evaluated": True, **result.summary, "baseline_training": metrics}
+    io.write_json(summary, io.join(out, "evaluation.json"))
+    get_run_logger().info("%s", evaluation.render_table(summary))
+    return summary
+
+
+@task(name="write-report", tags=["reflectune"])
+def write_report(params: RecycleParams, manifest: dict[str, Any]) -> str:
+    evaluation = manifest.get("evaluation") if manifest.get("evaluation", {}).get("evaluated") else None
+    return report.write(params.output, manifest, evaluation)

@@ -47,6 +47,7 @@ def test_the_whole_flow_on_a_few_rows(prefect_api, tmp_path):
     params = RecycleParams(
         dataset=dataset(tmp_path, bad), output=str(tmp_path / "out"), shard_size=2,
         teacher={"max_new_tokens": 24}, selection={"mode": "paper"}, training=TINY_TRAIN,
+        evaluation={"enabled": True, "limit": 2, "max_new_tokens": 12},
     )
     state = recycle(params, return_state=True)
     assert state.is_completed()
@@ -86,8 +87,49 @@ def test_the_whole_flow_on_a_few_rows(prefect_api, tmp_path):
         arts = cl.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
             any_=["reflectune-shards", "reflectune-summary"])))
         assert {a.key for a in arts} == {"reflectune-shards", "reflectune-summary"}
+        summary = next(a for a in arts if a.key == "reflectune-summary").data
         runs = {t.name.rsplit("-", 1)[0] for t in task_runs(state.state_details.flow_run_id)}
-    assert {"intake-and-shard", "teacher-shard", "student-shard", "select-and-write", "write-manifest"} <= runs
+    assert {"intake-and-shard", "teacher-shard", "student-shard", "select-and-write", "write-manifest",
+            "write-report"} <= runs
+    assert f"file://{out / 'report.html'}" in summary
+
+    # the evaluation stage: a baseline trained on as many original pairs, judged both ways
+    ev = manifest["evaluation"]
+    if manifest["training"]["trained"]:
+        assert ev["evaluated"] and ev["n"] == 2 and ev["wins"] + ev["ties"] + ev["losses"] == 2
+        assert ev["baseline_training"]["rows"] == c["selected_rows"] and (out / "baseline-model" / "config.json").exists()
+        assert pl.read_parquet(out / "evaluation.parquet").height == 2
+        assert "winning score" in summary
+    check_report_in_chromium(out / "report.html", evaluated=ev.get("evaluated", False))
+
+
+def check_report_in_chromium(report, evaluated: bool) -> None:
+    """Every plot of the report is drawn: each SVG, screenshotted alone, decodes and is not blank."""
+    import io as _io
+
+    from PIL import Image, ImageStat
+    from playwright.sync_api import sync_playwright
+
+    shots = ROOT / "out" / "test-artifacts"
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=os.environ.get("REFLECTUNE_CHROMIUM", "/usr/bin/chromium"),
+                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.goto(f"file://{report}")
+        page.screenshot(path=str(shots / "report.png"), full_page=True)
+        plots = page.locator("svg.plot")
+        assert plots.count() == 10  # IFD and r-IFD for four variants, the scatter, the branches
+        for i in range(plots.count()):
+            image = Image.open(_io.BytesIO(plots.nth(i).screenshot())).convert("RGB")
+            assert image.width > 100 and image.height > 50
+            assert len(image.getcolors(1 << 20) or []) > 3, f"plot {i} is blank"
+        text = page.inner_text("body")
+        browser.close()
+    for heading in ("IFD per variant", "IFD against r-IFD", "Selection branches", "Teacher parsing",
+                    "Token usage and cost", "Most helpful", "Least helpful"):
+        assert heading in text
+    assert ("Evaluation" in text) == evaluated
 
 
 def test_a_shard_task_that_fails_twice_is_retried(prefect_api, vllm_server, tmp_path):

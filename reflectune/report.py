@@ -1,0 +1,204 @@
+"""`{out}/report.html`: one self-contained page (plots are inline SVG) to decide whether to
+trust a recycled dataset. Reads only the run's outputs: decisions.parquet and manifest.json
+(and evaluation.json when the run evaluated its student)."""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+import polars as pl
+
+from reflectune import io
+
+VARIANTS = ("orig", "ins", "res", "ins_res")
+COLOURS = {"orig": "#4c78a8", "ins": "#f58518", "res": "#54a24b", "ins_res": "#b279a2"}
+LIMIT = 2.0  # IFD and r-IFD axes run 0..2; larger values are drawn at the edge
+
+
+def write(out: str, manifest: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None,
+          price_in: float = 0.0, price_out: float = 0.0) -> str:
+    """Build the report from the outputs in `out` and write `out/report.html`; returns its URI."""
+    manifest = manifest or io.read_json(io.join(out, "manifest.json"))
+    if evaluation is None and io.exists(io.join(out, "evaluation.json")):
+        evaluation = io.read_json(io.join(out, "evaluation.json"))
+    decisions = io.read_parquet(io.join(out, "decisions.parquet"))
+    uri = io.join(out, "report.html")
+    io.write_bytes(uri, render(decisions, manifest, evaluation, price_in, price_out).encode("utf-8"))
+    return uri
+
+
+def render(decisions: pl.DataFrame, manifest: dict[str, Any], evaluation: dict[str, Any] | None = None,
+           price_in: float = 0.0, price_out: float = 0.0) -> str:
+    c = manifest["counts"]
+    params = manifest.get("parameters", {})
+    usage = manifest.get("token_usage", {})
+    parts = [
+        f"<h1>Reflectune report: {_e(params.get('dataset', ''))}</h1>",
+        f"<p>Teacher <code>{_e(manifest.get('teacher'))}</code>, student <code>{_e(manifest.get('student'))}</code>, "
+        f"selection <code>{_e(params.get('selection', {}).get('mode'))}</code>. {c['input_rows']} input rows: "
+        f"{c['valid_rows']} valid, {c['rejected_rows']} rejected ({c['duplicate_rows']} duplicates); "
+        f"<b>{c['selected_rows']} selected</b>, {c['dropped_rows']} dropped.</p>",
+        "<h2>IFD per variant</h2>", _histograms(decisions, "ifd_ppl"),
+        "<h2>r-IFD per variant</h2>", _histograms(decisions, "rifd_ppl"),
+        "<h2>IFD against r-IFD</h2><p>Dashed lines: the selection thresholds (a kept pair has IFD &lt; 1 and "
+        "r-IFD &lt; 1). Values above 2 are drawn at the edge.</p>", _scatter(decisions),
+        "<h2>Selection branches</h2>", _branches(c.get("per_branch", {})),
+        "<h2>Teacher parsing</h2>", _parse_table(decisions),
+        "<h2>Token usage and cost</h2>", _usage(usage, price_in, price_out),
+        "<h2>Most and least helpful rewrites</h2><p>IFD change of the instruction-and-response rewrite "
+        "(ins_res) against the original: a higher IFD means the student finds the pair more instructive.</p>",
+        _rewrites(decisions),
+    ]
+    if evaluation:
+        parts += ["<h2>Evaluation</h2>", _evaluation(evaluation)]
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Reflectune report</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:2rem;max-width:1200px;color:#222}"
+        "table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;"
+        "vertical-align:top;text-align:left}svg{background:#fff;border:1px solid #ddd;margin:.3rem}"
+        ".pair{max-width:32rem;white-space:pre-wrap;font-size:.85rem}</style></head><body>"
+        + "\n".join(parts) + "</body></html>"
+    )
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x)) if x is not None else ""
+
+
+def _values(decisions: pl.DataFrame, column: str) -> list[float]:
+    if column not in decisions.columns:
+        return []
+    return [float(v) for v in decisions[column].to_list() if v is not None and math.isfinite(v)]
+
+
+def _histograms(decisions: pl.DataFrame, metric: str, bins: int = 20) -> str:
+    charts = []
+    for variant in VARIANTS:
+        values = _values(decisions, f"{variant}_{metric}")
+        counts = [0] * bins
+        for v in values:
+            counts[min(int(min(v, LIMIT) / LIMIT * bins), bins - 1)] += 1
+        w, h, pad = 260, 170, 28
+        top = max(counts) or 1
+        bars = "".join(
+            f"<rect x='{pad + i * (w - 2 * pad) / bins:.1f}' y='{h - pad - n / top * (h - 2 * pad):.1f}' "
+            f"width='{(w - 2 * pad) / bins - 1:.1f}' height='{n / top * (h - 2 * pad):.1f}' fill='{COLOURS[variant]}'/>"
+            for i, n in enumerate(counts))
+        one = pad + (1 / LIMIT) * (w - 2 * pad)
+        charts.append(
+            f"<svg class='plot' width='{w}' height='{h}' viewBox='0 0 {w} {h}' xmlns='http://www.w3.org/2000/svg'>"
+            f"<text x='{w / 2}' y='16' text-anchor='middle' font-size='12'>{variant} (n={len(values)})</text>{bars}"
+            f"<line x1='{pad}' y1='{h - pad}' x2='{w - pad}' y2='{h - pad}' stroke='#333'/>"
+            f"<line x1='{one:.1f}' y1='{pad}' x2='{one:.1f}' y2='{h - pad}' stroke='#d62728' stroke-dasharray='4'/>"
+            f"<text x='{pad}' y='{h - 10}' font-size='10'>0</text><text x='{one:.1f}' y='{h - 10}' font-size='10'>1</text>"
+            f"<text x='{w - pad}' y='{h - 10}' font-size='10' text-anchor='end'>{LIMIT:g}+</text>"
+            f"<text x='4' y='{pad}' font-size='10'>{top}</text></svg>")
+    return "<div>" + "".join(charts) + "</div>"
+
+
+def _scatter(decisions: pl.DataFrame) -> str:
+    w = h = 420
+    pad = 40
+    span = w - 2 * pad
+
+    def xy(ifd: float, rifd: float) -> tuple[float, float]:
+        return pad + min(ifd, LIMIT) / LIMIT * span, h - pad - min(rifd, LIMIT) / LIMIT * span
+
+    dots, legend = [], []
+    for k, variant in enumerate(VARIANTS):
+        a, b = f"{variant}_ifd_ppl", f"{variant}_rifd_ppl"
+        if a not in decisions.columns:
+            continue
+        for ifd, rifd in decisions.select(a, b).iter_rows():
+            if ifd is not None and rifd is not None and math.isfinite(ifd) and math.isfinite(rifd):
+                x, y = xy(ifd, rifd)
+                dots.append(f"<circle cx='{x:.1f}' cy='{y:.1f}' r='3.5' fill='{COLOURS[variant]}' fill-opacity='.7'/>")
+        legend.append(f"<rect x='{w - 110}' y='{12 + 16 * k}' width='10' height='10' fill='{COLOURS[variant]}'/>"
+                      f"<text x='{w - 95}' y='{21 + 16 * k}' font-size='11'>{variant}</text>")
+    x1, y1 = xy(1, 1)
+    return (f"<svg class='plot' width='{w}' height='{h}' viewBox='0 0 {w} {h}' xmlns='http://www.w3.org/2000/svg'>"
+            f"<rect x='{pad}' y='{y1:.1f}' width='{x1 - pad:.1f}' height='{h - pad - y1:.1f}' fill='#2ca02c' fill-opacity='.07'/>"
+            f"<line x1='{pad}' y1='{h - pad}' x2='{w - pad}' y2='{h - pad}' stroke='#333'/>"
+            f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{h - pad}' stroke='#333'/>"
+            f"<line x1='{x1:.1f}' y1='{pad}' x2='{x1:.1f}' y2='{h - pad}' stroke='#d62728' stroke-dasharray='5'/>"
+            f"<line x1='{pad}' y1='{y1:.1f}' x2='{w - pad}' y2='{y1:.1f}' stroke='#d62728' stroke-dasharray='5'/>"
+            f"<text x='{w / 2}' y='{h - 8}' text-anchor='middle' font-size='12'>IFD (ppl)</text>"
+            f"<text x='12' y='{h / 2}' font-size='12' transform='rotate(-90 12 {h / 2})' text-anchor='middle'>r-IFD (ppl)</text>"
+            + "".join(dots) + "".join(legend) + "</svg>")
+
+
+def _branches(per_branch: dict[str, int]) -> str:
+    if not per_branch:
+        return "<p>No samples reached selection.</p>"
+    w, row = 520, 26
+    top = max(per_branch.values()) or 1
+    items = sorted(per_branch.items())
+    h = row * len(items) + 20
+    bars = "".join(
+        f"<text x='4' y='{14 + i * row + 12}' font-size='12'>{_e(k)}</text>"
+        f"<rect x='130' y='{14 + i * row}' width='{n / top * (w - 200):.1f}' height='{row - 8}' "
+        f"fill='{'#54a24b' if k.endswith('kept') else '#bbbbbb'}'/>"
+        f"<text x='{136 + n / top * (w - 200):.1f}' y='{14 + i * row + 12}' font-size='12'>{n}</text>"
+        for i, (k, n) in enumerate(items))
+    return f"<svg class='plot' width='{w}' height='{h}' viewBox='0 0 {w} {h}' xmlns='http://www.w3.org/2000/svg'>{bars}</svg>"
+
+
+def _parse_table(decisions: pl.DataFrame) -> str:
+    rows = []
+    for variant in VARIANTS[1:]:
+        column = f"{variant}_parse_status"
+        if column not in decisions.columns or not decisions.height:
+            continue
+        counts = dict(decisions.group_by(column).len().iter_rows())
+        n = decisions.height
+        fallback = sum(v for k, v in counts.items() if k and "fallback" in k)
+        failed = sum(v for k, v in counts.items() if k and k not in ("ok",) and "fallback" not in k)
+        detail = ", ".join(f"{_e(k)} {v}" for k, v in sorted(counts.items(), key=lambda kv: str(kv[0])))
+        rows.append(f"<tr><td>{variant}</td><td>{fallback / n:.0%}</td><td>{failed / n:.0%}</td><td>{detail}</td></tr>")
+    return ("<table><tr><th>variant</th><th>fallback to the original</th><th>other non-ok</th><th>parse status</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _usage(usage: dict[str, Any], price_in: float, price_out: float) -> str:
+    p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    cost = (f"${p / 1e6 * price_in + c / 1e6 * price_out:,.2f} at ${price_in}/M in, ${price_out}/M out"
+            if price_in or price_out else "no price given (local engine); `reflectune report --price-in/--price-out`")
+    return (f"<table><tr><th>generations</th><th>prompt tokens</th><th>completion tokens</th><th>estimated cost</th></tr>"
+            f"<tr><td>{usage.get('generations', 0):,}</td><td>{p:,}</td><td>{c:,}</td><td>{cost}</td></tr></table>")
+
+
+def _rewrites(decisions: pl.DataFrame, k: int = 5) -> str:
+    needed = {"orig_ifd_ppl", "ins_res_ifd_ppl"}
+    if not needed <= set(decisions.columns):
+        return "<p>No rewrites scored.</p>"
+    scored = decisions.filter(pl.col("orig_ifd_ppl").is_finite() & pl.col("ins_res_ifd_ppl").is_finite()).with_columns(
+        change=pl.col("ins_res_ifd_ppl") - pl.col("orig_ifd_ppl")).sort("change", descending=True)
+    if not scored.height:
+        return "<p>No sample has both scores.</p>"
+
+    def table(rows: pl.DataFrame, title: str) -> str:
+        body = "".join(
+            f"<tr><td>{r['change']:+.3f}<br>{r['orig_ifd_ppl']:.3f} &rarr; {r['ins_res_ifd_ppl']:.3f}</td>"
+            f"<td class='pair'><b>{_e(r['orig_instruction'])}</b>\n{_e(r['orig_output'])}</td>"
+            f"<td class='pair'><b>{_e(r['ins_res_instruction'])}</b>\n{_e(r['ins_res_output'])}</td></tr>"
+            for r in rows.iter_rows(named=True))
+        return (f"<h3>{title}</h3><table><tr><th>IFD change</th><th>original</th><th>rewrite (ins_res)</th></tr>"
+                f"{body}</table>")
+
+    rest = scored.slice(k)  # the least helpful are never the ones already shown as most helpful
+    least = table(rest.tail(k).reverse(), "Least helpful") if rest.height else \
+        "<h3>Least helpful</h3><p>All scored rewrites are shown above.</p>"
+    return table(scored.head(k), "Most helpful") + least
+
+
+def _evaluation(ev: dict[str, Any]) -> str:
+    def loss(x):
+        return f"{x:.3f}" if isinstance(x, float) else "n/a"
+
+    return (f"<p>{_e(ev['model'])} against {_e(ev['baseline'])} on {ev['n']} test instructions, judged by "
+            f"{_e(ev['judge'])} in both orders.</p><table><tr><th>wins</th><th>ties</th><th>losses</th>"
+            f"<th>winning score</th><th>held-out loss (selected)</th><th>held-out loss (original)</th></tr>"
+            f"<tr><td>{ev['wins']}</td><td>{ev['ties']}</td><td>{ev['losses']}</td><td>{ev['winning_score']:.3f}</td>"
+            f"<td>{loss(ev.get('heldout_loss_model'))}</td><td>{loss(ev.get('heldout_loss_baseline'))}</td></tr></table>")
