@@ -28,10 +28,36 @@ def update_ledger(params: RecycleParams, batch: watch.Batch) -> int:
     return watch.record(params.output, batch)
 
 
+def _earlier_run_active() -> str | None:
+    """The name of an earlier run of this deployment that is still running, if any: a slow
+    batch is never worked on by two scheduled runs at once (the later one steps aside)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.runtime import deployment, flow_run
+
+    if not deployment.id:
+        return None
+    me = flow_run.id
+    with get_client(sync_client=True) as client:
+        mine = client.read_flow_run(me)
+        running = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
+    earlier = [r for r in running if str(r.id) != str(me) and r.start_time and mine.start_time
+               and (r.start_time, str(r.id)) < (mine.start_time, str(me))]
+    return earlier[0].name if earlier else None
+
+
 @flow(name="reflectune-rerecycle", log_prints=False)
 def rerecycle(params: RecycleParams = RecycleParams(dataset="data/incoming", output="out/rerecycle")) -> dict[str, Any]:
     """Recycle the rows of a watched location that no earlier run has taken."""
     log = get_run_logger()
+    busy = _earlier_run_active()
+    if busy:
+        log.info("run %s is still recycling %s: this run steps aside", busy, params.dataset)
+        return {"status": "skipped: an earlier run is active", "watched": params.dataset}
     batch = find_new_rows(params)
     if batch is None:
         log.info("%s: nothing new since the last run", params.dataset)
