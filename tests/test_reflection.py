@@ -56,7 +56,7 @@ class Recording:
 
 def test_packaged_teacher_end_to_end(teacher, records):
     recording = Recording(teacher)
-    variants = reflect(records, recording, "both", Sampling(max_new_tokens=96))
+    variants = reflect(records, recording, "both", Sampling(max_new_tokens=48))
     check_columns(variants, VARIANT, "reflect")
     assert variants.height == 3 * records.height
     assert sorted(variants["variant"].unique().to_list()) == ["ins", "ins_res", "res"]

@@ -66,10 +66,10 @@ def test_a_whole_run_on_s3(prefect_api, s3_endpoint, s3_bucket):
 def test_a_failing_s3_endpoint_is_retried_and_loses_nothing(prefect_api, s3_endpoint, s3_bucket, monkeypatch):
     from flows.recycle import recycle
 
-    dataset = upload_sample(s3_bucket, 6)
+    dataset = upload_sample(s3_bucket, 4)
     host, port = s3_endpoint.rsplit("//", 1)[1].split(":")
-    # every fifth request fails, alternately with a 500 and a dropped connection
-    faults = [("500" if (i // 5) % 2 else "close") if i % 5 == 4 else "pass" for i in range(400)]
+    # every fourth request fails, alternately with a 500 and a dropped connection
+    faults = [("500" if (i // 4) % 2 else "close") if i % 4 == 3 else "pass" for i in range(400)]
     proxy = FaultProxy(host, int(port), faults)
     monkeypatch.setenv("REFLECTUNE_S3_ENDPOINT_URL", proxy.url)
     try:
@@ -87,10 +87,10 @@ def test_a_failing_s3_endpoint_is_retried_and_loses_nothing(prefect_api, s3_endp
     base = f"{s3_bucket}/runs/faulty"
     manifest = json.loads(fs.cat_file(f"{base}/manifest.json"))
     c = manifest["counts"]
-    assert (c["input_rows"], c["valid_rows"], c["rejected_rows"]) == (7, 6, 1)
+    assert (c["input_rows"], c["valid_rows"], c["rejected_rows"]) == (5, 4, 1)
     decisions = pl.read_parquet(fs.cat_file(f"{base}/decisions.parquet"))
     shards = pl.concat([pl.read_parquet(fs.cat_file(p)) for p in fs.glob(f"{base}/shards/*.parquet")])
-    assert decisions.height == 6 and set(decisions["sample_id"]) == set(shards["sample_id"])
+    assert decisions.height == 4 and set(decisions["sample_id"]) == set(shards["sample_id"])
     selected = pl.read_parquet(fs.cat_file(f"{base}/selected.parquet"))
     assert selected.height == c["selected_rows"] and selected["sample_id"].n_unique() == selected.height
     rejected = pl.read_parquet(fs.cat_file(f"{base}/rejected.parquet"))
