@@ -47,7 +47,7 @@ browser:
 	@test -x $(CHROMIUM) || { echo "Chromium is missing at $(CHROMIUM): install it (apt-get install chromium) or set CHROMIUM=PATH"; exit 1; }
 
 test: setup browser
-	REFLECTUNE_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=12 tests
+	REFLECTUNE_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q --durations=12 tests
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py

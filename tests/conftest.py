@@ -156,16 +156,3 @@ def prefect_server(tmp_path_factory):
             proc.kill()
         log.close()
 
-
-# `make test` runs two pytest-xdist workers (--dist loadgroup). The cluster and S3 flow tests
-# spend most of their time waiting on servers (heartbeats, schedules, uploads), so they share
-# one worker while the model-bound tests run on the other; each group keeps its own session
-# fixtures (one `vllm serve`, one student) and its tests' order.
-WAITING = {"test_cluster.py", "test_s3_flow.py"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = "servers" if item.path.name in WAITING else "models"
-        item.add_marker(pytest.mark.xdist_group(group))

@@ -80,7 +80,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(prefect_server, tmp_path_factory):
     c = Cluster(prefect_server, tmp_path_factory.mktemp("cluster"))
-    out = c.command(str(BIN / "reflectune"), "cluster", "setup", "--grace", "15")
+    out = c.command(str(BIN / "reflectune"), "cluster", "setup", "--grace", "30")
     assert "work pools created: reflectune, gpu" in out
     c.command(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
     c.start_worker("orchestrator", "reflectune", 4)
@@ -155,7 +155,7 @@ def test_deployments_are_on_the_server_with_their_pools(cluster):
     [schedule] = rerecycle.schedules
     assert schedule.schedule.cron == "0 3 * * *" and schedule.active
     assert schedule.parameters["params"]["dataset"] == str(cluster.watch)
-    assert len(automations) == 1 and automations[0].trigger.within == timedelta(seconds=45)
+    assert len(automations) == 1 and automations[0].trigger.within == timedelta(seconds=60)
 
 
 def _fingerprint(folder: Path) -> dict[str, str]:

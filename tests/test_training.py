@@ -38,10 +38,10 @@ def test_examples_use_the_scoring_template(pairs):
 def test_training_changes_the_model_and_lowers_the_loss(pairs, tmp_path, lora):
     from reflectune.models import resolve
 
-    cfg = TrainingConfig(epochs=3, batch_size=2, per_device_batch_size=2, learning_rate=3e-4 if lora else 1e-4,
+    cfg = TrainingConfig(epochs=3, batch_size=4, per_device_batch_size=4, learning_rate=3e-4 if lora else 1e-4,
                          max_length=256, warmup_ratio=0.0, lora=lora, lora_r=8)
-    metrics = train(pairs.head(4), StudentConfig(), cfg, str(tmp_path / "model"))
-    assert metrics["trained"] and metrics["steps"] == 6 and metrics["rows"] == 4
+    metrics = train(pairs, StudentConfig(), cfg, str(tmp_path / "model"))
+    assert metrics["trained"] and metrics["steps"] == 6 and metrics["rows"] == 8
     assert metrics["last_loss"] < metrics["first_loss"]
     before, after = _params(resolve(MODEL)), _params(tmp_path / "model")
     assert before.keys() == after.keys()
