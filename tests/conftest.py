@@ -155,4 +155,3 @@ def prefect_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-

@@ -262,16 +262,12 @@ def test_a_run_started_from_the_ui_survives_a_killed_worker(cluster, tmp_path):
         assert not toggle.is_checked()
         with api(cluster) as client:
             before = {r.id for r in runs_of(client, "reflectune-recycle/recycle")}
-
-        def new_runs(client):
-            return [r for r in runs_of(client, "reflectune-recycle/recycle") if r.id not in before]
-
-        with api(cluster) as client:
             started = []
             for _ in range(3):
                 page.get_by_role("button", name="Submit").click()
                 try:
-                    started = wait_until(lambda: new_runs(client), 40, "the run the form started")
+                    started = wait_until(lambda: [r for r in runs_of(client, "reflectune-recycle/recycle")
+                                                  if r.id not in before], 40, "the run the form started")
                     break
                 except AssertionError:
                     # the UI says "Something went wrong" when the server was busy (a SQLite-backed
@@ -295,6 +291,7 @@ def test_a_run_started_from_the_ui_survives_a_killed_worker(cluster, tmp_path):
             victim_run, victim = wait_until(running_batch_after_a_shard, 400,
                                             "a GPU batch running after a finished shard", every=0.5)
             cluster.kill_worker(victim)
+
             def finished():
                 return wait_until(lambda: (r := client.read_flow_run(parent.id)).state.is_final() and r, 600,
                                   "the recycle run to finish", every=3)

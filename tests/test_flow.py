@@ -156,13 +156,13 @@ def test_a_shard_task_that_fails_twice_is_retried(prefect_api, vllm_server, tmp_
 
 
 def test_a_killed_run_resumes_without_redoing_finished_shards(prefect_api, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
     from flows.recycle import recycle
     from reflectune.cli import _parser, recycle_params
 
     argv = ["recycle", dataset(tmp_path), "--out", str(tmp_path / "out"), "--limit", "4", "--shard-size", "1",
             "--max-new-tokens", "8", "--no-train"]
-    from prefect.settings import PREFECT_API_URL
-
     # the run reports to the same API as the test, so it does not start a server of its own
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     log = tmp_path / "run.log"
