@@ -13,7 +13,7 @@ from .conftest import MODEL
 @pytest.fixture(scope="module")
 def pairs(sample_rows):
     return pl.DataFrame([{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]}
-                         for r in sample_rows[:8]])
+                         for r in sample_rows[:4]])
 
 
 def _params(path):
@@ -41,7 +41,7 @@ def test_training_changes_the_model_and_lowers_the_loss(pairs, tmp_path, lora):
     cfg = TrainingConfig(epochs=3, batch_size=4, per_device_batch_size=4, learning_rate=3e-4 if lora else 1e-4,
                          max_length=256, warmup_ratio=0.0, lora=lora, lora_r=8)
     metrics = train(pairs, StudentConfig(), cfg, str(tmp_path / "model"))
-    assert metrics["trained"] and metrics["steps"] == 6 and metrics["rows"] == 8
+    assert metrics["trained"] and metrics["steps"] == 3 and metrics["rows"] == 4
     assert metrics["last_loss"] < metrics["first_loss"]
     before, after = _params(resolve(MODEL)), _params(tmp_path / "model")
     assert before.keys() == after.keys()
