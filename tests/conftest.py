@@ -131,7 +131,7 @@ def teacher():
     return TransformersTeacher(MODEL, batch_size=16)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """`prefect server start` on loopback with its own database: what workers and the UI talk to.
     The scheduler looks for due runs every few seconds so scheduled runs start promptly."""
