@@ -216,7 +216,7 @@ def bench_scale(n: int) -> None:
             print("\n== scale: recycle deployment, 2 rows per shard, two GPU-pool workers (transformers teacher, "
                   "8 new tokens, no training)")
             print(f"{'shards':>6} {'rows':>5} {'wall':>8} {'per shard':>10} {'vs 2 shards':>12}")
-            base, walls = None, {}
+            walls: dict[int, float] = {}
             for shards in (2, 4, 8):
                 data = root / f"data-{shards}.jsonl"
                 write_rows(data, rows[: 2 * shards])
@@ -227,7 +227,8 @@ def bench_scale(n: int) -> None:
                     run = run_deployment("reflectune-recycle/recycle", parameters={"params": params}, timeout=1800)
                 assert run.state.is_completed(), run.state
                 wall = (run.end_time - run.start_time).total_seconds()
-                base, walls[shards] = base or wall / shards, wall
+                walls[shards] = wall
+                base = walls[2] / 2
                 print(f"{shards:>6} {2 * shards:>5} {wall:>7.1f}s {wall / shards:>9.1f}s {wall / shards / base:>11.2f}x")
             # least squares: wall = fixed + marginal * shards (process starts and model loads are the fixed part)
             mean_s, mean_w = sum(walls) / len(walls), sum(walls.values()) / len(walls)
