@@ -10,6 +10,7 @@ find their results in the output folder, so a rerun picks up whatever shards are
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -22,6 +23,7 @@ from flows.gpu_batch import with_retries
 from reflectune import progress, prompts, stages
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
+from reflectune.errors import RESUME, ReflectuneError
 from tasks.outputs import (evaluate_students, intake_and_shard, select_and_write, train_student, write_manifest,
                            write_report)
 from tasks.shards import student_shard, teacher_shard
@@ -78,6 +80,7 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
         "training": train_metrics,
         "evaluation": evaluation,
         # local mode: engine loads in this process (cluster workers load their own)
+        "engine_loads": len(pool.load_seconds) - loads_before,
         "engine_load_seconds": round(sum(pool.load_seconds[loads_before:]), 2),
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -166,9 +169,10 @@ def _gpu_batch(params: RecycleParams, stage: str, batch: list[dict[str, Any]], i
     """Run one GPU batch flow on the work pool and read its shard results from the outputs.
 
     A batch whose run crashed (its worker died: Prefect marks a run whose heartbeats stop as
-    Crashed, see `reflectune cluster setup`) or failed is launched again, up to
-    `execution.retries` times, under a new idempotency key; the new run skips the shards the
-    old one finished. A retried parent run finds its earlier children by the same keys."""
+    Crashed, see `reflectune cluster setup`) is launched again, up to `execution.retries`
+    times, under a new idempotency key; the new run skips the shards the old one finished. A
+    batch that failed has already retried its tasks: its failure fails this run. A retried
+    parent run finds its earlier children by the same keys."""
     from prefect.deployments import run_deployment
 
     log = get_run_logger()
@@ -183,10 +187,14 @@ def _gpu_batch(params: RecycleParams, stage: str, batch: list[dict[str, Any]], i
         if run.state and run.state.is_completed():
             break
         state = run.state.name if run.state else "without a state"
-        log.warning("GPU batch %s #%d (flow run %s) ended %s (attempt %d of %d)", stage, index, run.id, state,
-                    attempt + 1, params.execution.retries + 1)
+        why = (run.state.message or "") if run.state else ""
+        if not (run.state and run.state.is_crashed()):
+            raise ReflectuneError(f"GPU batch {stage} #{index} (flow run {run.id}) ended {state}: {why}")
+        log.warning("GPU batch %s #%d (flow run %s) ended %s (attempt %d of %d): %s", stage, index, run.id, state,
+                    attempt + 1, params.execution.retries + 1, why)
     else:
-        raise RuntimeError(f"GPU batch {stage} #{index} did not complete in {params.execution.retries + 1} attempts")
+        raise ReflectuneError(f"GPU batch {stage} #{index} crashed in {params.execution.retries + 1} attempts: its "
+                              f"workers died. {RESUME}")
     if stage in ("train", "evaluate"):
         from reflectune import io
 
@@ -194,14 +202,11 @@ def _gpu_batch(params: RecycleParams, stage: str, batch: list[dict[str, Any]], i
     results = []
     for shard in batch:
         s = stages.Shard(**shard)
-        key = stages.teacher_key(s, params.teacher)
-        if stage == "student":
-            key = stages.student_key(s, params.student, key)
-        target = (stages.variants_uri if stage == "teacher" else stages.scores_uri)(params.output, s, key)
-        finished = stages.done(target)
-        if finished is None:
-            raise RuntimeError(f"GPU batch {stage} #{index} completed but {target} is missing")
-        results.append(finished.__dict__ | {"reused": False})
+        result = stages.finished(params, s, stage)
+        if result is None:
+            raise ReflectuneError(f"GPU batch {stage} #{index} completed but {s.name}'s output "
+                                  f"{stages.target(params, s, stage)} is not done")
+        results.append(asdict(result) | {"reused": False})
     return results
 
 

@@ -16,6 +16,9 @@ from reflectune.templates import DEFAULT_TEMPLATE, TEMPLATES
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a run started here may start Prefect's temporary server: it does not phone home
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -66,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     reflect.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: variable holding the key")
     reflect.add_argument("--concurrency", type=int, default=16, help="openai: requests in flight")
     reflect.add_argument("--timeout", type=float, default=300.0, help="openai: seconds per request")
+    reflect.add_argument("--request-retries", type=int, default=6, help="openai: retries of a request the endpoint "
+                         "did not answer (429, 5xx, timeout, no connection)")
     reflect.add_argument("--batch-size", type=int, default=8, help="transformers: chats per generate call")
     reflect.add_argument("--dtype", default="auto", help="transformers: auto, float32, bfloat16")
     reflect.add_argument("--device", default="auto", help="transformers: auto, cpu or cuda[:N]")
@@ -81,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--teacher-engine", choices=TEACHER_ENGINES)
     rec.add_argument("--base-url", help="openai teacher: endpoint")
     rec.add_argument("--api-key-env", help="openai teacher: variable holding the key")
+    rec.add_argument("--request-retries", type=int, help="openai teacher: retries of a request the endpoint did "
+                     "not answer")
     rec.add_argument("--max-new-tokens", type=int, help="teacher generation limit")
     rec.add_argument("--student", help="student model spec")
     rec.add_argument("--student-engine", choices=STUDENT_ENGINES)
@@ -181,10 +188,12 @@ def _score(args: argparse.Namespace) -> int:
         raise ReflectuneError(f"--out '{args.out}': use a .parquet or .jsonl file name")
     _check_engine(args.engine)
     data = intake.load(args.input, intake.parse_column_map(args.map), args.limit)
-    if args.engine == "vllm":
-        options = dict(dtype=args.dtype, max_model_len=max(args.max_length + 1, 2048))
-    else:
-        options = dict(dtype=args.dtype, device=args.device)
+    from reflectune.config import StudentConfig, VLLMConfig
+    from reflectune.engines import student_options
+
+    cfg = StudentConfig(model=args.student, engine=args.engine, template=args.template, max_length=args.max_length,
+                        dtype=args.dtype)
+    options = student_options(cfg, VLLMConfig()) | ({"device": args.device} if args.engine == "transformers" else {})
     engine = load_student(args.engine, args.student, **options)
     try:
         with _progress("scoring") as advance:
@@ -215,12 +224,15 @@ def _reflect(args: argparse.Namespace) -> int:
         raise ReflectuneError(f"--out '{args.out}': use a .parquet or .jsonl file name")
     _check_engine(args.engine)
     data = intake.load(args.input, intake.parse_column_map(args.map), args.limit)
-    if args.engine == "openai":
-        options = dict(base_url=args.base_url, api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout)
-    elif args.engine == "vllm":
-        options = dict(dtype=args.dtype)
-    else:
-        options = dict(batch_size=args.batch_size, dtype=args.dtype, device=args.device)
+    from reflectune.config import TeacherConfig, VLLMConfig
+    from reflectune.engines import teacher_options
+
+    cfg = TeacherConfig(model=args.teacher, engine=args.engine, base_url=args.base_url, api_key_env=args.api_key_env,
+                        concurrency=args.concurrency, request_timeout=args.timeout,
+                        request_retries=args.request_retries, batch_size=args.batch_size)
+    options = teacher_options(cfg, VLLMConfig())
+    if args.engine != "openai":
+        options |= {"dtype": args.dtype} | ({"device": args.device} if args.engine == "transformers" else {})
     teacher = load_teacher(args.engine, args.teacher, **options)
     sampling = reflection.Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
     per_row = {"instruction": 1, "response": 1, "both": 3}[args.kind]
@@ -254,6 +266,7 @@ def recycle_params(args: argparse.Namespace):
         ("dataset",): args.input, ("output",): args.out, ("limit",): args.limit, ("shard_size",): args.shard_size,
         ("teacher", "model"): args.teacher, ("teacher", "engine"): args.teacher_engine,
         ("teacher", "base_url"): args.base_url, ("teacher", "api_key_env"): args.api_key_env,
+        ("teacher", "request_retries"): args.request_retries,
         ("teacher", "max_new_tokens"): args.max_new_tokens,
         ("student", "model"): args.student, ("student", "engine"): args.student_engine,
         ("student", "template"): args.template,

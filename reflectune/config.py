@@ -42,6 +42,9 @@ class TeacherConfig(_Config):
     seed: int = Field(0, description="Sampling seed.")
     concurrency: int = Field(16, ge=1, description="openai: requests in flight.")
     request_timeout: float = Field(300.0, gt=0, description="openai: seconds per request.")
+    request_retries: int = Field(6, ge=0, description="openai: retries of a request that got 429, 5xx, a timeout "
+                                 "or no connection, with exponential backoff (1 s doubling, at most 60 s); after "
+                                 "them the shard task fails and is retried.")
     batch_size: int = Field(16, ge=1, description="transformers: chats per generate call.")
 
 
@@ -54,6 +57,19 @@ class StudentConfig(_Config):
         "vicuna", description="Prompt template P used for scoring and training; chat = the student's own template.")
     max_length: int = Field(2048, ge=16, description="Truncation length of scored sequences, in tokens.")
     dtype: str = Field("auto", description="auto: bfloat16 where the hardware has it, else float32.")
+
+
+class VLLMConfig(_Config):
+    max_model_len: int | None = Field(None, ge=16, description="Context length of the vLLM engines, in tokens. "
+                                      "Empty: 4096 (the student's max_length + 1 where that is longer), at most the "
+                                      "model's own context.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU: the fraction of the GPU's memory vLLM "
+                                          "takes for weights, activations and KV cache.")
+    kv_cache_gib: float | None = Field(None, gt=0, description="CPU: the KV cache in GiB. Empty: sized from the model, "
+                                       "kv_cache_sequences x max_model_len x its KV bytes per token, plus 20%.")
+    kv_cache_sequences: int = Field(8, ge=1, description="CPU: full-context sequences the sized KV cache holds; "
+                                    "shorter sequences share it, so more run at once.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans (e.g. 2 for a 70B teacher in bf16).")
 
 
 class SelectionConfig(_Config):
@@ -120,6 +136,8 @@ class RecycleParams(_Config):
     student: StudentConfig = Field(default_factory=StudentConfig, description="Who scores the pairs (and is trained).")
     selection: SelectionConfig = Field(default_factory=SelectionConfig, description="What the student keeps.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Fine-tuning on the selected data.")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings, shared by the teacher "
+                             "and the student (one engine serves both when they are the same model).")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Selected against original "
                                          "data: two students, one judge.")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Where the work runs.")

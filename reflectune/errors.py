@@ -25,3 +25,17 @@ def missing_extra(package: str, extra: str, why: str) -> MissingExtraError:
     return MissingExtraError(
         f"{why} needs the '{package}' package: install it with `pip install 'reflectune[{extra}]'`"
     )
+
+
+class ShardFailedError(ReflectuneError):
+    """A stage could not finish a shard: an engine, endpoint or storage failure, not a row's content."""
+
+
+RESUME = ("Nothing of this shard was marked done: once the cause is fixed, rerun the same command (or Retry the "
+          "flow run in the Prefect UI); finished shards are reused and only unfinished ones run again")
+
+
+def shard_failed(stage: str, shard: str, cause: BaseException) -> ShardFailedError:
+    if isinstance(cause, ShardFailedError):
+        return cause
+    return ShardFailedError(f"the {stage} stage failed on shard {shard}: {type(cause).__name__}: {cause}. {RESUME}")

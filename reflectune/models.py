@@ -42,19 +42,77 @@ def resolve(spec: str) -> str:
         if not (path / "config.json").exists():
             raise ModelSpecError(f"model directory '{spec}' has no config.json: point at a Hugging Face model directory")
         return str(path)
+    _check_hub_id(spec)
+    return _from_hub(spec)
+
+
+IDENTITY_FILES = ("config.json", "tokenizer_config.json")
+
+
+def model_id(spec: str) -> str:
+    """A short identity for records and cache keys: the spec plus a hash of its small files
+    (config, tokenizer config). It never loads, converts or downloads weights, so an
+    orchestrator without a GPU computes it for a 70B model in a moment."""
+    digest = hashlib.sha256()
+    for part in _identity(spec):
+        digest.update(part + b"\0")
+    return f"{spec}@{digest.hexdigest()[:8]}"
+
+
+def _identity(spec: str) -> list[bytes]:
+    if spec.startswith("packaged:"):
+        from importlib.metadata import PackageNotFoundError, version
+
+        name = spec.removeprefix("packaged:")
+        if name not in PACKAGED:
+            raise ModelSpecError(f"unknown packaged model '{name}': choose one of {sorted(PACKAGED)}")
+        package, gguf_name = PACKAGED[name]
+        gguf = Path(_package_dir(package)) / gguf_name
+        try:
+            release = version(package.replace("_", "-"))
+        except PackageNotFoundError:
+            release = "unknown"
+        return [f"{package}=={release}/{gguf_name}:{gguf.stat().st_size}".encode()]
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelSpecError(f"model directory '{spec}' has no config.json: point at a Hugging Face model directory")
+        return [(path / f).read_bytes() for f in IDENTITY_FILES if (path / f).exists()]
+    _check_hub_id(spec)
+    return [Path(p).read_bytes() for p in _hub_files(spec, IDENTITY_FILES)]
+
+
+def _hub_files(spec: str, names: tuple[str, ...]) -> list[str]:
+    """The named files of a hub model (the first is required), from the local cache or the hub."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    found = []
+    for i, name in enumerate(names):
+        try:
+            found.append(hf_hub_download(spec, name))
+        except (EntryNotFoundError, LocalEntryNotFoundError) as exc:
+            if i == 0:
+                raise _hub_error(spec, exc) from None
+        except Exception as exc:
+            raise _hub_error(spec, exc) from None
+    return found
+
+
+def _check_hub_id(spec: str) -> None:
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelSpecError(
             f"model '{spec}' is not a directory here, not a packaged model ({', '.join('packaged:' + n for n in PACKAGED)}) "
             "and not a hub id of the form org/name"
         )
-    return _from_hub(spec)
 
 
-def model_id(spec: str) -> str:
-    """A short identity for records and cache keys: the spec plus a hash of its config."""
-    path = Path(resolve(spec))
-    digest = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:8]
-    return f"{spec}@{digest}"
+def _hub_error(spec: str, exc: Exception) -> ModelSpecError:
+    return ModelSpecError(
+        f"model '{spec}' could not be fetched from the Hugging Face hub ({type(exc).__name__}); "
+        "the network or HF_HUB_OFFLINE may forbid it: download it where the network allows and pass "
+        f"its local directory, or use {DEFAULT_MODEL}"
+    )
 
 
 def prepare(spec: str = DEFAULT_MODEL) -> Path:
@@ -118,11 +176,7 @@ def _from_hub(spec: str) -> str:
             spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*.jinja"]
         )
     except Exception as exc:
-        raise ModelSpecError(
-            f"model '{spec}' could not be fetched from the Hugging Face hub ({type(exc).__name__}); "
-            "the network or HF_HUB_OFFLINE may forbid it: download it where the network allows and pass "
-            f"its local directory, or use {DEFAULT_MODEL}"
-        ) from None
+        raise _hub_error(spec, exc) from None
 
 
 @contextmanager

@@ -34,11 +34,14 @@ class TokenSequence:
 
 
 class StudentEngine(Protocol):
-    """What the scorer needs from an engine: the student's tokenizer, and the mean NLL of the
-    labelled tokens of each sequence. It raises if a batch fails; the scorer isolates the
-    sequence at fault."""
+    """What the scorer needs from an engine: the student's tokenizer, the longest sequence it
+    can score (None: any that max_length allows), and the mean NLL of the labelled tokens of
+    each sequence. What a row's content rules out is decided here before the engine runs, so
+    an engine that raises has failed for a reason of its own: the exception propagates and
+    the shard is redone, never written with NaN for rows that did nothing wrong."""
 
     tokenizer: Any
+    max_sequence: int | None
 
     def token_nll(self, sequences: Sequence[TokenSequence], progress: Callable[[int], None] | None = None) -> list[float]: ...
 
@@ -111,37 +114,28 @@ def score_rows(
     max_length: int = 2048,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, float | str | None]]:
-    """Score columns (records.SCORES) for each row, in order. Failures are NaN with a reason.
-    `progress(advance, total)` is called with token counts as batches finish."""
+    """Score columns (records.SCORES) for each row, in order. What a row's content rules out
+    is NaN with a reason; an engine failure raises. `progress(advance, total)` is called with
+    token counts as batches finish."""
     built = build_sequences(rows, engine.tokenizer, template, max_length)
+    limit = getattr(engine, "max_sequence", None)
+    for parts in built:
+        for part, seq in parts.items():
+            if isinstance(seq, TokenSequence) and limit is not None and len(seq.ids) > limit:
+                parts[part] = (f"a sequence of {len(seq.ids)} tokens does not fit the engine's context of {limit} "
+                               "tokens: raise vllm.max_model_len or lower max_length")
     todo = [(i, part, seq) for i, parts in enumerate(built) for part, seq in parts.items() if isinstance(seq, TokenSequence)]
     total = sum(len(seq.ids) for _, _, seq in todo)
     advance = (lambda n: progress(n, total)) if progress else None
-    results = _isolate(engine, [seq for _, _, seq in todo], advance)
+    results = list(engine.token_nll([seq for _, _, seq in todo], advance)) if todo else []
     losses: list[dict[str, float]] = [{} for _ in rows]
     errors: list[dict[str, str]] = [{part: seq for part, seq in parts.items() if isinstance(seq, str)} for parts in built]
     for (i, part, _), result in zip(todo, results):
-        if isinstance(result, str):
-            errors[i][part] = result
-        elif not math.isfinite(result):
+        if not math.isfinite(result):
             errors[i][part] = f"non-finite loss {result}"
         else:
             losses[i][part] = result
     return [_combine(losses[i], errors[i]) for i in range(len(rows))]
-
-
-def _isolate(engine: StudentEngine, seqs: list[TokenSequence], progress: Callable[[int], None] | None) -> list[float | str]:
-    """Run the engine; when a call fails, split it until the failing sequences are found,
-    so one bad sequence costs its own scores only."""
-    if not seqs:
-        return []
-    try:
-        return list(engine.token_nll(seqs, progress))
-    except Exception as exc:
-        if len(seqs) == 1:
-            return [f"scoring failed: {type(exc).__name__}: {exc}"]
-        mid = len(seqs) // 2
-        return _isolate(engine, seqs[:mid], progress) + _isolate(engine, seqs[mid:], progress)
 
 
 def _combine(loss: dict[str, float], errors: dict[str, str]) -> dict[str, float | str | None]:

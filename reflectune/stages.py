@@ -83,10 +83,9 @@ def _same_shard(uri: str, content: str) -> bool:
 
 def model_identity(cfg: TeacherConfig | StudentConfig) -> str:
     if cfg.engine == "openai":
-        from urllib.parse import urlsplit
+        from reflectune.engines.openai_compat import teacher_id
 
-        host = urlsplit(cfg.base_url).netloc.rpartition("@")[2] if cfg.base_url else "api.openai.com"
-        return f"openai:{cfg.model}@{host}"
+        return teacher_id(cfg.model, cfg.base_url)
     from reflectune.models import model_id
 
     return model_id(cfg.model)
@@ -104,25 +103,38 @@ def student_key(shard: Shard, cfg: StudentConfig, teacher: str) -> str:
     return _hash(["student", shard.content, teacher, settings])
 
 
-def variants_uri(out: str, shard: Shard, key: str) -> str:
-    return io.join(out, "variants", f"{shard.name}.{key}.parquet")
+# -- where a shard's stage writes, and whether it is done: the one place that says so ------------
+
+SHARD_STAGES = ("teacher", "student")
 
 
-def scores_uri(out: str, shard: Shard, key: str) -> str:
-    return io.join(out, "scores", f"{shard.name}.{key}.parquet")
+def target(params: RecycleParams, shard: Shard, stage: str) -> str:
+    """The output file of `stage` for `shard` under these parameters. Its name carries the hash
+    of everything that determines its content, so other settings write beside it."""
+    teacher = teacher_key(shard, params.teacher)
+    if stage == "teacher":
+        return io.join(params.output, "variants", f"{shard.name}.{teacher}.parquet")
+    if stage == "student":
+        return io.join(params.output, "scores", f"{shard.name}.{student_key(shard, params.student, teacher)}.parquet")
+    raise ValueError(f"unknown shard stage '{stage}': choose one of {', '.join(SHARD_STAGES)}")
 
-
-# -- per-shard work ------------------------------------------------------------------------------
 
 def done(target: str) -> ShardResult | None:
     """The result of a finished shard stage, or None. The stats file is written after the
-    data file, so its presence means the data file is complete."""
+    data file, and only when the stage did all its work, so its presence means done."""
     marker = f"{target}.json"
     if not (io.exists(marker) and io.exists(target)):
         return None
     result = ShardResult(**io.read_json(marker))
     result.reused = True
     return result
+
+
+def finished(params: RecycleParams, shard: Shard, stage: str) -> ShardResult | None:
+    return done(target(params, shard, stage))
+
+
+# -- per-shard work ------------------------------------------------------------------------------
 
 
 def _finish(result: ShardResult) -> ShardResult:

@@ -35,6 +35,17 @@ def student():
 
 
 @pytest.fixture(scope="session")
+def student_fp32(student):
+    """The scorer pinned to float32, for tests of the definition: `auto` picks bfloat16 on CPUs
+    with native bfloat16 and float32 elsewhere, and a tolerance must not depend on which."""
+    import torch
+
+    from reflectune.engines.hf import TransformersScorer
+
+    return student if student.dtype == torch.float32 else TransformersScorer(MODEL, dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def tokenizer(student):
     return student.tokenizer
 

@@ -16,7 +16,8 @@ REASONS = {400: "Bad Request", 401: "Unauthorized", 429: "Too Many Requests", 50
 
 
 class FaultProxy:
-    def __init__(self, upstream_host: str, upstream_port: int, faults: list[str] | None = None, retry_after: float = 1):
+    def __init__(self, upstream_host: str, upstream_port: int, faults: list[str] | None = None, retry_after: float = 1,
+                 port: int = 0):
         self.upstream = (upstream_host, upstream_port)
         self.faults = list(faults or [])
         self.retry_after = retry_after
@@ -25,7 +26,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._server = None
-        self.port = 0
+        self.port = port
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
         self._thread.start()
@@ -51,7 +52,7 @@ class FaultProxy:
 
     def _run(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
         self.port = self._server.sockets[0].getsockname()[1]
         ready.set()
         self._loop.run_forever()

@@ -2,7 +2,6 @@ import math
 
 import polars as pl
 import pytest
-import torch
 
 from reflectune import templates
 from reflectune.records import SCORES, check_columns
@@ -54,21 +53,49 @@ def test_failures_are_nan_with_a_reason_never_zero(student):
     assert all(v > 0 and math.isfinite(v) for k, v in scores[2].items() if k != "score_error")
 
 
-def test_a_failing_sequence_costs_only_its_own_row(student):
-    class FailsOnLong:
-        """The real engine, with a fault injected for one sequence length."""
+class MidwayFailure:
+    """The real engine, with a fault injected at the engine boundary: it scores part of the
+    sequences, then raises, as an engine that dies or runs out of memory mid-shard."""
 
+    max_sequence = None
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+
+    def token_nll(self, seqs, progress=None):
+        self.engine.token_nll(seqs[: len(seqs) // 2], progress)
+        raise RuntimeError("injected engine failure")
+
+
+def test_an_engine_failure_raises_and_is_never_a_row_of_nan(student):
+    rows = [{"instruction": "Greet me.", "input": "", "output": "Hello."}, {**LONG, "output": LONG["output"][:600]}]
+    with pytest.raises(RuntimeError, match="injected engine failure"):
+        score_rows(rows, MidwayFailure(student), "vicuna")
+
+
+def test_sequences_past_the_engines_context_are_the_rows_own_failure(student):
+    """What a row's content rules out is decided before the engine runs: those sequences are
+    NaN with the reason and never sent; the rest are scored."""
+
+    class ShortContext:
         tokenizer = student.tokenizer
+        max_sequence = 100
+
+        def __init__(self):
+            self.sent = []
 
         def token_nll(self, seqs, progress=None):
-            if any(len(s.ids) > 100 for s in seqs):
-                raise RuntimeError("injected device error")
+            self.sent.extend(seqs)
             return student.token_nll(seqs, progress)
 
+    engine = ShortContext()
     rows = [{"instruction": "Greet me.", "input": "", "output": "Hello."}, {**LONG, "output": LONG["output"][:600]}]
-    scores = score_rows(rows, FailsOnLong(), "vicuna")
+    scores = score_rows(rows, engine, "vicuna")
     assert scores[0]["score_error"] is None and math.isfinite(scores[0]["ifd_ppl"])
-    assert "injected device error" in scores[1]["score_error"] and math.isnan(scores[1]["ifd_ppl"])
+    assert "does not fit the engine's context of 100 tokens" in scores[1]["score_error"]
+    assert math.isnan(scores[1]["ifd_ppl"])
+    assert all(len(s.ids) <= 100 for s in engine.sent)
 
 
 def test_score_table_keeps_rows_in_order(student, sample_rows):
@@ -79,44 +106,40 @@ def test_score_table_keeps_rows_in_order(student, sample_rows):
     assert out["instruction"].to_list() == [r["instruction"] for r in sample_rows[:6]]
 
 
-@pytest.fixture(scope="module")
-def fp32_model(student):
-    from reflectune.engines.hf import load_causal_lm
-
-    if student.dtype == torch.float32:
-        return student.model, student.tokenizer
-    return load_causal_lm("packaged:smollm2-135m-instruct", "float32", "cpu")
-
-
-def test_parity_with_the_per_sample_definition(student, fp32_model, sample_rows):
-    """The fast scorer (batched, packed, its dtype) against the plain fp32 batch-1 oracle."""
-    model, tok = fp32_model
+def test_parity_with_the_per_sample_definition(student, student_fp32, sample_rows):
+    """The fast scorer as `auto` runs it (batched, packed, bfloat16 where the CPU has native
+    bfloat16, else float32) against the plain fp32 batch-1 oracle. The bounds hold for both
+    dtypes: measured bf16 against fp32 on the 41 sample pairs (AVX-512 BF16 / AMX CPU), r-IFD
+    moved by a median 2.1% (Spearman 0.994) and IFD by 1.2% (Spearman 0.998); fp32 agrees
+    with the oracle to 1e-5."""
     rows = sample_rows[:20]
     fast = score_rows(rows, student)
-    ref = [oracle.score_pair(model, tok, r["instruction"], r.get("input", ""), r["output"]) for r in rows]
+    ref = [oracle.score_pair(student_fp32.model, student_fp32.tokenizer, r["instruction"], r.get("input", ""),
+                             r["output"]) for r in rows]
     for key in ("ifd_ppl", "rifd_ppl"):
         a, b = [r[key] for r in ref], [r[key] for r in fast]
         assert spearman(a, b) >= 0.98, key
-        assert median_relative_difference(a, b) <= 0.03, key
+        assert median_relative_difference(a, b) <= 0.04, key
 
 
 @pytest.mark.parametrize("template", ["alpaca", "wizardlm", "chat"])
-def test_other_templates_match_the_definition(student, fp32_model, sample_rows, template):
-    model, tok = fp32_model
+def test_other_templates_match_the_definition(student_fp32, sample_rows, template):
+    """The definition, in fp32 on both sides: batching and packing change nothing."""
+    model, tok = student_fp32.model, student_fp32.tokenizer
     rows = [r for r in sample_rows if r.get("input")][:2] + sample_rows[:2]
-    fast = score_rows(rows, student, template)
-    tolerance = 1e-3 if student.dtype == torch.float32 else 0.05
+    fast = score_rows(rows, student_fp32, template)
+    tolerance = 1e-4
     for row, got in zip(rows, fast):
         want = oracle.score_pair(model, tok, row["instruction"], row.get("input", ""), row["output"], template)
         for key in ("ifd_ppl", "rifd_ppl", "ifd_loss", "rifd_loss"):
             assert got[key] == pytest.approx(want[key], rel=tolerance), (template, key)
 
 
-def test_truncated_scores_match_the_definition(student, fp32_model):
-    model, tok = fp32_model
+def test_truncated_scores_match_the_definition(student_fp32):
+    model, tok = student_fp32.model, student_fp32.tokenizer
     row = {**LONG, "output": LONG["output"][:900]}
-    got = score_rows([row], student, "vicuna", max_length=160)[0]
+    got = score_rows([row], student_fp32, "vicuna", max_length=160)[0]
     want = oracle.score_pair(model, tok, row["instruction"], "", row["output"], "vicuna", max_length=160)
-    tolerance = 1e-3 if student.dtype == torch.float32 else 0.05
+    tolerance = 1e-4
     for key in ("loss_a_condition", "loss_a_direct", "ifd_ppl"):
         assert got[key] == pytest.approx(want[key], rel=tolerance), key

@@ -74,6 +74,8 @@ class TransformersScorer:
         self.dtype = self.model.dtype
         # On CPU, activations of ~2k tokens stay in cache; larger batches measured slower there.
         self.max_batch_tokens = max_batch_tokens or (2048 if self.device.type == "cpu" else 32768)
+        # positions past the trained context give meaningless scores
+        self.max_sequence = getattr(self.model.config, "max_position_embeddings", None)
         self._decoder = self.model.get_decoder()
         self._head = self.model.get_output_embeddings()
         self._softcap = getattr(self.model.config, "final_logit_softcapping", None)

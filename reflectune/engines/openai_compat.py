@@ -1,10 +1,12 @@
 """Teacher engine for any OpenAI-compatible chat endpoint (OpenAI, `vllm serve`, others).
 
 Requests run concurrently under a limit. A request that fails with 429, 5xx, a timeout or a
-dropped connection is retried with exponential backoff and jitter, waiting at least what a
-Retry-After header asks. 401/403/404 stop the run at once (the key or the model is wrong and
-no retry can help); a 400 fails that request only. The API key is held privately and never
-appears in messages, ids or records.
+dropped or refused connection is retried with exponential backoff and jitter, waiting at least
+what a Retry-After header asks; when its retries are spent the endpoint is down, not the row
+at fault, so the call raises (the shard fails and is redone later, never written as a
+fallback). 401/403/404 raise at once (the key or the model is wrong and no retry can help); a
+400 fails that request only, a fact about its content. The API key is held privately and
+never appears in messages, ids or records.
 """
 
 from __future__ import annotations
@@ -28,6 +30,25 @@ FATAL = {401: "the API key was refused", 403: "the API key may not use this mode
 
 class TeacherFatalError(ReflectuneError):
     """The endpoint refuses every request: wrong key, model or URL."""
+
+
+class TeacherUnavailableError(ReflectuneError):
+    """The endpoint did not answer a request within its retries."""
+
+
+def endpoint(base_url: str | None) -> str:
+    """The endpoint as it may be shown: scheme, host, port and path, never a user part or query
+    (a URL may carry credentials there)."""
+    if not base_url:
+        return "https://api.openai.com/v1"
+    parts = urlsplit(base_url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+def teacher_id(model: str, base_url: str | None) -> str:
+    """The teacher's identity in records and cache keys: the served model and the host."""
+    host = urlsplit(base_url).netloc.rpartition("@")[2] if base_url else "api.openai.com"
+    return f"openai:{model}@{host}"
 
 
 @dataclass
@@ -70,8 +91,7 @@ class OpenAITeacher:
         self.max_retries = max_retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
-        # the id names the host only: a URL may carry credentials in its user part or query
-        self.teacher_id = f"openai:{model}@{urlsplit(base_url).netloc.rpartition('@')[2] if base_url else 'api.openai.com'}"
+        self.teacher_id = teacher_id(model, base_url)
         self.usage = Usage()
 
     def __repr__(self) -> str:  # never show the key
@@ -145,7 +165,7 @@ class OpenAITeacher:
                 status = exc.status_code
                 if status in FATAL:
                     raise TeacherFatalError(
-                        f"teacher endpoint {self.base_url or 'api.openai.com'} answered {status} for model "
+                        f"teacher endpoint {endpoint(self.base_url)} answered {status} for model "
                         f"'{self.model}': {FATAL[status]}. Check the model name, the base URL and the key "
                         "(from the environment or the Prefect Secret block)"
                     ) from None
@@ -155,7 +175,7 @@ class OpenAITeacher:
                 last = f"HTTP {status}"
                 wait = _retry_after(exc.response.headers)
             except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-                last = type(exc).__name__
+                last = f"{type(exc).__name__}: {_brief(exc)}"
             else:
                 choice = response.choices[0]
                 usage = response.usage
@@ -168,7 +188,9 @@ class OpenAITeacher:
                 backoff = min(self.backoff_max, self.backoff_base * 2**attempt) * random.uniform(0.5, 1.0)
                 await asyncio.sleep(max(backoff, min(wait or 0.0, self.backoff_max)))
         self.usage.add(failed=1)
-        return Generation(error=f"gave up after {self.max_retries + 1} attempts, last: {last}")
+        raise TeacherUnavailableError(
+            f"teacher endpoint {endpoint(self.base_url)} (model '{self.model}') did not answer in "
+            f"{self.max_retries + 1} attempts; the last: {last}. Check that the server is up and reachable")
 
     def close(self) -> None:
         pass

