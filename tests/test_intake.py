@@ -146,3 +146,37 @@ def test_local_writes_are_atomic(tmp_path):
     target = tmp_path / "sub" / "t.parquet"
     io.write_table(pl.DataFrame({"a": [1]}), str(target))
     assert [p.name for p in target.parent.iterdir()] == ["t.parquet"]  # no temporary left behind
+
+
+def test_a_write_killed_midway_leaves_the_old_file(tmp_path):
+    """The writer is stopped with SIGKILL after the new bytes are on disk but before they
+    replace the old file: the old file stands, whole."""
+    import select
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    target = tmp_path / "t.parquet"
+    io.write_table(pl.DataFrame({"a": [1, 2, 3]}), str(target))
+    before = target.read_bytes()
+    writer = f"""
+import os, time
+from reflectune import io
+real = os.fsync
+def stall(fd):
+    real(fd)
+    print("written", flush=True)
+    time.sleep(600)
+os.fsync = stall
+io.write_bytes({str(target)!r}, b"new content " * 100_000)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", writer], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready and proc.stdout.readline() == b"written\n"
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert target.read_bytes() == before
+    assert pl.read_parquet(target)["a"].to_list() == [1, 2, 3]

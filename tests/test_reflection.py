@@ -77,9 +77,12 @@ def test_packaged_teacher_end_to_end(teacher, records):
         if res["parse_status"] == "fallback":
             assert res["output"] == r["output"]
         assert ins["prompt_version"] == prompts.INSTRUCTION_VERSION and res["prompt_version"] == prompts.RESPONSE_VERSION
-    # first attempts greedy; the retry (if any) samples differently
-    assert recording.calls[0][1].temperature == 0.0
-    assert all(s.temperature > 0 for n, s in recording.calls if s != recording.calls[0][1])
+    # first attempts greedy; rows whose fields did not parse in 48 tokens got a retry, sampled
+    first = recording.calls[0][1]
+    retries = [s for n, s in recording.calls if s != first]
+    assert first.temperature == 0.0
+    assert retries and any(len(t) == 2 for t in variants["raw_text"]), "no row was retried: the check is vacuous"
+    assert all(s.temperature > 0 for s in retries)
 
 
 def _first_failed(row):
