@@ -420,3 +420,9 @@ class VLLMEngine:
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None:
             core.shutdown()
+            # The client's output thread exits after the shutdown signal. Left running into
+            # interpreter exit, it frees tensors while Python tears down its threads, which
+            # aborts the process ("terminate called without an active exception"): wait for it.
+            thread = getattr(core, "output_queue_thread", None)
+            if thread is not None:
+                thread.join(timeout=30)
