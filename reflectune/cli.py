@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from reflectune import intake, io
+from reflectune.config import TeacherConfig
 from reflectune.errors import ReflectuneError
 from reflectune.engines import STUDENT_ENGINES, TEACHER_ENGINES
 from reflectune.models import DEFAULT_MODEL
@@ -65,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     reflect.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as the reference")
     reflect.add_argument("--top-p", type=float, default=1.0)
     reflect.add_argument("--seed", type=int, default=0)
+    reflect.add_argument("--constrained", default="auto", choices=["auto", "on", "off"],
+                         help="enforce the output format at decode time: auto where the engine can (default)")
+    reflect.add_argument("--repetition-penalty", type=float, default=TeacherConfig.model_fields["repetition_penalty"].default,
+                         help="penalty on tokens already written (1 = none; default: %(default)s)")
     reflect.add_argument("--base-url", help="openai: endpoint, e.g. http://gpu-host:8000/v1")
     reflect.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: variable holding the key")
     reflect.add_argument("--concurrency", type=int, default=16, help="openai: requests in flight")
@@ -217,29 +222,31 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _reflect(args: argparse.Namespace) -> int:
-    from reflectune import intake, reflection
+    from reflectune import intake, reflection, stages
     from reflectune.engines import load_teacher
 
     if not args.out.endswith((".parquet", ".jsonl")):
         raise ReflectuneError(f"--out '{args.out}': use a .parquet or .jsonl file name")
     _check_engine(args.engine)
     data = intake.load(args.input, intake.parse_column_map(args.map), args.limit)
-    from reflectune.config import TeacherConfig, VLLMConfig
+    from reflectune.config import VLLMConfig
     from reflectune.engines import teacher_options
 
     cfg = TeacherConfig(model=args.teacher, engine=args.engine, base_url=args.base_url, api_key_env=args.api_key_env,
                         concurrency=args.concurrency, request_timeout=args.timeout,
-                        request_retries=args.request_retries, batch_size=args.batch_size)
+                        request_retries=args.request_retries, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        seed=args.seed, constrained=args.constrained, repetition_penalty=args.repetition_penalty)
     options = teacher_options(cfg, VLLMConfig())
     if args.engine != "openai":
         options |= {"dtype": args.dtype} | ({"device": args.device} if args.engine == "transformers" else {})
     teacher = load_teacher(args.engine, args.teacher, **options)
-    sampling = reflection.Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    sampling, retry = stages.teacher_sampling(cfg)
     per_row = {"instruction": 1, "response": 1, "both": 3}[args.kind]
     try:
         with _progress("reflecting", unit="gen") as advance:
-            variants = reflection.reflect(data.valid, teacher, args.kind, sampling,
-                                          progress=lambda n: advance(n, per_row * data.valid.height))
+            variants = reflection.reflect(data.valid, teacher, args.kind, sampling, retry,
+                                          progress=lambda n, tokens: advance(n, per_row * data.valid.height))
     finally:
         teacher.close()
     io.write_table(variants, args.out)
@@ -303,8 +310,8 @@ def _recycle(args: argparse.Namespace) -> int:
         _check_engine("vllm")
     from flows.recycle import recycle
 
-    with _progress("shards", unit="task") as advance:
-        progress.listen(lambda event, info: advance(1, info["total"]) if event == "shard" else None)
+    with _RunBars() as bars:
+        progress.listen(bars.event)
         try:
             manifest = recycle(params)
         finally:
@@ -401,6 +408,42 @@ def _check_engine(engine: str) -> None:
 def _beside(uri: str, tag: str) -> str:
     stem, ext = os.path.splitext(uri)
     return f"{stem}.{tag}{ext}"
+
+
+class _RunBars:
+    """Two bars on stderr: shard tasks finished, and the work inside the shard running now
+    (generations or tokens, with tokens/s), so a slow run can be told from a stuck one."""
+
+    def __enter__(self) -> "_RunBars":
+        self.shards = self.work = None
+        self.current = None
+        return self
+
+    def event(self, name: str, info: dict) -> None:
+        from tqdm import tqdm
+
+        if name == "shard":
+            if self.shards is None:
+                self.shards = tqdm(total=info["total"], desc="shards", unit="task", file=sys.stderr, position=0)
+            self.shards.update(1)
+        elif name == "work":
+            which = (info["stage"], info["shard"])
+            if which != self.current:
+                if self.work is not None:
+                    self.work.close()
+                self.current = which
+                self.work = tqdm(total=info["total"], desc=f"{info['stage']} {info['shard']}", file=sys.stderr,
+                                 position=1, leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/"
+                                 "{total_fmt} " + info["unit"] + " [{elapsed}] {postfix}")
+            self.work.total = max(info["total"], info["done"])
+            self.work.n = info["done"]
+            self.work.set_postfix_str(f"{info['rate']:,.0f} tok/s", refresh=False)
+            self.work.refresh()
+
+    def __exit__(self, *exc: object) -> None:
+        for bar in (self.work, self.shards):
+            if bar is not None:
+                bar.close()
 
 
 class _progress:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reflectune import io, templates
+from reflectune import formats, io, templates
 from reflectune.errors import InputFileError
 from reflectune.reflection import Sampling
 
@@ -147,16 +147,20 @@ def judge(judge_engine: Any, tests: list[dict[str, str]], answers_a: list[str], 
     questions = [templates.question(t["instruction"], t["input"]) for t in tests]
     chats = [judge_messages(q, a, b) for q, a, b in zip(questions, answers_a, answers_b)]
     chats += [judge_messages(q, b, a) for q, a, b in zip(questions, answers_a, answers_b)]
-    gens = judge_engine.generate(chats, sampling)
+    # the first line must be the two scores: enforced at decode time where the engine can
+    fmt = formats.judge_format()
+    gens = judge_engine.generate(chats, sampling, None, [fmt] * len(chats))
+    texts = [(formats.from_json(g.text, fmt) or g.text) if g.constrained == "json_schema" else g.text for g in gens]
     n = len(tests)
     rows = []
     for i, test in enumerate(tests):
-        ab, ba = parse_scores(gens[i].text), parse_scores(gens[n + i].text)
+        ab, ba = parse_scores(texts[i]), parse_scores(texts[n + i])
         first, second = order_verdict(ab, a_first=True), order_verdict(ba, a_first=False)
         rows.append({"instruction": test["instruction"], "input": test["input"], "answer_model": answers_a[i],
                      "answer_baseline": answers_b[i], "judge_ab": gens[i].text, "judge_ba": gens[n + i].text,
                      "scores_ab": list(ab) if ab else None, "scores_ba": list(ba) if ba else None,
-                     "verdict_ab": first, "verdict_ba": second, "outcome": combine(first, second)})
+                     "verdict_ab": first, "verdict_ba": second, "outcome": combine(first, second),
+                     "judge_constrained": [gens[i].constrained, gens[n + i].constrained]})
     return rows
 
 
@@ -190,7 +194,7 @@ def render_table(summary: dict[str, Any]) -> str:
 def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, str]], *, template: str = "vicuna",
              judge_engine: str = "transformers", judge_options: dict[str, Any] | None = None,
              max_new_tokens: int = 256, judge_max_new_tokens: int = 32, max_length: int = 2048,
-             batch_size: int = 8) -> Result:
+             batch_size: int = 8, constrained: str = "auto") -> Result:
     """Answers of both models (one loaded at a time), the judge in both orders, held-out loss."""
     from reflectune import models
     from reflectune.engines import load_teacher
@@ -207,7 +211,8 @@ def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, s
         scorer.close()
     judge_engine_ = load_teacher(judge_engine, judge_spec, **(judge_options or {}))
     try:
-        rows = judge(judge_engine_, tests, answers["model"], answers["baseline"], Sampling(0.0, 1.0, judge_max_new_tokens, 0))
+        rows = judge(judge_engine_, tests, answers["model"], answers["baseline"],
+                     Sampling(0.0, 1.0, judge_max_new_tokens, 0, constrained=constrained))
     finally:
         judge_engine_.close()
     return Result(models.model_id(model), models.model_id(baseline), getattr(judge_engine_, "teacher_id", judge_spec),

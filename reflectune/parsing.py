@@ -5,13 +5,16 @@ Instruction:**`, any case) up to `[End]`, the next marker, or the end of the tex
 marker occurs several times (a model restating the format, then answering), the last usable
 candidate wins: the prompt asks for the fields at the end. A field is unusable when it is
 missing, empty, echoes the template ("your instruction", "your answer", "N/A"), or was cut off
-by the token limit (it runs to the end of a generation that stopped for length).
+by the token limit (it runs to the end of a generation that stopped for length). A usable
+field that is mostly repetition is `degenerate`: present and closed, but no use as data.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+from reflectune.formats import degenerate
 
 _NAMES = {
     "new_instruction": r"new\s+instruction",
@@ -35,6 +38,12 @@ _ECHOES = {"your instruction", "your answer", "your new instruction", "your new 
 class Parsed:
     fields: dict[str, str] = field(default_factory=dict)  # usable fields only
     problems: dict[str, str] = field(default_factory=dict)  # field -> why it is unusable
+    degenerate: set[str] = field(default_factory=set)  # fields present and closed, but loops
+
+    @property
+    def well_formed(self) -> bool:
+        """Every wanted field present and closed (some may be degenerate)."""
+        return set(self.problems) <= self.degenerate
 
 
 def parse(text: str, wanted: tuple[str, ...], cut_off: bool = False) -> Parsed:
@@ -52,7 +61,12 @@ def parse(text: str, wanted: tuple[str, ...], cut_off: bool = False) -> Parsed:
             value, ran_to_end = _field_text(text, end, spans)
             reason = _unusable(value, ran_to_end and cut_off)
             if not reason:
-                out.fields[name] = value
+                loop = degenerate(value)
+                if loop:
+                    out.problems[name] = f"degenerate, {loop}"
+                    out.degenerate.add(name)
+                else:
+                    out.fields[name] = value
                 break
         else:
             out.problems[name] = reason

@@ -19,3 +19,31 @@ def listen(callback: Callable[[str, dict[str, Any]], None] | None) -> None:
 def report(event: str, **info: Any) -> None:
     if _listener is not None:
         _listener(event, info)
+
+
+class Meter:
+    """Work done of a total and its rate, for a person watching: generations (or tokens)
+    finished, new tokens per second since the start."""
+
+    def __init__(self, total: int, unit: str):
+        import time
+
+        self.total, self.unit, self.done, self.tokens = max(total, 1), unit, 0, 0
+        self._clock = time.monotonic
+        self.start = self._clock()
+
+    def add(self, done: int, tokens: int) -> None:
+        self.done += done
+        self.tokens += tokens
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / max(self._clock() - self.start, 1e-9)
+
+    @property
+    def percent(self) -> float:
+        # retries can take the count past its planned total: the stage is not done until it says so
+        return min(99.0, 100.0 * self.done / self.total)
+
+    def line(self) -> str:
+        return f"{self.done} of {self.total} {self.unit}, {self.rate:,.0f} tok/s"

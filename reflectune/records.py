@@ -15,7 +15,7 @@ import polars as pl
 
 from reflectune.errors import SchemaError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The pair every stage carries. `input` is "" when the pair has none.
 RECORD: dict[str, pl.DataType] = {
@@ -40,7 +40,10 @@ VARIANTS = ("orig", "ins", "res", "ins_res")
 VARIANT: dict[str, pl.DataType] = RECORD | {
     "variant": pl.String,
     "raw_text": pl.List(pl.String),
-    # ok: every field parsed; partial: some field fell back to the base pair's; fallback: all did
+    # per attempt, how the output format was enforced: regex, json_schema or none
+    "constrained": pl.List(pl.String),
+    # ok: every field parsed; degenerate: every field present and closed, but some are loops
+    # (they fall back); partial: some field fell back to the base pair's; fallback: all did
     "parse_status": pl.String,
     "parse_detail": pl.String,
     "prompt_version": pl.String,

@@ -2,7 +2,9 @@
 
 Phase 1 asks the teacher for the instruction reflection (ins) and the response reflection of
 the original (res) together; phase 2 asks for the response reflection of each new pair
-(ins_res). After each phase, rows whose output could not be parsed get one more try with
+(ins_res). Where the engine can, the output format is enforced at decode time
+(reflectune.formats); the lineage records, per attempt, whether it was. After each phase,
+rows whose output could not be parsed (or whose fields are loops) get one more try with
 different sampling; a field still unusable falls back to the base pair's field. Every row
 keeps the raw teacher text of every attempt, its parse status and token usage.
 """
@@ -10,15 +12,16 @@ keeps the raw teacher text of every attempt, its parse status and token usage.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import polars as pl
 
-from reflectune import parsing, prompts
+from reflectune import formats, parsing, prompts
 from reflectune.records import RECORD, VARIANT
 
 KINDS = ("instruction", "response", "both")
+CONSTRAINED = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class Sampling:
     top_p: float = 1.0
     max_new_tokens: int = 1024
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    # auto: enforce the output format where the engine can; on: fail where it cannot; off: never
+    constrained: str = "off"
 
 
 @dataclass
@@ -36,17 +42,20 @@ class Generation:
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop", "length"
     error: str | None = None  # the request failed for this chat only
+    constrained: str = "none"  # how the format was enforced: regex, json_schema or none
 
 
 class TeacherEngine(Protocol):
     """What reflection needs from a teacher: chats in, one generation per chat out, in order.
-    A request that fails on its own returns a Generation with `error`; a failure that dooms
-    the whole run (bad key, unknown model) raises."""
+    `formats` (one per chat, or None) are enforced at decode time where the engine can and
+    `sampling.constrained` allows; each Generation says how. A request that fails on its own
+    returns a Generation with `error`; a failure that dooms the whole call raises."""
 
     teacher_id: str
 
     def generate(self, chats: Sequence[prompts.Messages], sampling: Sampling,
-                 progress: Callable[[int], None] | None = None) -> list[Generation]: ...
+                 progress: Callable[[int, int], None] | None = None,
+                 formats: Sequence[formats.OutputFormat | None] | None = None) -> list[Generation]: ...
 
 
 @dataclass
@@ -56,6 +65,7 @@ class _Job:
     base: dict[str, str]  # the pair reflected on: sample_id, source_index, instruction, input, output
     variant: str
     raw: list[str]
+    constrained: list[str] = field(default_factory=list)  # per attempt
     prompt_tokens: int = 0
     completion_tokens: int = 0
     result: dict | None = None  # the finished variant row
@@ -67,12 +77,14 @@ def reflect(
     kind: str = "both",
     sampling: Sampling = Sampling(),
     retry_sampling: Sampling | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> pl.DataFrame:
     """Variant rows (records.VARIANT) for `records` (records.RECORD), ordered by source and variant."""
     if kind not in KINDS:
         raise ValueError(f"unknown reflection kind '{kind}': choose one of {', '.join(KINDS)}")
-    retry_sampling = retry_sampling or Sampling(0.7, 0.95, sampling.max_new_tokens, (sampling.seed or 0) + 1)
+    if sampling.constrained not in CONSTRAINED:
+        raise ValueError(f"unknown constrained setting '{sampling.constrained}': choose one of {', '.join(CONSTRAINED)}")
+    retry_sampling = retry_sampling or retry_of(sampling)
     bases = records.select(list(RECORD)).to_dicts()
 
     phase1 = []
@@ -93,6 +105,17 @@ def reflect(
     return pl.DataFrame(rows, schema=VARIANT) if rows else pl.DataFrame(schema=VARIANT)
 
 
+# The retry of an output that did not parse samples where the first attempt was greedy: the
+# same sampling would write the same text again.
+RETRY_TEMPERATURE, RETRY_TOP_P = 0.7, 0.95
+
+
+def retry_of(sampling: Sampling, temperature: float = RETRY_TEMPERATURE) -> Sampling:
+    from dataclasses import replace
+
+    return replace(sampling, temperature=temperature, top_p=RETRY_TOP_P, seed=(sampling.seed or 0) + 1)
+
+
 def _as_base(row: dict) -> dict[str, str]:
     return {name: row[name] for name in RECORD}
 
@@ -104,10 +127,15 @@ def _run(jobs: list[_Job], teacher: TeacherEngine, sampling: Sampling, retry: Sa
         if not pending:
             return
         chats = [_chat(job) for job in pending]
-        generations = teacher.generate(chats, params, progress)
+        wanted = None
+        if params.constrained != "off":
+            wanted = [formats.teacher_format("ins" if job.variant == "ins" else "res", params.max_new_tokens)
+                      for job in pending]
+        generations = teacher.generate(chats, params, progress, wanted)
         failed = []
         for job, gen in zip(pending, generations):
             job.raw.append(gen.text if gen.error is None else f"[request failed: {gen.error}]")
+            job.constrained.append(gen.constrained)
             job.prompt_tokens += gen.prompt_tokens
             job.completion_tokens += gen.completion_tokens
             parsed = _parse(job, gen)
@@ -130,7 +158,10 @@ def _parse(job: _Job, gen: Generation) -> parsing.Parsed:
     wanted = ("new_instruction", "new_answer") if job.variant == "ins" else ("better_answer",)
     if gen.error is not None:
         return parsing.Parsed(problems={name: f"request failed: {gen.error}" for name in wanted})
-    return parsing.parse(gen.text, wanted, cut_off=gen.finish_reason == "length")
+    text = gen.text
+    if gen.constrained == "json_schema":  # the fields came back as JSON: read them as marked text
+        text = formats.from_json(text, formats.teacher_format("ins" if job.variant == "ins" else "res", 1)) or text
+    return parsing.parse(text, wanted, cut_off=gen.finish_reason == "length")
 
 
 def _finish(job: _Job, parsed: parsing.Parsed, teacher_id: str) -> dict:
@@ -151,13 +182,19 @@ def _finish(job: _Job, parsed: parsing.Parsed, teacher_id: str) -> dict:
         fields = {"instruction": b["instruction"], "input": b["input"], "output": output if output is not None else b["output"]}
         version = prompts.RESPONSE_VERSION
         total = 1
-    status = "ok" if not parsed.problems else ("fallback" if len(parsed.problems) == total else "partial")
+    if not parsed.problems:
+        status = "ok"
+    elif parsed.well_formed:  # every field present and closed, some of them loops
+        status = "degenerate"
+    else:
+        status = "fallback" if len(parsed.problems) == total else "partial"
     return {
         "sample_id": b["sample_id"],
         "source_index": b["source_index"],
         "variant": job.variant,
         **fields,
         "raw_text": job.raw,
+        "constrained": job.constrained,
         "parse_status": status,
         "parse_detail": "; ".join(f"{k}: {v}" for k, v in parsed.problems.items()) or None,
         "prompt_version": version,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,7 +24,8 @@ from reflectune import intake, io, prompts, reflection, scoring, selection
 from reflectune.config import RecycleParams, StudentConfig, TeacherConfig
 from reflectune.records import RECORD, SCORES, VARIANT, VARIANTS, check_columns
 
-TEACHER_FIELDS = ("model", "engine", "base_url", "max_new_tokens", "temperature", "top_p", "retry_temperature", "seed")
+TEACHER_FIELDS = ("model", "engine", "base_url", "max_new_tokens", "temperature", "top_p", "retry_temperature", "seed",
+                  "repetition_penalty", "constrained")
 STUDENT_FIELDS = ("model", "engine", "template", "max_length", "dtype")
 
 
@@ -142,14 +144,22 @@ def _finish(result: ShardResult) -> ShardResult:
     return result
 
 
-def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any) -> ShardResult:
-    """The shard's ins, res and ins_res variants, written to `target`."""
+def teacher_sampling(cfg: TeacherConfig) -> tuple[reflection.Sampling, reflection.Sampling]:
+    """The first attempt's sampling and the retry's."""
+    sampling = reflection.Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed, cfg.repetition_penalty,
+                                   cfg.constrained)
+    return sampling, reflection.retry_of(sampling, cfg.retry_temperature)
+
+
+def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any,
+                  progress: Callable[[int, int], None] | None = None) -> ShardResult:
+    """The shard's ins, res and ins_res variants, written to `target`. `progress(generations,
+    new_tokens)` is called as generations finish."""
     start = time.perf_counter()
     records = io.read_parquet(shard.uri)
     check_columns(records, RECORD, "teacher", shard.uri)
-    sampling = reflection.Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed)
-    retry = reflection.Sampling(cfg.retry_temperature, 0.95, cfg.max_new_tokens, cfg.seed + 1)
-    variants = reflection.reflect(records, engine, "both", sampling, retry)
+    sampling, retry = teacher_sampling(cfg)
+    variants = reflection.reflect(records, engine, "both", sampling, retry, progress)
     check_columns(variants, VARIANT, "teacher output")
     io.write_table(variants, target)
     status = variants.group_by("parse_status").len()
@@ -157,19 +167,23 @@ def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any) ->
         "generations": int(variants["raw_text"].list.len().sum()),
         "prompt_tokens": int(variants["prompt_tokens"].sum()),
         "completion_tokens": int(variants["completion_tokens"].sum()),
+        "constrained": int(variants["constrained"].list.eval(pl.element() != "none").list.sum().sum()),
         **{f"parse_{s}": int(n) for s, n in status.iter_rows()},
     }))
 
 
-def student_shard(shard: Shard, variants_at: str, target: str, cfg: StudentConfig, engine: Any) -> ShardResult:
-    """Scores of the four variants of every sample in the shard, written to `target`."""
+def student_shard(shard: Shard, variants_at: str, target: str, cfg: StudentConfig, engine: Any,
+                  progress: Callable[..., None] | None = None) -> ShardResult:
+    """Scores of the four variants of every sample in the shard, written to `target`.
+    `progress(tokens, tokens, total_tokens)` is called as batches finish."""
     start = time.perf_counter()
     records = io.read_parquet(shard.uri)
     variants = io.read_parquet(variants_at)
     check_columns(records, RECORD, "student", shard.uri)
     check_columns(variants, VARIANT, "student", variants_at)
     table = long_table(records, variants)
-    scored = scoring.score_table(table, engine, cfg.template, cfg.max_length)
+    advance = (lambda n, total: progress(n, n, total)) if progress else None
+    scored = scoring.score_table(table, engine, cfg.template, cfg.max_length, advance)
     check_columns(scored, SCORES, "student output")
     io.write_table(scored, target)
     return _finish(ShardResult(shard.name, "student", target, records.height, False, time.perf_counter() - start, {

@@ -7,12 +7,14 @@ it) and no done marker is written, so a later run redoes exactly the shards left
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
 from prefect import get_run_logger, task
 
-from reflectune import stages
+from reflectune import progress, stages
 from reflectune.config import RecycleParams, TeacherConfig
 from reflectune.engines import pool, student_options, teacher_options
 from reflectune.errors import shard_failed
@@ -42,20 +44,55 @@ def _run(stage: str, shard: dict[str, Any], params: RecycleParams) -> dict[str, 
             options = teacher_options(cfg, params.vllm, params.student)
             if cfg.engine == "openai":
                 options["api_key"] = _api_key(cfg)
-            with pool.using("teacher", cfg.engine, cfg.model, **options) as engine:
-                result = stages.teacher_shard(s, target, cfg, engine)
+            with pool.using("teacher", cfg.engine, cfg.model, **options) as engine, \
+                    _watched("teacher", s, 3 * s.rows, "generations") as advance:
+                result = stages.teacher_shard(s, target, cfg, engine, advance)
         else:
             variants = stages.target(params, s, "teacher")
             if stages.done(variants) is None:
                 raise RuntimeError(f"the teacher variants {variants} are missing: the teacher stage must run first")
             cfg = params.student
             options = student_options(cfg, params.vllm, params.teacher)
-            with pool.using("student", cfg.engine, cfg.model, **options) as engine:
-                result = stages.student_shard(s, variants, target, cfg, engine)
+            with pool.using("student", cfg.engine, cfg.model, **options) as engine, \
+                    _watched("student", s, 0, "tokens") as advance:
+                result = stages.student_shard(s, variants, target, cfg, engine, advance)
     except Exception as exc:
         raise shard_failed(stage, s.name, exc) from exc
     log.info("%s: %d rows, %s stage done in %.1fs (%s)", s.name, result.rows, stage, result.seconds, result.detail)
     return asdict(result)
+
+
+@contextmanager
+def _watched(stage: str, shard: stages.Shard, total: int, unit: str):
+    """Progress inside a shard, for a person watching: every advance reaches the library's hook
+    (the CLI's bar); a Prefect progress artifact per shard is refreshed every few seconds from
+    a thread of its own (engines report from their own threads and event loops)."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    meter = progress.Meter(total, unit)
+    key = f"reflectune-{stage}-{shard.name}"
+    artifact = create_progress_artifact(0.0, key=key, description=f"{stage} {shard.name}: starting")
+    stop = threading.Event()
+
+    def advance(done: int, tokens: int, total: int | None = None) -> None:
+        if total is not None:  # the student learns its total (tokens) when its sequences are built
+            meter.total = max(total, 1)
+        meter.add(done, tokens)
+        progress.report("work", stage=stage, shard=shard.name, done=meter.done, total=meter.total, unit=unit,
+                        rate=meter.rate)
+
+    def refresh() -> None:
+        while not stop.wait(3.0):
+            update_progress_artifact(artifact, meter.percent, description=f"{stage} {shard.name}: {meter.line()}")
+
+    thread = threading.Thread(target=refresh, daemon=True)
+    thread.start()
+    try:
+        yield advance
+    finally:
+        stop.set()
+        thread.join(10)
+    update_progress_artifact(artifact, 100.0, description=f"{stage} {shard.name}: done, {meter.line()}")
 
 
 @task(name="teacher-shard", tags=["reflectune", "teacher"], cache_result_in_memory=False)

@@ -156,13 +156,17 @@ class TransformersTeacher:
         eos = self.model.generation_config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [self.tokenizer.eos_token_id])
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self._eos))
+        self._compiler = None  # xgrammar, compiled on first constrained use
 
-    def generate(self, chats, sampling, progress=None):
-        return self.complete([render_chat(self.tokenizer, c) for c in chats], sampling, progress, specials=False)
+    def generate(self, chats, sampling, progress=None, formats=None):
+        return self.complete([render_chat(self.tokenizer, c) for c in chats], sampling, progress, specials=False,
+                             formats=formats)
 
-    def complete(self, texts, sampling, progress=None, specials: bool = True):
+    def complete(self, texts, sampling, progress=None, specials: bool = True, formats=None):
         """Continue raw prompts (e.g. a scoring template's P(x)); `specials` adds the
-        tokenizer's BOS as the scorer and the trainer do. Chats go through `generate`."""
+        tokenizer's BOS as the scorer and the trainer do. Chats go through `generate`.
+        `formats` are enforced with an xgrammar logits processor unless `sampling.constrained`
+        is off; `progress(generations, new_tokens)` is called after each batch."""
         import torch
 
         from reflectune.reflection import Generation
@@ -182,13 +186,27 @@ class TransformersTeacher:
         with torch.inference_mode():
             for start in range(0, len(runnable), self.batch_size):
                 batch = runnable[start : start + self.batch_size]
-                for i, gen in zip(batch, self._generate_batch([encoded[i] for i in batch], sampling)):
+                grammars = None
+                if sampling.constrained != "off" and formats is not None:
+                    grammars = [self._grammar(formats[i]) for i in batch]
+                for i, gen in zip(batch, self._generate_batch([encoded[i] for i in batch], sampling, grammars)):
                     out[i] = gen
                 if progress:
-                    progress(len(batch))
+                    progress(len(batch), sum(out[i].completion_tokens for i in batch))
         return out
 
-    def _generate_batch(self, encoded, sampling):
+    def _grammar(self, fmt):
+        """The format compiled for this tokenizer (xgrammar caches compiled grammars). None
+        formats get a grammar that admits any text."""
+        if self._compiler is None:
+            import xgrammar as xgr
+
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size,
+                                                      stop_token_ids=sorted(self._eos))
+            self._compiler = xgr.GrammarCompiler(info)
+        return self._compiler.compile_regex(fmt.regex if fmt is not None else r"[\s\S]*")
+
+    def _generate_batch(self, encoded, sampling, grammars=None):
         import torch
 
         from reflectune.reflection import Generation
@@ -200,6 +218,12 @@ class TransformersTeacher:
             input_ids[r, width - len(ids):] = torch.tensor(ids)
             mask[r, width - len(ids):] = 1
         greedy = sampling.temperature <= 0
+        processors = []
+        if grammars:
+            import xgrammar as xgr
+
+            # one processor per generate call: it holds each row's grammar state
+            processors.append(xgr.contrib.hf.LogitsProcessor(grammars))
         generated = self.model.generate(
             input_ids=input_ids.to(self.model.device),
             attention_mask=mask.to(self.model.device),
@@ -208,6 +232,8 @@ class TransformersTeacher:
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
             top_k=None,
+            repetition_penalty=sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None,
+            logits_processor=processors or None,
             pad_token_id=self._pad,
         )[:, width:].tolist()
         results = []
@@ -219,6 +245,7 @@ class TransformersTeacher:
                 prompt_tokens=len(ids),
                 completion_tokens=len(completion) + (stop is not None),
                 finish_reason="length" if stop is None else "stop",
+                constrained="regex" if grammars else "none",
             ))
         return results
 

@@ -7,13 +7,21 @@ at fault, so the call raises (the shard fails and is redone later, never written
 fallback). 401/403/404 raise at once (the key or the model is wrong and no retry can help); a
 400 fails that request only, a fact about its content. The API key is held privately and
 never appears in messages, ids or records.
+
+Output formats are enforced as the server allows, found out on the first request that asks:
+vLLM's `structured_outputs` regex (with its `repetition_penalty`), else an OpenAI
+`response_format` JSON schema, else nothing (the tolerant parser reads free text). A server
+that rejects a way with 400, or answers without following it, is asked the next way; each
+generation records the way that held.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,13 +101,17 @@ class OpenAITeacher:
         self.backoff_max = backoff_max
         self.teacher_id = teacher_id(model, base_url)
         self.usage = Usage()
+        # how this server takes output formats: None until a request found out
+        self.constraint: str | None = None
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAITeacher(model={self.model!r}, base_url={self.base_url!r})"
 
     def generate(self, chats: Sequence[list[dict[str, str]]], sampling: Any,
-                 progress: Callable[[int], None] | None = None) -> list[Any]:
-        coro = self._generate_all(list(chats), sampling, progress)
+                 progress: Callable[[int, int], None] | None = None, formats: Sequence[Any] | None = None) -> list[Any]:
+        if sampling.constrained == "off" or formats is None:
+            formats = [None] * len(chats)
+        coro = self._generate_all(list(chats), sampling, progress, list(formats))
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -121,21 +133,29 @@ class OpenAITeacher:
             raise error[0]
         return result
 
-    async def _generate_all(self, chats, sampling, progress):
+    async def _generate_all(self, chats, sampling, progress, formats):
         import openai
 
         client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, max_retries=0, timeout=self.timeout)
         semaphore = asyncio.Semaphore(self.concurrency)
+        probe = asyncio.Lock()
 
-        async def one(chat):
+        async def one(chat, fmt):
+            if fmt is not None and self.constraint is None:
+                async with probe:  # the first constrained request finds out alone how the server takes formats
+                    if self.constraint is None:
+                        gen = await self._constrained(client, chat, sampling, fmt)
+                        if progress:
+                            progress(1, gen.completion_tokens)
+                        return gen
             async with semaphore:
-                gen = await self._request(client, chat, sampling)
+                gen = await self._constrained(client, chat, sampling, fmt)
             if progress:
-                progress(1)
+                progress(1, gen.completion_tokens)
             return gen
 
         try:
-            tasks = [asyncio.ensure_future(one(chat)) for chat in chats]
+            tasks = [asyncio.ensure_future(one(chat, fmt)) for chat, fmt in zip(chats, formats)]
             try:
                 return await asyncio.gather(*tasks)
             except BaseException:
@@ -146,7 +166,31 @@ class OpenAITeacher:
         finally:
             await client.close()
 
-    async def _request(self, client, chat, sampling):
+    async def _constrained(self, client, chat, sampling, fmt):
+        """One generation in the first way of enforcing `fmt` that this server honours."""
+        if fmt is None or self.constraint == "none":
+            return await self._request(client, chat, sampling, None, fmt)
+        if self.constraint is not None:
+            return await self._request(client, chat, sampling, self.constraint, fmt)
+        for way in ("regex", "json_schema"):
+            gen = await self._request(client, chat, sampling, way, fmt)
+            if gen.error is not None:
+                continue  # refused (400): try the next way
+            if gen.finish_reason == "stop":
+                if not _follows(gen.text, way, fmt):
+                    continue  # accepted but ignored: try the next way
+                self.constraint = way
+            return gen  # cut off by the limit: it cannot be checked, the next request asks again
+        if sampling.constrained == "on":
+            raise TeacherFatalError(
+                f"teacher endpoint {endpoint(self.base_url)} takes neither vLLM's structured outputs nor JSON-schema "
+                "response formats, and teacher.constrained is on: set it to auto (free text, parsed) or off")
+        gen = await self._request(client, chat, sampling, None, fmt)
+        # refused even without a format: the request itself is at fault, not the ways tried
+        self.constraint = "none" if gen.error is None else None
+        return gen
+
+    async def _request(self, client, chat, sampling, way, fmt):
         import openai
 
         from reflectune.reflection import Generation
@@ -155,6 +199,11 @@ class OpenAITeacher:
                                 "temperature": sampling.temperature, "top_p": sampling.top_p}
         if sampling.seed is not None:
             args["seed"] = sampling.seed
+        if way == "regex":  # vLLM's own request fields
+            args["extra_body"] = {"structured_outputs": {"regex": fmt.regex},
+                                  "repetition_penalty": sampling.repetition_penalty}
+        elif way == "json_schema":
+            args["response_format"] = fmt.response_format()
         last = ""
         for attempt in range(self.max_retries + 1):
             self.usage.add(requests=1, retries=1 if attempt else 0)
@@ -183,7 +232,8 @@ class OpenAITeacher:
                 completion_tokens = usage.completion_tokens if usage else 0
                 self.usage.add(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
                 return Generation(text=choice.message.content or "", prompt_tokens=prompt_tokens,
-                                  completion_tokens=completion_tokens, finish_reason=choice.finish_reason)
+                                  completion_tokens=completion_tokens, finish_reason=choice.finish_reason,
+                                  constrained=way or "none")
             if attempt < self.max_retries:
                 backoff = min(self.backoff_max, self.backoff_base * 2**attempt) * random.uniform(0.5, 1.0)
                 await asyncio.sleep(max(backoff, min(wait or 0.0, self.backoff_max)))
@@ -194,6 +244,17 @@ class OpenAITeacher:
 
     def close(self) -> None:
         pass
+
+
+def _follows(text: str, way: str, fmt: Any) -> bool:
+    """Whether a finished generation has the form it was asked for (a server may ignore
+    fields it does not know)."""
+    if way == "regex":
+        return re.fullmatch(fmt.regex, text) is not None
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def _retry_after(headers: Any) -> float | None:

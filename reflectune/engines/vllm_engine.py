@@ -333,6 +333,7 @@ class VLLMEngine:
         self.teacher_id = f"vllm:{models.model_id(spec)}"
         self.block = block
         self.calls = 0  # generate() calls into the engine, for tests and accounting
+        self._requests = 0
         self.cached_tokens = 0  # prompt tokens read from the prefix cache while scoring
 
     # -- student ---------------------------------------------------------------------------
@@ -382,35 +383,63 @@ class VLLMEngine:
         return values
 
     # -- teacher ---------------------------------------------------------------------------
-    def generate(self, chats, sampling, progress=None):
+    def generate(self, chats, sampling, progress=None, formats=None):
+        """One generation per chat. All of them go to the engine at once (continuous batching
+        keeps it full); `progress(1, tokens)` is called as each one finishes. `formats` are
+        enforced with vLLM's structured outputs unless `sampling.constrained` is off."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
 
         from reflectune.engines.hf import render_chat
         from reflectune.reflection import Generation
 
         encoded = [self.tokenizer(render_chat(self.tokenizer, c), add_special_tokens=False)["input_ids"] for c in chats]
         out = [Generation() for _ in chats]
-        runnable = []
+        constrain = sampling.constrained != "off" and formats is not None
+        requests = []
         for i, ids in enumerate(encoded):
             if len(ids) + sampling.max_new_tokens > self.args.max_model_len:
                 out[i] = Generation(prompt_tokens=len(ids), error=(
                     f"prompt of {len(ids)} tokens + {sampling.max_new_tokens} new tokens exceeds max_model_len {self.args.max_model_len}"))
-            else:
-                runnable.append(i)
-        params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_new_tokens, seed=sampling.seed)
-        for start in range(0, len(runnable), self.block):
-            block = runnable[start : start + self.block]
-            self.calls += 1
-            results = self.llm.generate([TokensPrompt(prompt_token_ids=encoded[i]) for i in block], params, use_tqdm=False)
-            for i, result in zip(block, results):
-                completion = result.outputs[0]
-                out[i] = Generation(text=completion.text, prompt_tokens=len(encoded[i]),
-                                    completion_tokens=len(completion.token_ids), finish_reason=completion.finish_reason)
+                continue
+            fmt = formats[i] if constrain else None
+            params = SamplingParams(
+                temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
+                seed=sampling.seed, repetition_penalty=sampling.repetition_penalty,
+                structured_outputs=StructuredOutputsParams(regex=fmt.regex) if fmt else None)
+            requests.append((i, TokensPrompt(prompt_token_ids=ids), params, "regex" if fmt else "none"))
+
+        def finished(k, result):
+            i, _, _, how = requests[k]
+            completion = result.outputs[0]
+            out[i] = Generation(text=completion.text, prompt_tokens=len(encoded[i]),
+                                completion_tokens=len(completion.token_ids), finish_reason=completion.finish_reason,
+                                constrained=how)
             if progress:
-                progress(len(block))
+                progress(1, len(completion.token_ids))
+
+        self.calls += 1
+        self._run([(prompt, params) for _, prompt, params, _ in requests], finished)
         return out
+
+    def _run(self, requests, finished) -> None:
+        """Add every request to the engine, step it until all are done, and call
+        `finished(k, output)` for each as it completes."""
+        engine = self.llm.llm_engine
+        ids = {}
+        for k, (prompt, params) in enumerate(requests):
+            self._requests += 1
+            ids[f"reflectune-{self._requests}"] = k
+            engine.add_request(f"reflectune-{self._requests}", prompt, params)
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        finished(ids[output.request_id], output)
+        except BaseException:
+            engine.abort_request(list(ids))
+            raise
 
     def close(self) -> None:
         """Shut the engine's processes down now; interpreter exit does not do it cleanly."""

@@ -1,0 +1,116 @@
+"""Output formats the teacher and the judge must follow, as constraints an engine can enforce
+at decode time, and the checks a grammar cannot make.
+
+A teacher answer is a bounded free-text analysis followed by the marked fields:
+
+    <analysis> [New Instruction] <text> [End]
+    [New Answer] <text> [End]
+
+or `<analysis> [Better Answer] <text> [End]`. The constraint is a regular expression (vLLM's
+structured outputs, xgrammar in transformers) or, for servers that take only JSON schemas,
+an object with the same fields. Lengths are bounded in characters, sized from the token
+budget so the closing markers always fit: the analysis can never crowd the fields out.
+Fields cannot contain "[" under a constraint: a richer character class that admits "[" not
+followed by "End]" made xgrammar's matcher about 30x slower per token on CPU.
+
+A grammar guarantees the form, not the content: a small model fills a field with a loop to
+satisfy it. `degenerate` finds fields that are mostly repetition.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+# Characters per token assumed when sizing fields from a token budget: English prose runs at
+# about 4; 3 leaves room for code and numbers.
+CHARS_PER_TOKEN = 3
+FIELD_TEXT = r"[^\[\s][^\[]{0,%d}"
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """One generation's required form: a regex over the whole text, the equivalent JSON schema,
+    and the fields it carries, in order."""
+
+    name: str
+    regex: str
+    json_schema: dict
+    fields: tuple[str, ...]
+
+    def response_format(self) -> dict:
+        """The OpenAI `response_format` for servers that take JSON schemas."""
+        return {"type": "json_schema", "json_schema": {"name": self.name, "schema": self.json_schema, "strict": True}}
+
+
+MARKERS = {"new_instruction": "New Instruction", "new_answer": "New Answer", "better_answer": "Better Answer"}
+# share of the character budget: (analysis, each field in order)
+SHARES = {"ins": (0.2, (0.2, 0.55)), "res": (0.25, (0.7,))}
+FIELDS = {"ins": ("new_instruction", "new_answer"), "res": ("better_answer",)}
+
+
+def teacher_format(kind: str, max_new_tokens: int) -> OutputFormat:
+    """The format of an instruction reflection (`ins`) or a response reflection (`res`, also
+    used for `ins_res`) that fits within `max_new_tokens`."""
+    budget = CHARS_PER_TOKEN * max_new_tokens
+    analysis_share, field_shares = SHARES[kind]
+    analysis = max(0, int(analysis_share * budget))
+    sizes = [max(1, int(share * budget)) for share in field_shares]
+    fields = FIELDS[kind]
+    regex = r"[^\[]{0,%d}" % analysis
+    for i, (name, size) in enumerate(zip(fields, sizes)):
+        regex += (r"\n" if i else "") + r"\[%s\] " % MARKERS[name] + FIELD_TEXT % (size - 1) + r" ?\[End\]"
+    schema = {"type": "object", "additionalProperties": False, "required": ["analysis", *fields],
+              "properties": {"analysis": {"type": "string", "maxLength": analysis},
+                             **{name: {"type": "string", "minLength": 1, "maxLength": size}
+                                for name, size in zip(fields, sizes)}}}
+    return OutputFormat(f"reflection_{kind}", regex, schema, fields)
+
+
+def judge_format(explanation_tokens: int = 24) -> OutputFormat:
+    """The judge's answer: a first line of exactly two scores 1-10, then a short explanation."""
+    score = r"(10|[1-9])"
+    regex = score + " " + score + r"\n[^\[]{1,%d}" % (CHARS_PER_TOKEN * explanation_tokens)
+    schema = {"type": "object", "additionalProperties": False, "required": ["score_1", "score_2", "explanation"],
+              "properties": {"score_1": {"type": "integer", "minimum": 1, "maximum": 10},
+                             "score_2": {"type": "integer", "minimum": 1, "maximum": 10},
+                             "explanation": {"type": "string", "maxLength": CHARS_PER_TOKEN * explanation_tokens}}}
+    return OutputFormat("judgement", regex, schema, ("score_1", "score_2"))
+
+
+def from_json(text: str, fmt: OutputFormat) -> str | None:
+    """A JSON answer (from a json_schema server) rewritten in the marked form the parser reads,
+    or None when the text is not such an object."""
+    try:
+        obj = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if fmt.name == "judgement":
+        if not all(isinstance(obj.get(k), int | float) for k in ("score_1", "score_2")):
+            return None
+        return f"{obj['score_1']} {obj['score_2']}\n{obj.get('explanation', '')}"
+    parts = [str(obj.get("analysis", ""))]
+    for name in fmt.fields:
+        if not isinstance(obj.get(name), str):
+            return None
+        parts.append(f"[{MARKERS[name]}] {obj[name]} [End]")
+    return "\n".join(parts)
+
+
+def degenerate(text: str) -> str | None:
+    """Why a field is mostly repetition, or None. Word 4-grams for prose (a loop repeats
+    them), character 8-grams for text without spaces."""
+    words = text.split()
+    if len(words) >= 12:
+        grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+        ratio = len(set(grams)) / len(grams)
+        if ratio < 0.5:
+            return f"mostly repetition: {ratio:.0%} of its word 4-grams are distinct"
+    elif len(text) >= 48:
+        grams = [text[i : i + 8] for i in range(len(text) - 7)]
+        ratio = len(set(grams)) / len(grams)
+        if ratio < 0.3:
+            return f"mostly repetition: {ratio:.0%} of its 8-character runs are distinct"
+    return None
