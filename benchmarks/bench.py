@@ -156,6 +156,53 @@ def bench_teacher(n: int) -> None:
         print(f"{name:45s} {rate:8.1f} new tok/s  ({tokens} tokens)  {rate / base:5.2f}x one-at-a-time")
 
 
+def bench_formats(n: int) -> None:
+    """Constrained against free generation for each packaged teacher installed here, on the
+    bundled sample with vLLM's offline engine: how many generations are well formed (every
+    field present and closed), how many are ok (and not loops), and what the constraint costs
+    in new tokens/s. Also the repetition penalty's effect under the constraint."""
+    import polars as pl
+
+    from reflectune import intake
+    from reflectune.engines.vllm_engine import VLLMEngine
+    from reflectune.packaged import PACKAGED, part_paths
+    from reflectune.reflection import Sampling, reflect
+
+    rows = int(os.environ.get("BENCH_FORMAT_ROWS", "41"))
+    new_tokens = int(os.environ.get("BENCH_FORMAT_TOKENS", "256"))
+    penalties = [float(p) for p in os.environ.get("BENCH_PENALTIES", "1.0,1.1").split(",")]
+    records = intake.load(str(SAMPLE), limit=rows).valid
+    print(f"\n== teacher output formats: {records.height} sample pairs x (ins, res, ins_res), up to {new_tokens} new "
+          "tokens, greedy first attempt and one sampled retry, vLLM offline")
+    print(f"{'teacher':32s} {'constrained':>11s} {'rep.pen.':>8s} {'well formed':>11s} {'ok':>6s} "
+          f"{'new tok/s':>9s} {'vs free':>7s}")
+    wanted = [m for m in os.environ.get("BENCH_TEACHERS", ",".join(PACKAGED)).split(",") if m]
+    for name in wanted:
+        try:
+            part_paths(name)
+        except Exception as exc:  # not installed here
+            print(f"{name:32s} skipped: {exc}")
+            continue
+        engine = VLLMEngine(f"packaged:{name}")
+        free_rate = None
+        for constrained, penalty in [("off", 1.0), *[("on", p) for p in penalties]]:
+            tokens = [0]
+            start = time.perf_counter()
+            variants = reflect(records, engine, "both", Sampling(max_new_tokens=new_tokens, constrained=constrained,
+                                                                 repetition_penalty=penalty),
+                               progress=lambda n, k: tokens.__setitem__(0, tokens[0] + k))
+            rate = tokens[0] / (time.perf_counter() - start)
+            status = variants["parse_status"]
+            formed = status.is_in(["ok", "degenerate"]).mean()
+            ok = (status == "ok").mean()
+            free_rate = free_rate or rate
+            print(f"{name:32s} {constrained:>11s} {penalty:>8.2f} {formed:>11.0%} {ok:>6.0%} {rate:>9.1f} "
+                  f"{rate / free_rate:>6.2f}x")
+            by = variants.group_by("variant", "parse_status").len().sort("variant", "parse_status")
+            print("    " + ", ".join(f"{v}/{s}: {c}" for v, s, c in by.iter_rows()))
+        engine.close()
+
+
 def bench_flow(n: int) -> None:
     """Orchestration overhead: the recycle flow's wall time against the time spent in engine
     work (shard compute plus engine loads), on the sample split into 8 shards."""
@@ -243,7 +290,8 @@ def bench_scale(n: int) -> None:
             server.wait(30)
 
 
-SECTIONS = {"scoring": bench_scoring, "teacher": bench_teacher, "flow": bench_flow, "scale": bench_scale}
+SECTIONS = {"scoring": bench_scoring, "teacher": bench_teacher, "formats": bench_formats, "flow": bench_flow,
+            "scale": bench_scale}
 
 
 def main() -> None:

@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--request-retries", type=int, help="openai teacher: retries of a request the endpoint did "
                      "not answer")
     rec.add_argument("--max-new-tokens", type=int, help="teacher generation limit")
+    rec.add_argument("--constrained", choices=["auto", "on", "off"], help="teacher output format enforced at decode "
+                     "time: auto where the engine can")
     rec.add_argument("--student", help="student model spec")
     rec.add_argument("--student-engine", choices=STUDENT_ENGINES)
     rec.add_argument("--template", choices=TEMPLATES)
@@ -110,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--evaluate", action="store_true", help="also train a student on as many original pairs and "
                      "judge the two (see `reflectune evaluate`)")
     rec.add_argument("--judge", help="evaluation judge model spec")
+    rec.add_argument("--judge-engine", choices=TEACHER_ENGINES, help="evaluation judge engine")
     rec.add_argument("--eval-limit", type=int, help="evaluation: only the first N test instructions")
     rec.add_argument("--eval-max-new-tokens", type=int, help="evaluation: answer length limit")
     rec.add_argument("--mode", choices=["local", "cluster"], help="where shard work runs")
@@ -149,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--baseline", required=True, help="model B, e.g. the student trained on the original data")
     ev.add_argument("--judge", default=DEFAULT_MODEL, help="judge model spec; openai: the served model name")
     ev.add_argument("--judge-engine", default="transformers", choices=TEACHER_ENGINES)
+    ev.add_argument("--engine", default="transformers", choices=STUDENT_ENGINES,
+                    help="engine the two models answer (and are scored) on")
     ev.add_argument("--base-url", help="openai judge: endpoint")
     ev.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai judge: variable holding the key")
     ev.add_argument("--test-set", help="JSONL with instruction (and optional input, output); default: the "
@@ -274,7 +279,7 @@ def recycle_params(args: argparse.Namespace):
         ("teacher", "model"): args.teacher, ("teacher", "engine"): args.teacher_engine,
         ("teacher", "base_url"): args.base_url, ("teacher", "api_key_env"): args.api_key_env,
         ("teacher", "request_retries"): args.request_retries,
-        ("teacher", "max_new_tokens"): args.max_new_tokens,
+        ("teacher", "max_new_tokens"): args.max_new_tokens, ("teacher", "constrained"): args.constrained,
         ("student", "model"): args.student, ("student", "engine"): args.student_engine,
         ("student", "template"): args.template,
         ("selection", "mode"): args.selection, ("selection", "budget"): args.budget,
@@ -283,6 +288,7 @@ def recycle_params(args: argparse.Namespace):
         ("training", "per_device_batch_size"): args.per_device_batch_size,
         ("training", "max_length"): args.train_max_length, ("training", "lora"): True if args.lora else None,
         ("evaluation", "enabled"): True if args.evaluate else None, ("evaluation", "judge"): args.judge,
+        ("evaluation", "judge_engine"): args.judge_engine,
         ("evaluation", "limit"): args.eval_limit, ("evaluation", "max_new_tokens"): args.eval_max_new_tokens,
         ("execution", "mode"): args.mode, ("execution", "max_workers"): args.max_workers,
         ("execution", "retries"): args.retries,
@@ -376,9 +382,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.judge_engine == "openai":
         options = {"base_url": args.base_url, "api_key_env": args.api_key_env}
     _check_engine(args.judge_engine)
+    _check_engine(args.engine)
     result = evaluation.evaluate(args.model, args.baseline, args.judge, tests, template=args.template,
                                  judge_engine=args.judge_engine, judge_options=options,
-                                 max_new_tokens=args.max_new_tokens)
+                                 max_new_tokens=args.max_new_tokens, engine=args.engine)
     if args.out:
         io.write_table(pl.DataFrame(result.rows), args.out)
         io.write_json(result.summary, os.path.splitext(args.out)[0] + ".json")

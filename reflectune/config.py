@@ -39,8 +39,9 @@ class TeacherConfig(_Config):
     top_p: float = Field(1.0, gt=0, le=1, description="First attempt's nucleus sampling.")
     retry_temperature: float = Field(0.7, ge=0, description="Temperature of the one retry a row gets when its "
                                      "output could not be parsed.")
-    repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already written (1 = none); "
-                                      "keeps small teachers out of loops. openai: sent to vLLM servers only.")
+    repetition_penalty: float = Field(1.1, gt=0, description="Penalty on tokens already written (1 = none); "
+                                      "keeps small teachers out of loops (the packaged 135M teacher, constrained: "
+                                      "86% of generations ok at 1.0, 100% at 1.1). openai: sent to vLLM servers only.")
     constrained: Literal["auto", "on", "off"] = Field(
         "auto", description="Enforce the output format (analysis, then the marked fields) at decode time: auto where "
         "the engine can (vLLM, transformers, vLLM servers, JSON-schema servers), on to fail where it cannot, off never.")

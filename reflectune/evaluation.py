@@ -120,13 +120,32 @@ def load_test_set(uri: str | None = None) -> list[dict[str, str]]:
                     raise InputFileError(f"{uri}: line {number}: invalid JSON ({exc.msg}): one object per line") from None
     out = []
     for i, row in enumerate(rows):
-        instruction = next((row[k] for k in INSTRUCTION_NAMES if isinstance(row.get(k), str) and row[k].strip()), None)
-        if instruction is None:
-            raise InputFileError(f"{uri}: item {i + 1}: no instruction: give it one of the fields {list(INSTRUCTION_NAMES)}")
-        out.append({"instruction": instruction,
-                    "input": next((row[k] for k in INPUT_NAMES if isinstance(row.get(k), str)), ""),
-                    "output": next((row[k] for k in OUTPUT_NAMES if isinstance(row.get(k), str)), "")})
+        item = _test_item(row)
+        if item is None:
+            raise InputFileError(f"{uri}: item {i + 1}: no instruction: give it one of the fields {list(INSTRUCTION_NAMES)}, "
+                                 "or LIMA's `conversations`")
+        out.append(item)
     return out
+
+
+def _test_item(row: Any) -> dict[str, str] | None:
+    """One test item as the common sets ship it: Vicuna `text`, WizardLM `Instruction`,
+    Koala `prompt`, Self-instruct `instruction` with its first instance's input and output,
+    LIMA `conversations` (the first turn asks, the second answers)."""
+    if not isinstance(row, dict):
+        return None
+    conversations = row.get("conversations")
+    if isinstance(conversations, list) and conversations and isinstance(conversations[0], str):
+        answer = conversations[1] if len(conversations) > 1 and isinstance(conversations[1], str) else ""
+        return {"instruction": conversations[0], "input": "", "output": answer}
+    instruction = next((row[k] for k in INSTRUCTION_NAMES if isinstance(row.get(k), str) and row[k].strip()), None)
+    if instruction is None:
+        return None
+    instances = row.get("instances")
+    first = instances[0] if isinstance(instances, list) and instances and isinstance(instances[0], dict) else {}
+    return {"instruction": instruction,
+            "input": next((v for k in INPUT_NAMES if isinstance(v := row.get(k, first.get(k)), str)), ""),
+            "output": next((v for k in OUTPUT_NAMES if isinstance(v := row.get(k, first.get(k)), str)), "")}
 
 
 def answer(engine: Any, tests: list[dict[str, str]], template: str, sampling: Sampling) -> list[str]:
@@ -194,8 +213,9 @@ def render_table(summary: dict[str, Any]) -> str:
 def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, str]], *, template: str = "vicuna",
              judge_engine: str = "transformers", judge_options: dict[str, Any] | None = None,
              max_new_tokens: int = 256, judge_max_new_tokens: int = 32, max_length: int = 2048,
-             batch_size: int = 8, constrained: str = "auto") -> Result:
-    """Answers of both models (one loaded at a time), the judge in both orders, held-out loss."""
+             batch_size: int = 8, constrained: str = "auto", engine: str = "transformers") -> Result:
+    """Answers of both models (one loaded at a time, on `engine`: transformers or vllm), the
+    judge in both orders, held-out loss."""
     from reflectune import models
     from reflectune.engines import load_teacher
     from reflectune.engines.hf import TransformersScorer, TransformersTeacher
@@ -203,10 +223,16 @@ def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, s
     sampling = Sampling(0.0, 1.0, max_new_tokens, 0)
     answers, losses = {}, {}
     for name, spec in (("model", model), ("baseline", baseline)):
-        engine = TransformersTeacher(spec, batch_size=batch_size)
-        answers[name] = answer(engine, tests, template, sampling)
-        engine.close()
-        scorer = TransformersScorer(spec)
+        if engine == "vllm":  # one engine answers and scores
+            from reflectune.engines.vllm_engine import VLLMEngine
+
+            writer = scorer = VLLMEngine(spec, max_model_len=max(max_length + 1, 4096))
+        else:
+            writer = TransformersTeacher(spec, batch_size=batch_size)
+        answers[name] = answer(writer, tests, template, sampling)
+        if engine != "vllm":
+            writer.close()
+            scorer = TransformersScorer(spec)
         losses[name] = heldout_loss(scorer, tests, template, max_length)
         scorer.close()
     judge_engine_ = load_teacher(judge_engine, judge_spec, **(judge_options or {}))

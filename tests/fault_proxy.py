@@ -2,7 +2,9 @@
 
 Faults are consumed one per request, in order: "429" (with Retry-After), "500", "503",
 "400", "401", "close" (drop the connection without an answer), "pass". When the list is
-empty every request passes through to the upstream server.
+empty every request passes through to the upstream server. `refuse` names request fields
+the upstream is to be taken not to know: a request carrying one gets 400 ("refused"), as a
+server without that feature answers.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ REASONS = {400: "Bad Request", 401: "Unauthorized", 429: "Too Many Requests", 50
 
 class FaultProxy:
     def __init__(self, upstream_host: str, upstream_port: int, faults: list[str] | None = None, retry_after: float = 1,
-                 port: int = 0):
+                 port: int = 0, refuse: tuple[str, ...] = ()):
         self.upstream = (upstream_host, upstream_port)
+        self.refuse = refuse
         self.faults = list(faults or [])
         self.retry_after = retry_after
         self.log: list[str] = []  # what each request got
@@ -65,6 +68,8 @@ class FaultProxy:
                     break
                 with self._lock:
                     fault = self.faults.pop(0) if self.faults else "pass"
+                    if fault == "pass" and any(f'"{name}"'.encode() in request for name in self.refuse):
+                        fault = "refused"
                     self.log.append(fault)
                     self.requests.append(request)
                 if fault == "close":
@@ -72,6 +77,8 @@ class FaultProxy:
                     return
                 if fault == "pass":
                     writer.write(await self._forward(request))
+                elif fault == "refused":
+                    writer.write(self._error(400))
                 else:
                     writer.write(self._error(int(fault)))
                 await writer.drain()

@@ -71,6 +71,21 @@ def test_test_sets_in_the_common_formats(tmp_path):
     koala.write_text(json.dumps({"prompt": "Write a limerick.", "id": "k1"}) + "\n")
     assert ev.load_test_set(str(vicuna))[0]["instruction"].startswith("How can I")
     assert ev.load_test_set(str(koala)) == [{"instruction": "Write a limerick.", "input": "", "output": ""}]
+    sinstruct = tmp_path / "sinstruct.jsonl"
+    sinstruct.write_text(json.dumps({"id": "user_oriented_task_0", "motivation_app": "Grammarly",
+                                     "instruction": "Make the sentence shorter.",
+                                     "instances": [{"input": "In my opinion I think it is good.", "output": "It is good."}]})
+                         + "\n")
+    assert ev.load_test_set(str(sinstruct)) == [{"instruction": "Make the sentence shorter.",
+                                                 "input": "In my opinion I think it is good.", "output": "It is good."}]
+    lima = tmp_path / "lima.jsonl"
+    lima.write_text(json.dumps({"conversations": ["What is a haiku?", "A three-line poem of 5, 7 and 5 syllables."],
+                                "source": "stackexchange"}) + "\n")
+    assert ev.load_test_set(str(lima)) == [{"instruction": "What is a haiku?", "input": "",
+                                            "output": "A three-line poem of 5, 7 and 5 syllables."}]
+    wizard = tmp_path / "wizardlm.jsonl"
+    wizard.write_text(json.dumps({"idx": 1, "Skill": "Math", "Instruction": "What is 2 + 2?"}) + "\n")
+    assert ev.load_test_set(str(wizard))[0]["instruction"] == "What is 2 + 2?"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"category": "x"}\n')
     with pytest.raises(Exception, match=r"item 1: no instruction"):
@@ -110,3 +125,17 @@ def test_evaluate_with_the_packaged_model_as_judge(tmp_path, student_fp32):
                                  t["output"])["loss_a_condition"] for t in tests) / 2
     assert summary["heldout_loss_model"] == pytest.approx(want, rel=0.03)
     assert summary["heldout_loss_model"] == summary["heldout_loss_baseline"]
+
+
+def test_the_constrained_judge_always_gives_scores(teacher):
+    """The packaged 135M judge on 20 bundled items, both orders: the first line is held to two
+    scores at decode time, so (almost) every judgement parses."""
+    from reflectune.reflection import Sampling
+
+    tests = ev.load_test_set()[:20]
+    answers = [t["output"] or "I do not know." for t in tests]
+    rows = ev.judge(teacher, tests, answers, ["I do not know."] * 20, Sampling(0.0, 1.0, 32, 0, constrained="auto"))
+    unparsed = sum((r["scores_ab"] is None) + (r["scores_ba"] is None) for r in rows)
+    assert unparsed <= 2, unparsed  # at most 5% of 40
+    assert all(r["judge_constrained"] == ["regex", "regex"] for r in rows)
+    assert all(ev.parse_scores(r["judge_ab"]) == tuple(r["scores_ab"]) for r in rows if r["scores_ab"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,12 +82,20 @@ def test_the_whole_flow_on_a_few_rows(prefect_api, tmp_path):
 
     assert AutoModelForCausalLM.from_pretrained(out / "model").num_parameters() > 1e8
 
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     with client() as cl:
         arts = cl.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
             any_=["reflectune-shards", "reflectune-summary"])))
         assert {a.key for a in arts} == {"reflectune-shards", "reflectune-summary"}
+        # progress inside each shard: a progress artifact per shard and stage, finished, with its rate
+        inside = cl.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"reflectune-{stage}-part-0000{i}" for stage in ("teacher", "student")
+                                        for i in range(3)]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        assert len({a.key for a in inside}) == 6 and all(a.data == 100.0 for a in inside)
+        teacher_done = next(a for a in inside if a.key == "reflectune-teacher-part-00000").description
+        assert re.search(r"teacher part-00000: done, \d+ of 6 generations, [\d,]+ tok/s", teacher_done), teacher_done
         summary = next(a for a in arts if a.key == "reflectune-summary").data
         runs = {t.name.rsplit("-", 1)[0] for t in task_runs(state.state_details.flow_run_id)}
     assert {"intake-and-shard", "teacher-shard", "student-shard", "select-and-write", "write-manifest",

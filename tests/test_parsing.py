@@ -105,3 +105,8 @@ def test_response_reflection_variants():
     repeated = "[Better Answer] your answer [End]\n[Better Answer] Boil water, steep for four minutes. [End]"
     assert parse(repeated, RES).fields["better_answer"] == "Boil water, steep for four minutes."
     assert parse("[Better Answer]   [End]", RES).problems["better_answer"] == "empty"
+
+
+def test_a_placeholder_copied_after_a_value_is_dropped():
+    p = parse("[New Instruction] Name a fruit. Your instruction [End]\n[New Answer] An apple. your answer [End]", INS)
+    assert p.fields == {"new_instruction": "Name a fruit.", "new_answer": "An apple."}

@@ -85,6 +85,19 @@ def test_packaged_teacher_end_to_end(teacher, records):
     assert all(s.temperature > 0 for s in retries)
 
 
+WELL_FORMED = ["ok", "degenerate"]
+
+
+def test_constrained_generation_with_transformers(teacher, records):
+    """xgrammar holds the packaged teacher to the form: analysis, then closed fields."""
+    variants = reflect(records, teacher, "both", Sampling(max_new_tokens=96, constrained="on"))
+    assert variants.height == 9
+    assert all(how == "regex" for attempts in variants["constrained"] for how in attempts)
+    assert variants["parse_status"].is_in(WELL_FORMED).mean() >= 0.85, variants["parse_status"].to_list()
+    for row in variants.iter_rows(named=True):
+        assert len(row["constrained"]) == len(row["raw_text"])
+
+
 def _first_failed(row):
     from reflectune.parsing import parse
 
@@ -163,3 +176,41 @@ def test_reflect_cli_with_the_openai_engine(vllm_server, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["variant"] for r in rows] == ["res", "res"]
     assert "reflecting" in result.stderr and SECRET not in result.stderr + result.stdout + out.read_text()
+
+
+def test_constrained_generation_through_vllm_serve(proxy, vllm_server, records):
+    engine = openai_teacher(proxy, vllm_server, concurrency=4)
+    variants = reflect(records, engine, "both", Sampling(max_new_tokens=96, constrained="auto"))
+    assert engine.constraint == "regex" and b'"structured_outputs"' in proxy.requests[0]
+    assert all(how == "regex" for attempts in variants["constrained"] for how in attempts)
+    assert variants["parse_status"].is_in(WELL_FORMED).mean() >= 0.85, variants["parse_status"].to_list()
+
+
+def test_a_server_that_takes_only_json_schemas_gets_them(vllm_server, records):
+    proxy = FaultProxy("127.0.0.1", vllm_server["port"], refuse=("structured_outputs",))
+    try:
+        engine = openai_teacher(proxy, vllm_server, concurrency=4)
+        variants = reflect(records, engine, "response", Sampling(max_new_tokens=96, constrained="auto"))
+    finally:
+        proxy.close()
+    assert proxy.log[0] == "refused" and engine.constraint == "json_schema"
+    assert all(attempts[0] == "json_schema" for attempts in variants["constrained"])
+    first = json.loads(variants["raw_text"][0][0])  # the teacher's own text is kept: JSON
+    assert set(first) == {"analysis", "better_answer"}
+    assert variants["parse_status"].is_in(WELL_FORMED).mean() >= 0.6, variants["parse_status"].to_list()
+
+
+def test_a_server_without_structured_outputs_degrades_to_free_text(vllm_server, records):
+    proxy = FaultProxy("127.0.0.1", vllm_server["port"], refuse=("structured_outputs", "response_format"))
+    try:
+        engine = openai_teacher(proxy, vllm_server, concurrency=4)
+        variants = reflect(records, engine, "response", Sampling(max_new_tokens=32, constrained="auto"))
+        assert proxy.log[:2] == ["refused", "refused"] and engine.constraint == "none"
+        # recorded, never a failed run: every row has its free-text attempt(s)
+        assert variants.height == records.height
+        assert all(how == "none" for attempts in variants["constrained"] for how in attempts)
+        strict = openai_teacher(proxy, vllm_server)
+        with pytest.raises(TeacherFatalError, match="takes neither vLLM's structured outputs nor JSON-schema"):
+            reflect(records, strict, "response", Sampling(max_new_tokens=32, constrained="on"))
+    finally:
+        proxy.close()

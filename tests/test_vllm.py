@@ -73,12 +73,20 @@ def test_sequences_longer_than_the_context_fail_alone(vllm_engine, tokenizer):
 def test_teacher_generation(vllm_engine):
     records = intake.load(str(SAMPLE), limit=3).valid
     calls = vllm_engine.calls
-    variants = reflect(records, vllm_engine, "both", Sampling(max_new_tokens=48))
+    done = []
+    variants = reflect(records, vllm_engine, "both", Sampling(max_new_tokens=96, constrained="on"),
+                       progress=lambda n, tokens: done.append((n, tokens)))
     assert variants.height == 9
     assert variants["completion_tokens"].min() > 0 and variants["prompt_tokens"].min() > 0
     assert variants["teacher"][0].startswith("vllm:packaged:smollm2-135m-instruct@")
+    # structured outputs hold the form: analysis, then closed fields
+    assert all(how == "regex" for attempts in variants["constrained"] for how in attempts)
+    assert variants["parse_status"].is_in(["ok", "degenerate"]).mean() >= 0.85, variants["parse_status"].to_list()
     # all of a phase's requests go to the engine at once: 2 phases, each with at most one retry
     assert vllm_engine.calls - calls <= 4
+    # progress arrives per finished generation, with its new tokens
+    assert all(n == 1 for n, _ in done) and len(done) == variants["raw_text"].list.len().sum()
+    assert sum(t for _, t in done) == variants["completion_tokens"].sum()
 
 
 BLOCK_VLLM = """

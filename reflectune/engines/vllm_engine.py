@@ -222,7 +222,7 @@ def engine_env() -> None:
     import os
 
     # engine chatter stays out of run logs unless asked for
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     if not on_gpu():
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
@@ -245,6 +245,9 @@ def serve_command(spec: str, port: int, served_name: str, host: str = "127.0.0.1
         "--dtype", a.dtype, "--max-model-len", str(a.max_model_len),
         *[part for name, value in memory_args(spec, a).items() for part in (f"--{name.replace('_', '-')}", str(value))],
         "--tensor-parallel-size", str(a.tensor_parallel_size), "--seed", str(a.seed),
+        # on CPU a large step budget keeps concurrent prompts from being prefilled in chunks, which
+        # fails seeded requests there (see VLLMEngine.generate)
+        *([] if on_gpu() else ["--max-num-batched-tokens", str(4 * a.max_model_len)]),
         "--disable-log-stats",
     ]
     if a.enforce_eager:
@@ -387,16 +390,26 @@ class VLLMEngine:
         """One generation per chat. All of them go to the engine at once (continuous batching
         keeps it full); `progress(1, tokens)` is called as each one finishes. `formats` are
         enforced with vLLM's structured outputs unless `sampling.constrained` is off."""
+        from reflectune.engines.hf import render_chat
+
+        texts = [render_chat(self.tokenizer, c) for c in chats]
+        return self.complete(texts, sampling, progress, specials=False, formats=formats)
+
+    def complete(self, texts, sampling, progress=None, specials: bool = True, formats=None):
+        """Continue raw prompts (e.g. a scoring template's P(x)); `specials` adds the
+        tokenizer's BOS as the scorer and the trainer do. Chats go through `generate`."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import StructuredOutputsParams
 
-        from reflectune.engines.hf import render_chat
         from reflectune.reflection import Generation
 
-        encoded = [self.tokenizer(render_chat(self.tokenizer, c), add_special_tokens=False)["input_ids"] for c in chats]
-        out = [Generation() for _ in chats]
+        encoded = [self.tokenizer(t, add_special_tokens=specials)["input_ids"] for t in texts]
+        out = [Generation() for _ in texts]
         constrain = sampling.constrained != "off" and formats is not None
+        # vLLM on CPU fails a request with its own seed when its prompt is prefilled in chunks
+        # ("CPU Generator does not use offset"): there the engine's seed alone makes runs repeatable
+        seed = sampling.seed if on_gpu() else None
         requests = []
         for i, ids in enumerate(encoded):
             if len(ids) + sampling.max_new_tokens > self.args.max_model_len:
@@ -406,7 +419,7 @@ class VLLMEngine:
             fmt = formats[i] if constrain else None
             params = SamplingParams(
                 temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
-                seed=sampling.seed, repetition_penalty=sampling.repetition_penalty,
+                seed=seed, repetition_penalty=sampling.repetition_penalty,
                 structured_outputs=StructuredOutputsParams(regex=fmt.regex) if fmt else None)
             requests.append((i, TokensPrompt(prompt_token_ids=ids), params, "regex" if fmt else "none"))
 
