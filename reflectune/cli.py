@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES, help="prompt template P (default: %(default)s)")
     score.add_argument("--max-length", type=int, default=2048, help="truncation length in tokens (default: %(default)s)")
     score.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it, else fp32), float32, bfloat16")
+    score.add_argument("--exact", action="store_true", help="float32, the reference's precision (same as --dtype float32)")
+    score.add_argument("--input-join", default="none", choices=["none", "newline"],
+                       help="r-IFD: instruction and input concatenated as the reference (none) or on two lines")
     score.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     _intake_options(score)
     score.set_defaults(func=_score)
@@ -62,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     reflect.add_argument("--engine", default="transformers", choices=TEACHER_ENGINES, help="teacher engine")
     reflect.add_argument("--kind", default="both", choices=KINDS,
                          help="instruction: ins; response: res; both: ins, res and ins_res (default)")
-    reflect.add_argument("--max-new-tokens", type=int, default=1024, help="generation limit per request")
+    reflect.add_argument("--max-new-tokens", type=int, default=2048, help="generation limit per request (at most the context minus the prompt)")
     reflect.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as the reference")
     reflect.add_argument("--top-p", type=float, default=1.0)
     reflect.add_argument("--seed", type=int, default=0)
@@ -99,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--student", help="student model spec")
     rec.add_argument("--student-engine", choices=STUDENT_ENGINES)
     rec.add_argument("--template", choices=TEMPLATES)
+    rec.add_argument("--exact", action="store_true", help="student scores in float32, the reference's precision")
+    rec.add_argument("--input-join", choices=["none", "newline"], help="r-IFD: how instruction and input are joined")
     rec.add_argument("--shard-size", type=int, help="records per shard")
     rec.add_argument("--selection", choices=["released", "paper"], help="selection rule")
     rec.add_argument("--budget", type=float, help="keep the top fraction by IFD, e.g. 0.05")
@@ -132,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     pl_.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES)
     pl_.add_argument("--shard-size", type=int, default=512)
     pl_.add_argument("--max-length", type=int, default=2048)
-    pl_.add_argument("--max-new-tokens", type=int, default=1024)
+    pl_.add_argument("--max-new-tokens", type=int, default=2048)
     pl_.add_argument("--epochs", type=float, default=3.0)
     for stage in ("teacher", "student", "train"):
         pl_.add_argument(f"--{stage}-tps", type=float, help=f"{stage} tokens/s measured on your workers "
@@ -160,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
                     "bundled 40 instructions")
     ev.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES, help="the template both models "
                     "were trained with (default: %(default)s)")
-    ev.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
+    ev.add_argument("--max-new-tokens", type=int, default=1024, help="answer length limit (the paper: 1024)")
     ev.add_argument("--limit", type=int, help="only the first N test items")
     ev.add_argument("--out", help="write verdicts (.jsonl or .parquet) and OUT's .json summary")
     ev.set_defaults(func=_evaluate)
@@ -202,12 +207,12 @@ def _score(args: argparse.Namespace) -> int:
     from reflectune.engines import student_options
 
     cfg = StudentConfig(model=args.student, engine=args.engine, template=args.template, max_length=args.max_length,
-                        dtype=args.dtype)
+                        dtype="float32" if args.exact else args.dtype, input_join=args.input_join)
     options = student_options(cfg, VLLMConfig()) | ({"device": args.device} if args.engine == "transformers" else {})
     engine = load_student(args.engine, args.student, **options)
     try:
         with _progress("scoring") as advance:
-            scored = scoring.score_table(data.valid, engine, args.template, args.max_length, advance)
+            scored = scoring.score_table(data.valid, engine, args.template, args.max_length, advance, args.input_join)
     finally:
         engine.close()
     io.write_table(scored, args.out)
@@ -281,7 +286,8 @@ def recycle_params(args: argparse.Namespace):
         ("teacher", "request_retries"): args.request_retries,
         ("teacher", "max_new_tokens"): args.max_new_tokens, ("teacher", "constrained"): args.constrained,
         ("student", "model"): args.student, ("student", "engine"): args.student_engine,
-        ("student", "template"): args.template,
+        ("student", "template"): args.template, ("student", "dtype"): "float32" if args.exact else None,
+        ("student", "input_join"): args.input_join,
         ("selection", "mode"): args.selection, ("selection", "budget"): args.budget,
         ("training", "enabled"): False if args.no_train else None, ("training", "epochs"): args.epochs,
         ("training", "learning_rate"): args.learning_rate, ("training", "batch_size"): args.batch_size,

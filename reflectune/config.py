@@ -34,7 +34,9 @@ class TeacherConfig(_Config):
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
     api_key_block: str | None = Field(None, description="openai: name of a Prefect Secret block holding the API "
                                       "key; used instead of the environment when set.")
-    max_new_tokens: int = Field(1024, ge=1, description="Generation limit per request.")
+    max_new_tokens: int = Field(2048, ge=1, description="Generation limit per request, as the reference: each "
+                                "request gets at most this and at most the teacher's context minus its prompt "
+                                "(vllm and transformers engines; an openai endpoint applies its own limit).")
     temperature: float = Field(0.0, ge=0, description="First attempt's temperature; 0 is greedy, as the reference.")
     top_p: float = Field(1.0, gt=0, le=1, description="First attempt's nucleus sampling.")
     retry_temperature: float = Field(0.7, ge=0, description="Temperature of the one retry a row gets when its "
@@ -62,7 +64,12 @@ class StudentConfig(_Config):
     template: Literal["vicuna", "alpaca", "wizardlm", "chat"] = Field(
         "vicuna", description="Prompt template P used for scoring and training; chat = the student's own template.")
     max_length: int = Field(2048, ge=16, description="Truncation length of scored sequences, in tokens.")
-    dtype: str = Field("auto", description="auto: bfloat16 where the hardware has it, else float32.")
+    dtype: str = Field("auto", description="auto: bfloat16 where the hardware has it (fast; moves scores by about "
+                       "2% and some decisions, see README), else float32. float32 (--exact) is the reference's "
+                       "precision.")
+    input_join: Literal["none", "newline"] = Field(
+        "none", description="How the r-IFD side joins instruction and input: none concatenates them as the "
+        "reference code does; newline puts a line break between.")
 
 
 class VLLMConfig(_Config):
@@ -111,7 +118,7 @@ class EvaluationConfig(_Config):
     judge: str = Field(DEFAULT_MODEL, description="Judge model spec; for judge_engine openai the served model name.")
     judge_engine: Literal["transformers", "vllm", "openai"] = Field("transformers", description="Judge engine.")
     judge_base_url: str | None = Field(None, description="openai judge: the endpoint.")
-    max_new_tokens: int = Field(256, ge=1, description="Answer length limit of both students.")
+    max_new_tokens: int = Field(1024, ge=1, description="Answer length limit of both students (the paper's evaluation: 1024).")
     limit: int | None = Field(None, ge=1, description="Only the first N test instructions.")
     seed: int = Field(0, description="Seed of the sample of original pairs the baseline is trained on.")
 

@@ -23,27 +23,32 @@ from reflectune.errors import InputFileError
 from reflectune.reflection import Sampling
 
 BUNDLED_TEST_SET = Path(__file__).resolve().parent / "data" / "test_set.jsonl"
-JUDGE_VERSION = "pairwise-judge/v1"
+JUDGE_VERSION = "pairwise-judge/v2"
 # field names of the common test sets (Vicuna, Koala, WizardLM, Self-instruct, LIMA) as shipped
 INSTRUCTION_NAMES = ("instruction", "text", "prompt", "question", "Instruction")
 INPUT_NAMES = ("input", "instances_input")
 OUTPUT_NAMES = ("output", "reference", "answer", "target")
 
-JUDGE_SYSTEM = (
-    "You are a careful, impartial judge of answers written by AI assistants. You compare two answers to the "
-    "same question for helpfulness, relevance, accuracy, depth and level of detail. The order of the answers "
-    "says nothing about their quality, and neither does their length."
+# The pairwise protocol of the paper's evaluation (Vicuna's reviewer prompt, as Cherry_LLM and
+# Reflection-Tuning use it); each pair is judged in both orders.
+JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+JUDGE_CRITERIA = (
+    "We would like to request your feedback on the performance of two AI assistants in response to the user "
+    "question displayed above.\nPlease rate the helpfulness, relevance, accuracy, level of details of their "
+    "responses. Each assistant receives an overall score on a scale of 1 to 10, where a higher score indicates "
+    "better overall performance.\nPlease first output a single line containing only two values indicating the "
+    "scores for Assistant 1 and 2, respectively. The two scores are separated by a space. In the subsequent line, "
+    "please provide a comprehensive explanation of your evaluation, avoiding any potential bias and ensuring that "
+    "the order in which the responses were presented does not affect your judgment."
 )
 
 
 def judge_messages(question: str, first: str, second: str) -> list[dict[str, str]]:
     user = (
         f"[Question]\n{question}\n\n"
-        f"[The Start of Assistant 1's Answer]\n{first}\n[The End of Assistant 1's Answer]\n\n"
-        f"[The Start of Assistant 2's Answer]\n{second}\n[The End of Assistant 2's Answer]\n\n"
-        "Rate each assistant's answer with a score from 1 to 10, higher is better. On the first line write only "
-        "the two scores, for Assistant 1 and Assistant 2, separated by a space. On the following lines explain "
-        "your rating briefly."
+        f"[The Start of Assistant 1's Answer]\n{first}\n\n[The End of Assistant 1's Answer]\n\n"
+        f"[The Start of Assistant 2's Answer]\n{second}\n\n[The End of Assistant 2's Answer]\n\n"
+        f"[System]\n{JUDGE_CRITERIA}\n\n"
     )
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
@@ -152,7 +157,7 @@ def answer(engine: Any, tests: list[dict[str, str]], template: str, sampling: Sa
     """Each test instruction answered in `template`, as the student was trained; the chat
     template goes through the engine's chat path."""
     if template == "chat":
-        chats = [[{"role": "user", "content": templates.question(t["instruction"], t["input"])}] for t in tests]
+        chats = [[{"role": "user", "content": templates.question(t["instruction"], t["input"], "newline")}] for t in tests]
         gens = engine.generate(chats, sampling)
     else:
         prompts = [templates.render(template, t["instruction"], t["input"]) for t in tests]
@@ -163,7 +168,7 @@ def answer(engine: Any, tests: list[dict[str, str]], template: str, sampling: Sa
 def judge(judge_engine: Any, tests: list[dict[str, str]], answers_a: list[str], answers_b: list[str],
           sampling: Sampling) -> list[dict[str, Any]]:
     """Each pair judged in both orders; one row per test item with both verdicts and the outcome."""
-    questions = [templates.question(t["instruction"], t["input"]) for t in tests]
+    questions = [templates.question(t["instruction"], t["input"], "newline") for t in tests]
     chats = [judge_messages(q, a, b) for q, a, b in zip(questions, answers_a, answers_b)]
     chats += [judge_messages(q, b, a) for q, a, b in zip(questions, answers_a, answers_b)]
     # the first line must be the two scores: enforced at decode time where the engine can
@@ -212,7 +217,7 @@ def render_table(summary: dict[str, Any]) -> str:
 
 def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, str]], *, template: str = "vicuna",
              judge_engine: str = "transformers", judge_options: dict[str, Any] | None = None,
-             max_new_tokens: int = 256, judge_max_new_tokens: int = 32, max_length: int = 2048,
+             max_new_tokens: int = 1024, judge_max_new_tokens: int = 32, max_length: int = 2048,
              batch_size: int = 8, constrained: str = "auto", engine: str = "transformers") -> Result:
     """Answers of both models (one loaded at a time, on `engine`: transformers or vllm), the
     judge in both orders, held-out loss."""

@@ -67,6 +67,14 @@ def teacher_format(kind: str, max_new_tokens: int) -> OutputFormat:
     return OutputFormat(f"reflection_{kind}", regex, schema, fields)
 
 
+def fit(fmt: OutputFormat | None, max_new_tokens: int) -> OutputFormat | None:
+    """`fmt` resized for a request whose budget the engine had to lower (a long prompt
+    leaves less of the context): the fields must still close within it."""
+    if fmt is None or not fmt.name.startswith("reflection_"):
+        return fmt
+    return teacher_format(fmt.name.removeprefix("reflection_"), max_new_tokens)
+
+
 def judge_format(explanation_tokens: int = 24) -> OutputFormat:
     """The judge's answer: a first line of exactly two scores 1-10, then a short explanation."""
     score = r"(10|[1-9])"

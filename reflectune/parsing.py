@@ -4,9 +4,11 @@ A field is the text after its marker (`[New Instruction]`, `New Instruction:`, `
 Instruction:**`, any case) up to `[End]`, the next marker, or the end of the text. When a
 marker occurs several times (a model restating the format, then answering), the last usable
 candidate wins: the prompt asks for the fields at the end. A field is unusable when it is
-missing, empty, echoes the template ("your instruction", "your answer", "N/A"), or was cut off
-by the token limit (it runs to the end of a generation that stopped for length). A usable
-field that is mostly repetition is `degenerate`: present and closed, but no use as data.
+missing, empty, or echoes the template ("your instruction", "your answer", "N/A"). An answer
+cut off by the token limit (it runs to the end of a generation that stopped for length) is
+kept as the reference keeps it, and listed in `cut`; an instruction needs its closing marker,
+as in the reference. A usable field that is mostly repetition is `degenerate`: present, but
+no use as data.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Parsed:
     fields: dict[str, str] = field(default_factory=dict)  # usable fields only
     problems: dict[str, str] = field(default_factory=dict)  # field -> why it is unusable
     degenerate: set[str] = field(default_factory=set)  # fields present and closed, but loops
+    cut: set[str] = field(default_factory=set)  # usable fields that ran into the token limit
 
     @property
     def well_formed(self) -> bool:
@@ -59,7 +62,8 @@ def parse(text: str, wanted: tuple[str, ...], cut_off: bool = False) -> Parsed:
         reason = ""
         for start, end, _ in reversed(candidates):
             value, ran_to_end = _field_text(text, end, spans)
-            reason = _unusable(value, ran_to_end and cut_off)
+            cut = ran_to_end and cut_off
+            reason = _unusable(value, cut and name == "new_instruction")
             if not reason:
                 loop = degenerate(value)
                 if loop:
@@ -67,6 +71,8 @@ def parse(text: str, wanted: tuple[str, ...], cut_off: bool = False) -> Parsed:
                     out.degenerate.add(name)
                 else:
                     out.fields[name] = value
+                    if cut:
+                        out.cut.add(name)
                 break
         else:
             out.problems[name] = reason

@@ -9,8 +9,8 @@ mixes with earlier results (and is part of every cache key).
 
 from __future__ import annotations
 
-INSTRUCTION_VERSION = "instruction-reflection/v1"
-RESPONSE_VERSION = "response-reflection/v1"
+INSTRUCTION_VERSION = "instruction-reflection/v2"
+RESPONSE_VERSION = "response-reflection/v2"
 
 Messages = list[dict[str, str]]
 
@@ -25,7 +25,7 @@ _INSTRUCTION_TASK = """You will be shown an instruction and the answer it receiv
 2. Explain why the answer is weak for this instruction. Judge its helpfulness, relevance, accuracy and level of detail.
 3. Explain how the weaknesses of the instruction led to the weaknesses of the answer.
 4. Write a new instruction that is complete, more complex and harder to answer directly. It must be related to the original instruction but independent of it: someone who never saw the original can answer it, so include any text or data it needs.
-5. Answer the new instruction as thoroughly and accurately as you can.
+5. Answer the new instruction accurately and as detailed as possible.
 
 Finish with the new instruction and its answer in exactly this format:
 [New Instruction] your instruction [End]
@@ -39,7 +39,7 @@ _RESPONSE_SYSTEM = (
 _RESPONSE_TASK = """You will be shown an instruction, sometimes with an input that gives it context, and the answer it received. Review the answer for the instruction and its input.
 
 1. Explain why the answer is not good enough. Judge its helpfulness, relevance, accuracy and level of detail.
-2. Based on that review, write a better answer: new, complete, accurate and as detailed as the instruction deserves.
+2. Based on that review, write a better answer: new, complete, accurate and as detailed as possible.
 
 Finish with the better answer in exactly this format:
 [Better Answer] your answer [End]"""

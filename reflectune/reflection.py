@@ -3,10 +3,13 @@
 Phase 1 asks the teacher for the instruction reflection (ins) and the response reflection of
 the original (res) together; phase 2 asks for the response reflection of each new pair
 (ins_res). Where the engine can, the output format is enforced at decode time
-(reflectune.formats); the lineage records, per attempt, whether it was. After each phase,
-rows whose output could not be parsed (or whose fields are loops) get one more try with
-different sampling; a field still unusable falls back to the base pair's field. Every row
-keeps the raw teacher text of every attempt, its parse status and token usage.
+(reflectune.formats); the lineage records, per attempt, whether it was. As in the reference
+code, a row with no usable field gets one more try with different sampling; an answer cut
+off by the token limit is kept (`partial`); a response field still unusable falls back to
+the base pair's answer, and an `ins` variant without a usable new answer falls back whole
+to the original pair, which then ties with it in selection (a new instruction with the old
+answer would score as a harder instruction it is not). Every row keeps the raw teacher text
+of every attempt, its parse status and token usage.
 """
 
 from __future__ import annotations
@@ -116,6 +119,21 @@ def retry_of(sampling: Sampling, temperature: float = RETRY_TEMPERATURE) -> Samp
     return replace(sampling, temperature=temperature, top_p=RETRY_TOP_P, seed=(sampling.seed or 0) + 1)
 
 
+# the fewest new tokens worth asking for: below it the marked fields cannot close
+MIN_NEW_TOKENS = 16
+
+
+def new_tokens(prompt_tokens: int, wanted: int, context: int | None) -> int | str:
+    """A request's token limit as the reference sets it, min(wanted, context - prompt), or why
+    the prompt leaves no room."""
+    if context is None:
+        return wanted
+    room = context - prompt_tokens
+    if room < min(wanted, MIN_NEW_TOKENS):
+        return f"prompt of {prompt_tokens} tokens leaves {max(room, 0)} of the teacher's context of {context} tokens"
+    return min(wanted, room)
+
+
 def _as_base(row: dict) -> dict[str, str]:
     return {name: row[name] for name in RECORD}
 
@@ -140,7 +158,7 @@ def _run(jobs: list[_Job], teacher: TeacherEngine, sampling: Sampling, retry: Sa
             job.completion_tokens += gen.completion_tokens
             parsed = _parse(job, gen)
             last = attempt == 1
-            if parsed.problems and not last:
+            if not parsed.fields and not last:
                 failed.append(job)
             else:
                 job.result = _finish(job, parsed, teacher.teacher_id)
@@ -180,6 +198,10 @@ def _finish(job: _Job, parsed: parsing.Parsed, teacher_id: str) -> dict:
     if job.variant == "ins":
         instruction = parsed.fields.get("new_instruction")
         output = parsed.fields.get("new_answer")
+        if output is None and instruction is not None:
+            instruction = None
+            del parsed.fields["new_instruction"]
+            parsed.problems["new_instruction"] = "dropped with the unusable new answer: the variant is the original pair"
         fields = {
             "instruction": instruction if instruction is not None else b["instruction"],
             # the new instruction is self-contained; a fallen-back one still needs its input
@@ -187,18 +209,21 @@ def _finish(job: _Job, parsed: parsing.Parsed, teacher_id: str) -> dict:
             "output": output if output is not None else b["output"],
         }
         version = prompts.INSTRUCTION_VERSION
-        total = 2
     else:
         output = parsed.fields.get("better_answer")
         fields = {"instruction": b["instruction"], "input": b["input"], "output": output if output is not None else b["output"]}
         version = prompts.RESPONSE_VERSION
-        total = 1
+    for name in parsed.cut:
+        parsed.problems[name] = "cut off at the token limit, kept as written"
     if not parsed.problems:
         status = "ok"
-    elif parsed.well_formed:  # every field present and closed, some of them loops
+    elif not parsed.fields:
+        # nothing usable: the original's fields; loops are told apart from a missing form
+        status = "degenerate" if parsed.degenerate else "fallback"
+    elif parsed.well_formed and not parsed.cut:
         status = "degenerate"
     else:
-        status = "fallback" if len(parsed.problems) == total else "partial"
+        status = "partial"
     return {
         "sample_id": b["sample_id"],
         "source_index": b["source_index"],

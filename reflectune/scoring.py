@@ -19,6 +19,9 @@ from reflectune import templates
 from reflectune.records import SCORES
 
 PARTS = ("q_direct", "a_direct", "q_condition", "a_condition")
+# what a score means; part of every cached score's key. v2: the reference's token boundary,
+# instruction and input joined as the reference, identical sequences scored once
+SCORING_VERSION = "scores/v2"
 
 
 @dataclass(frozen=True)
@@ -47,64 +50,108 @@ class StudentEngine(Protocol):
 
 
 def build_sequences(
-    rows: Sequence[dict[str, str]], tokenizer: Any, template: str = templates.DEFAULT_TEMPLATE, max_length: int = 2048
+    rows: Sequence[dict[str, str]], tokenizer: Any, template: str = templates.DEFAULT_TEMPLATE, max_length: int = 2048,
+    join: str = templates.DEFAULT_JOIN,
 ) -> list[dict[str, TokenSequence | str]]:
     """For every row, the four sequences of PARTS, or the reason a part cannot be scored."""
     templates.check_template(template)
-    prompts = [templates.render(template, r["instruction"], r.get("input") or "", tokenizer) for r in rows]
-    reverses = [templates.reverse(template, r["output"], tokenizer) for r in rows]
-    questions = [templates.question(r["instruction"], r.get("input") or "") for r in rows]
-    answers = [r["output"] for r in rows]
-
     # A chat template writes its own special tokens; the text templates get the tokenizer's.
     specials = template != "chat"
-    p_ids = _encode(tokenizer, prompts, specials)
-    r_ids = _encode(tokenizer, reverses, specials)
-    q_ids = _encode(tokenizer, questions, False)
-    a_ids = _encode(tokenizer, answers, False)
-    bos = list(tokenizer("", add_special_tokens=True)["input_ids"])
-
-    out = []
-    for i, row in enumerate(rows):
-        parts: dict[str, TokenSequence | str] = {}
-        if not row["output"].strip():
-            out.append({part: "empty response" for part in PARTS})
-            continue
-        parts["a_condition"] = _conditional(p_ids[i], a_ids[i], max_length)
-        parts["a_direct"] = _direct(bos, a_ids[i], len(p_ids[i]), max_length)
-        if not row["instruction"].strip():
-            parts["q_condition"] = parts["q_direct"] = "empty instruction"
+    # (part, text, where the labels start in it or None for a whole text, the prompt it stands beside)
+    plans: list[list[tuple[str, str, int | None, str]]] = []
+    reasons: list[dict[str, str]] = []
+    for row in rows:
+        instruction, input, output = row["instruction"], row.get("input") or "", row["output"]
+        plan: list[tuple[str, str, int | None, str]] = []
+        reason: dict[str, str] = {}
+        if not output.strip():
+            reason = {part: "empty response" for part in PARTS}
         else:
-            parts["q_condition"] = _conditional(r_ids[i], q_ids[i], max_length)
-            parts["q_direct"] = _direct(bos, q_ids[i], len(r_ids[i]), max_length)
-        out.append(parts)
+            prompt = templates.render(template, instruction, input, tokenizer)
+            plan += [("a_condition", prompt + output, len(prompt), ""), ("a_direct", output, None, prompt)]
+            if not instruction.strip():
+                reason = {"q_condition": "empty instruction", "q_direct": "empty instruction"}
+            else:
+                reverse = templates.reverse(template, output, tokenizer)
+                question = templates.question(instruction, input, join)
+                text = reverse + question
+                # the reference labels from the last occurrence of the instruction in the text
+                plan += [("q_condition", text, text.rfind(instruction), ""), ("q_direct", question, None, reverse)]
+        plans.append(plan)
+        reasons.append(reason)
+
+    with_specials = _Encoded(tokenizer, True)
+    in_template = with_specials if specials else _Encoded(tokenizer, False)
+    for plan in plans:
+        for _, text, start, prompt in plan:
+            if start is None:
+                with_specials.want(text)
+                in_template.want(prompt)
+            else:
+                in_template.want(text)
+                in_template.want(text[:start])
+    out = []
+    for plan, reason in zip(plans, reasons):
+        parts: dict[str, TokenSequence | str] = dict(reason)
+        for part, text, start, prompt in plan:
+            if start is None:
+                parts[part] = _direct(with_specials[text], len(in_template[prompt]), max_length)
+            else:
+                parts[part] = _span(in_template[text], len(in_template[text[:start]]), max_length)
+        out.append({part: parts[part] for part in PARTS})
     return out
 
 
-def _encode(tokenizer: Any, texts: list[str], specials: bool) -> list[list[int]]:
-    if not texts:
-        return []
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=specials)["input_ids"]]
+class _Encoded:
+    """Token ids of many texts, encoded together in one tokenizer call."""
+
+    def __init__(self, tokenizer: Any, specials: bool):
+        self.tokenizer, self.specials = tokenizer, specials
+        self.wanted: dict[str, None] = {}
+        self.ids: dict[str, list[int]] = {}
+
+    def want(self, text: str) -> None:
+        self.wanted[text] = None
+
+    def __getitem__(self, text: str) -> list[int]:
+        if self.wanted:
+            texts = list(self.wanted)
+            self.wanted = {}
+            encoded = self.tokenizer(texts, add_special_tokens=self.specials)["input_ids"]
+            self.ids.update(zip(texts, (list(ids) for ids in encoded)))
+        return self.ids[text]
 
 
-def _conditional(prompt: list[int], target: list[int], max_length: int) -> TokenSequence | str:
-    ids = (prompt + target)[:max_length]
-    start = max(len(prompt), 1)
+def _span(full: list[int], start: int, max_length: int) -> TokenSequence | str:
+    """The reference's labelled span (selection_code/data_analysis.py): the whole text is
+    tokenized at once, truncated to max_length, and labelled from as many tokens as the text
+    before the target has on its own. Where tokens split or merge differently at the boundary
+    (SentencePiece writes `▁Word` alone and `Word` after `:`), these are the tokens the
+    reference scores; training labels the same span (reflectune.training)."""
+    ids = full[:max_length]
     if start >= len(ids):
-        return f"prompt of {len(prompt)} tokens fills max_length {max_length}"
-    return TokenSequence(tuple(ids), start)
+        return f"prompt of {start} tokens fills max_length {max_length}"
+    return TokenSequence(tuple(ids), max(start, 1))
 
 
-def _direct(bos: list[int], target: list[int], prompt_len: int, max_length: int) -> TokenSequence | str:
-    # Reference rule: the direct text may be as long as the conditional text leaves room for.
+def _direct(full: list[int], prompt_len: int, max_length: int) -> TokenSequence | str:
+    # Reference rule: the text alone, with the tokenizer's special tokens, may be as long as
+    # the conditional text leaves room for.
     limit = max_length - min(prompt_len, max_length) + 1
-    ids = (bos + target)[:limit]
-    if len(bos + target) < 2:
+    if len(full) < 2:
         # without a BOS token the first token is only context, as in the reference code
         return "a one-token text has nothing to score: the tokenizer adds no BOS token"
+    ids = full[:limit]
     if len(ids) < 2:
         return f"no token of the text left to score after truncation to {limit} tokens"
     return TokenSequence(tuple(ids), 1)
+
+
+def labelled(tokenizer: Any, prompt: str, completion: str, max_length: int, specials: bool = True) -> TokenSequence | str:
+    """One prompt-completion text as scoring sees it: the ids of the whole, labelled from the
+    prompt's own token count (for training, where the completion carries its end token)."""
+    return _span(list(tokenizer(prompt + completion, add_special_tokens=specials)["input_ids"]),
+                 len(tokenizer(prompt, add_special_tokens=specials)["input_ids"]), max_length)
 
 
 def score_rows(
@@ -113,11 +160,18 @@ def score_rows(
     template: str = templates.DEFAULT_TEMPLATE,
     max_length: int = 2048,
     progress: Callable[[int, int], None] | None = None,
+    join: str = templates.DEFAULT_JOIN,
+    counts: dict[str, int] | None = None,
 ) -> list[dict[str, float | str | None]]:
     """Score columns (records.SCORES) for each row, in order. What a row's content rules out
     is NaN with a reason; an engine failure raises. `progress(advance, total)` is called with
-    token counts as batches finish."""
-    built = build_sequences(rows, engine.tokenizer, template, max_length)
+    token counts as batches finish.
+
+    Identical sequences (the direct instruction of orig and res, a variant that fell back to
+    its original's fields) are scored once and share one result: batched kernels can give
+    copies slightly different losses, and a copy must tie with its original, never beat it.
+    `counts`, when given, receives how many sequences there were and how many were scored."""
+    built = build_sequences(rows, engine.tokenizer, template, max_length, join)
     limit = getattr(engine, "max_sequence", None)
     for parts in built:
         for part, seq in parts.items():
@@ -125,12 +179,17 @@ def score_rows(
                 parts[part] = (f"a sequence of {len(seq.ids)} tokens does not fit the engine's context of {limit} "
                                "tokens: raise vllm.max_model_len or lower max_length")
     todo = [(i, part, seq) for i, parts in enumerate(built) for part, seq in parts.items() if isinstance(seq, TokenSequence)]
-    total = sum(len(seq.ids) for _, _, seq in todo)
+    unique = list(dict.fromkeys(seq for _, _, seq in todo))
+    total = sum(len(seq.ids) for seq in unique)
     advance = (lambda n: progress(n, total)) if progress else None
-    results = list(engine.token_nll([seq for _, _, seq in todo], advance)) if todo else []
+    results = dict(zip(unique, engine.token_nll(unique, advance))) if unique else {}
+    if counts is not None:
+        counts["sequences"] = counts.get("sequences", 0) + len(todo)
+        counts["sequences_scored"] = counts.get("sequences_scored", 0) + len(unique)
     losses: list[dict[str, float]] = [{} for _ in rows]
     errors: list[dict[str, str]] = [{part: seq for part, seq in parts.items() if isinstance(seq, str)} for parts in built]
-    for (i, part, _), result in zip(todo, results):
+    for i, part, seq in todo:
+        result = results[seq]
         if not math.isfinite(result):
             errors[i][part] = f"non-finite loss {result}"
         else:
@@ -165,10 +224,12 @@ def score_table(
     template: str = templates.DEFAULT_TEMPLATE,
     max_length: int = 2048,
     progress: Callable[[int, int], None] | None = None,
+    join: str = templates.DEFAULT_JOIN,
+    counts: dict[str, int] | None = None,
 ) -> pl.DataFrame:
     """`df` (instruction, input, output, ...) with the score columns added, rows in order."""
     rows = df.select("instruction", "input", "output").to_dicts()
-    scores = score_rows(rows, engine, template, max_length, progress)
+    scores = score_rows(rows, engine, template, max_length, progress, join, counts)
     scored = pl.DataFrame(scores, schema=SCORES) if scores else pl.DataFrame(schema=SCORES)
     return pl.concat([df.drop([c for c in SCORES if c in df.columns]), scored], how="horizontal")
 

@@ -26,7 +26,7 @@ from reflectune.records import RECORD, SCORES, VARIANT, VARIANTS, check_columns
 
 TEACHER_FIELDS = ("model", "engine", "base_url", "max_new_tokens", "temperature", "top_p", "retry_temperature", "seed",
                   "repetition_penalty", "constrained")
-STUDENT_FIELDS = ("model", "engine", "template", "max_length", "dtype")
+STUDENT_FIELDS = ("model", "engine", "template", "max_length", "dtype", "input_join")
 
 
 @dataclass
@@ -102,7 +102,7 @@ def student_key(shard: Shard, cfg: StudentConfig, teacher: str) -> str:
     from reflectune.models import model_id
 
     settings = {k: getattr(cfg, k) for k in STUDENT_FIELDS} | {"id": model_id(cfg.model)}
-    return _hash(["student", shard.content, teacher, settings])
+    return _hash(["student", shard.content, teacher, scoring.SCORING_VERSION, settings])
 
 
 # -- where a shard's stage writes, and whether it is done: the one place that says so ------------
@@ -183,11 +183,13 @@ def student_shard(shard: Shard, variants_at: str, target: str, cfg: StudentConfi
     check_columns(variants, VARIANT, "student", variants_at)
     table = long_table(records, variants)
     advance = (lambda n, total: progress(n, n, total)) if progress else None
-    scored = scoring.score_table(table, engine, cfg.template, cfg.max_length, advance)
+    counts: dict[str, int] = {}
+    scored = scoring.score_table(table, engine, cfg.template, cfg.max_length, advance, cfg.input_join, counts)
     check_columns(scored, SCORES, "student output")
     io.write_table(scored, target)
     return _finish(ShardResult(shard.name, "student", target, records.height, False, time.perf_counter() - start, {
-        "sequences_scored": 4 * table.height,
+        "sequences": counts.get("sequences", 0),
+        "sequences_scored": counts.get("sequences_scored", 0),
         "nan_rows": int(scored["score_error"].is_not_null().sum()),
     }))
 

@@ -62,9 +62,16 @@ def render(name: str, instruction: str, input: str = "", tokenizer: Any = None) 
     return plain.format_map({"instruction": instruction})
 
 
-def question(instruction: str, input: str = "") -> str:
+# How the r-IFD side joins instruction and input: the reference concatenates them as they are.
+JOINS = {"none": "", "newline": "\n"}
+DEFAULT_JOIN = "none"
+
+
+def question(instruction: str, input: str = "", join: str = DEFAULT_JOIN) -> str:
     """x as the r-IFD side sees it: the instruction, followed by the input when there is one."""
-    return f"{instruction}\n{input}" if input else instruction
+    if join not in JOINS:
+        raise ValueError(f"unknown input join '{join}': choose one of {', '.join(JOINS)}")
+    return f"{instruction}{JOINS[join]}{input}" if input else instruction
 
 
 def reverse(name: str, response: str, tokenizer: Any = None) -> str:

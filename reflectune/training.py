@@ -1,8 +1,10 @@
 """Fine-tune the student on the selected data (TRL's SFT trainer).
 
 Each pair becomes a prompt-completion example whose prompt is the same template P the
-student scored with (or, for `chat`, the student's own chat format), so the student trains
-on the format it was judged in; the loss covers the completion (response) tokens only.
+student scored with (or, for `chat`, the student's own chat format), tokenized as the scorer
+tokenizes it, so the student trains on the format and the tokens it was judged on; the loss
+covers the completion (response) tokens only. The global batch is the configured one on any
+number of devices (torchrun sets WORLD_SIZE).
 With LoRA, the adapters are merged before saving, so `{out}/model` always loads with
 `AutoModelForCausalLM.from_pretrained`.
 """
@@ -33,6 +35,45 @@ def examples(pairs: pl.DataFrame, template: str) -> list[dict[str, Any]]:
     return rows
 
 
+def tokenized(pairs: pl.DataFrame, template: str, tokenizer: Any, max_length: int) -> tuple[list[dict[str, list[int]]], int]:
+    """(training rows, rows left out). Each row is the whole text's ids with the completion
+    labelled from the prompt's own token count: the boundary the scorer uses
+    (scoring.labelled), so the student trains on the tokens it was scored on. The completion
+    ends with the end-of-sequence token (text templates) or the chat template's end of turn.
+    A row whose prompt fills max_length has nothing to learn from and is left out."""
+    from reflectune.scoring import labelled
+
+    rows, left_out = [], 0
+    for example in examples(pairs, template):
+        if template == "chat":
+            prompt = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
+            whole = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
+            if not whole.startswith(prompt):
+                raise ValueError("the student's chat template renders a prompt that the whole conversation does not "
+                                 "start with: use a text template (student.template vicuna, alpaca or wizardlm)")
+            seq = labelled(tokenizer, prompt, whole[len(prompt):], max_length, specials=False)
+        else:
+            seq = labelled(tokenizer, example["prompt"], example["completion"] + tokenizer.eos_token, max_length)
+        if isinstance(seq, str):
+            left_out += 1
+            continue
+        rows.append({"input_ids": list(seq.ids),
+                     "completion_mask": [0] * seq.label_start + [1] * seq.n_labels})
+    return rows, left_out
+
+
+def accumulation_steps(cfg: TrainingConfig, world_size: int) -> int:
+    """Gradient accumulation that keeps the global batch (per device x accumulation x devices)
+    at cfg.batch_size on any number of devices."""
+    per_step = cfg.per_device_batch_size * world_size
+    if cfg.batch_size % per_step:
+        raise ValueError(
+            f"training.batch_size {cfg.batch_size} is not a multiple of training.per_device_batch_size "
+            f"{cfg.per_device_batch_size} x {world_size} devices: choose a per-device batch that divides "
+            f"{cfg.batch_size // world_size if cfg.batch_size % world_size == 0 else cfg.batch_size}")
+    return cfg.batch_size // per_step
+
+
 def train(pairs: pl.DataFrame, student: StudentConfig, cfg: TrainingConfig, output: str) -> dict[str, Any]:
     """Train on `pairs` (instruction, input, output); save to `output` (local or remote)."""
     if pairs.height == 0:
@@ -52,7 +93,11 @@ def train(pairs: pl.DataFrame, student: StudentConfig, cfg: TrainingConfig, outp
     torch.set_grad_enabled(True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    accumulation = max(1, cfg.batch_size // cfg.per_device_batch_size)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    accumulation = accumulation_steps(cfg, world_size)
+    rows, left_out = tokenized(pairs, student.template, tokenizer, cfg.max_length)
+    if not rows:
+        return {"trained": False, "reason": f"all {left_out} selected rows have prompts that fill training.max_length"}
     peft_config = None
     if cfg.lora:
         try:
@@ -82,18 +127,22 @@ def train(pairs: pl.DataFrame, student: StudentConfig, cfg: TrainingConfig, outp
             use_cpu=not gpu,
             disable_tqdm=True,
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples(pairs, student.template)),
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=peft_config)
         result = trainer.train()
-        trained = trainer.model.merge_and_unload() if cfg.lora else trainer.model
-        local = os.path.join(work, "model")
-        trained.save_pretrained(local, safe_serialization=True)
-        tokenizer.save_pretrained(local)
-        _publish(local, output)
+        if trainer.is_world_process_zero():  # one process writes the model
+            trained = trainer.model.merge_and_unload() if cfg.lora else trainer.model
+            local = os.path.join(work, "model")
+            trained.save_pretrained(local, safe_serialization=True)
+            tokenizer.save_pretrained(local)
+            _publish(local, output)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {
         "trained": True,
-        "rows": pairs.height,
+        "rows": len(rows),
+        "rows_left_out": left_out,
+        "global_batch": cfg.per_device_batch_size * accumulation * world_size,
+        "devices": world_size,
         "steps": trainer.state.global_step,
         "epochs": cfg.epochs,
         "first_loss": losses[0] if losses else math.nan,

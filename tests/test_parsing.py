@@ -83,12 +83,17 @@ def test_markers_in_another_order():
 
 
 def test_cut_off_mid_answer():
-    # the generation stopped at its token limit: the answer running to the end is incomplete
+    # the generation stopped at its token limit: the answer running to the end is kept as the
+    # reference keeps it, and marked as cut
     p = parse(CUT_OFF, INS, cut_off=True)
     assert p.fields["new_instruction"].startswith("Explain the water cycle")
-    assert p.problems["new_answer"] == "cut off at the token limit"
+    assert p.fields["new_answer"] == parse(CUT_OFF, INS).fields["new_answer"] and p.cut == {"new_answer"}
+    assert not p.problems
     # the same text from a generation that stopped by itself is complete
-    assert "new_answer" in parse(CUT_OFF, INS, cut_off=False).fields
+    assert parse(CUT_OFF, INS, cut_off=False).cut == set()
+    # an instruction needs its closing marker, as in the reference
+    p = parse("[New Instruction] Explain the water cycle in", INS, cut_off=True)
+    assert p.problems["new_instruction"] == "cut off at the token limit" and not p.fields
 
 
 @pytest.mark.parametrize("text", ["", "   ", "The answer is fine as it is."])

@@ -65,8 +65,12 @@ def test_packaged_teacher_end_to_end(teacher, records):
         assert row["parse_status"] in ("ok", "degenerate", "partial", "fallback")
         assert (row["parse_status"] == "ok") == (row["parse_detail"] is None)
         assert len(row["raw_text"]) in (1, 2) and row["completion_tokens"] > 0 and row["prompt_tokens"] > 0
-        # a row is retried exactly when its first attempt did not parse
-        assert (len(row["raw_text"]) == 2) == (row["parse_status"] != "ok" or _first_failed(row))
+        # a row is retried exactly when its first attempt gave no usable field (whether that
+        # attempt was cut off is not recorded, so both readings bound it)
+        if len(row["raw_text"]) == 2:
+            assert not _first_fields(row, cut_off=True)
+        else:
+            assert _first_fields(row, cut_off=False)
         assert row["output"].strip() and row["instruction"].strip()
         assert row["teacher"].startswith("transformers:packaged:smollm2-135m-instruct@")
     by = {(r["source_index"], r["variant"]): r for r in variants.iter_rows(named=True)}
@@ -85,6 +89,40 @@ def test_packaged_teacher_end_to_end(teacher, records):
     assert all(s.temperature > 0 for s in retries)
 
 
+BASE = {"sample_id": "s1", "source_index": 0, "instruction": "Name a fruit.", "input": "red ones",
+        "output": "Apple."}
+
+
+def _variant(variant, text, cut_off=False):
+    """A variant row from a teacher text, through the same parse and finish as reflect."""
+    from reflectune import parsing
+    from reflectune.reflection import _finish, _Job
+
+    wanted = ("new_instruction", "new_answer") if variant == "ins" else ("better_answer",)
+    return _finish(_Job(dict(BASE), variant, [text]), parsing.parse(text, wanted, cut_off=cut_off), "t")
+
+
+def test_an_ins_variant_without_a_usable_answer_is_the_original_pair():
+    # a new instruction with the old answer would score as a harder instruction: dropped whole
+    row = _variant("ins", "Weak.\n[New Instruction] Compare three fruits by vitamin content. [End]\n[New Answer] N/A [End]")
+    assert (row["instruction"], row["input"], row["output"]) == ("Name a fruit.", "red ones", "Apple.")
+    assert row["parse_status"] == "fallback" and "dropped with the unusable new answer" in row["parse_detail"]
+    looped = _variant("ins", "[New Instruction] Compare fruits. [End]\n[New Answer] " + "Fruit is good. " * 20 + "[End]")
+    assert looped["instruction"] == "Name a fruit." and looped["parse_status"] == "degenerate"
+
+
+def test_an_answer_cut_off_by_the_limit_is_kept_and_marked():
+    row = _variant("ins", "[New Instruction] Compare three fruits. [End]\n[New Answer] Apples have vitamin C, bananas",
+                   cut_off=True)
+    assert row["instruction"] == "Compare three fruits." and row["input"] == ""
+    assert row["output"] == "Apples have vitamin C, bananas"
+    assert row["parse_status"] == "partial" and "cut off at the token limit, kept as written" in row["parse_detail"]
+    res = _variant("res", "Too short.\n[Better Answer] An apple is a round fruit that", cut_off=True)
+    assert res["output"] == "An apple is a round fruit that" and res["parse_status"] == "partial"
+    whole = _variant("res", "Too short.\n[Better Answer] An apple is a round fruit. [End]")
+    assert whole["parse_status"] == "ok" and whole["parse_detail"] is None
+
+
 WELL_FORMED = ["ok", "degenerate"]
 
 
@@ -98,11 +136,11 @@ def test_constrained_generation_with_transformers(teacher, records):
         assert len(row["constrained"]) == len(row["raw_text"])
 
 
-def _first_failed(row):
+def _first_fields(row, cut_off):
     from reflectune.parsing import parse
 
     wanted = ("new_instruction", "new_answer") if row["variant"] == "ins" else ("better_answer",)
-    return bool(parse(row["raw_text"][0], wanted).problems)
+    return parse(row["raw_text"][0], wanted, cut_off=cut_off).fields
 
 
 @pytest.fixture()

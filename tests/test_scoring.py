@@ -14,17 +14,20 @@ LONG = {"instruction": "Describe the history of the printing press.", "input": "
 
 
 def test_sequences_follow_the_definition(tokenizer):
+    """The reference's tokens: each conditional text tokenized whole, labelled from as many
+    tokens as its prompt has alone; the r-IFD side joins instruction and input as they are."""
     row = {"instruction": "Translate to French.", "input": "Good night", "output": "Bonne nuit"}
     parts = build_sequences([row], tokenizer, "vicuna")[0]
-    prompt = tokenizer(templates.render("vicuna", row["instruction"], row["input"]))["input_ids"]
-    answer = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
-    question = tokenizer("Translate to French.\nGood night", add_special_tokens=False)["input_ids"]
-    reverse = tokenizer(templates.reverse("vicuna", row["output"]))["input_ids"]
-    assert parts["a_condition"] == TokenSequence(tuple(prompt + answer), len(prompt))
-    assert parts["q_condition"] == TokenSequence(tuple(reverse + question), len(reverse))
-    bos = tokenizer("")["input_ids"]
-    assert parts["a_direct"] == TokenSequence(tuple(bos + answer), 1)
-    assert parts["q_direct"] == TokenSequence(tuple(bos + question), 1)
+    ids = lambda text: tuple(tokenizer(text)["input_ids"])  # noqa: E731
+    prompt = templates.render("vicuna", row["instruction"], row["input"])
+    reverse = templates.reverse("vicuna", row["output"])
+    assert parts["a_condition"] == TokenSequence(ids(prompt + "Bonne nuit"), len(ids(prompt)))
+    assert parts["q_condition"] == TokenSequence(ids(reverse + "Translate to French.Good night"), len(ids(reverse)))
+    assert parts["a_direct"] == TokenSequence(ids("Bonne nuit"), 1)
+    assert parts["q_direct"] == TokenSequence(ids("Translate to French.Good night"), 1)
+    lines = build_sequences([row], tokenizer, "vicuna", join="newline")[0]
+    assert lines["q_direct"] == TokenSequence(ids("Translate to French.\nGood night"), 1)
+    assert lines["a_condition"] == parts["a_condition"]
 
 
 def test_truncation_rules(tokenizer):

@@ -97,3 +97,11 @@ def test_wide_select_and_budget():
     assert dropped.height == 7 and all("outside the budget" in r for r in dropped["reason"])
     with pytest.raises(ValueError, match="fraction"):
         select(table, budget=1.5)
+
+
+def test_the_budget_rounds_down_as_the_paper_counts():
+    from reflectune.selection import budget_count
+
+    assert budget_count(0.02, 46325) == 926  # the paper's 2% of Alpaca
+    assert budget_count(0.05, 52002) == 2600 and budget_count(0.07, 100) == 7 and budget_count(0.3, 10) == 3
+    assert budget_count(0.05, 10) == 0

@@ -76,3 +76,45 @@ def test_nothing_selected_means_nothing_trained(tmp_path):
     empty = pl.DataFrame(schema={"instruction": pl.String, "input": pl.String, "output": pl.String})
     assert train(empty, StudentConfig(), TrainingConfig(), str(tmp_path / "m")) == {
         "trained": False, "reason": "no selected rows to train on"}
+
+
+TWO_PROCESSES = """
+import json, os, sys
+import polars as pl
+from reflectune.config import StudentConfig, TrainingConfig
+from reflectune.training import train
+
+pairs = pl.read_parquet(sys.argv[1])
+cfg = TrainingConfig(epochs=1, batch_size=8, per_device_batch_size=2, max_length=256, warmup_ratio=0.0,
+                     learning_rate=1e-4)
+metrics = train(pairs, StudentConfig(), cfg, sys.argv[2] + "/model")
+if os.environ["RANK"] == "0":
+    with open(sys.argv[2] + "/metrics.json", "w") as f:
+        json.dump(metrics, f)
+"""
+
+
+def test_two_processes_keep_the_global_batch(sample_rows, tmp_path):
+    """torchrun, 2 CPU processes over gloo: per device 2 x accumulation 2 x 2 devices = 8, so 16
+    rows are 2 optimizer steps (accumulating as on one device would make a batch of 16: 1 step)."""
+    import socket
+    import subprocess
+    import sys
+
+    pairs = pl.DataFrame([{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]}
+                          for r in sample_rows[:16]])
+    pairs.write_parquet(tmp_path / "pairs.parquet")
+    (tmp_path / "train.py").write_text(TWO_PROCESSES)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                          f"--master_port={port}", str(tmp_path / "train.py"), str(tmp_path / "pairs.parquet"),
+                          str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    import json
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["devices"] == 2 and metrics["global_batch"] == 8
+    assert metrics["steps"] == 2 and metrics["rows"] == 16
+    assert (tmp_path / "model" / "config.json").exists()

@@ -167,29 +167,35 @@ class TransformersTeacher:
         tokenizer's BOS as the scorer and the trainer do. Chats go through `generate`.
         `formats` are enforced with an xgrammar logits processor unless `sampling.constrained`
         is off; `progress(generations, new_tokens)` is called after each batch."""
+        from dataclasses import replace
+
         import torch
 
-        from reflectune.reflection import Generation
+        from reflectune.formats import fit
+        from reflectune.reflection import Generation, new_tokens
 
         encoded = [self.tokenizer(t, add_special_tokens=specials)["input_ids"] for t in texts]
         out: list[Generation] = [Generation() for _ in texts]
-        runnable = []
+        runnable, budgets = [], {}
         for i, ids in enumerate(encoded):
-            if self.context and len(ids) + sampling.max_new_tokens > self.context:
-                out[i] = Generation(prompt_tokens=len(ids), error=(
-                    f"prompt of {len(ids)} tokens + {sampling.max_new_tokens} new tokens exceeds the teacher's context of {self.context}"))
+            budget = new_tokens(len(ids), sampling.max_new_tokens, self.context)
+            if isinstance(budget, str):
+                out[i] = Generation(prompt_tokens=len(ids), error=budget)
             else:
                 runnable.append(i)
+                budgets[i] = budget
         runnable.sort(key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         with torch.inference_mode():
             for start in range(0, len(runnable), self.batch_size):
                 batch = runnable[start : start + self.batch_size]
+                # one limit per batch: the longest prompt's, so every row fits the context
+                params = replace(sampling, max_new_tokens=min(budgets[i] for i in batch))
                 grammars = None
                 if sampling.constrained != "off" and formats is not None:
-                    grammars = [self._grammar(formats[i]) for i in batch]
-                for i, gen in zip(batch, self._generate_batch([encoded[i] for i in batch], sampling, grammars)):
+                    grammars = [self._grammar(fit(formats[i], params.max_new_tokens)) for i in batch]
+                for i, gen in zip(batch, self._generate_batch([encoded[i] for i in batch], params, grammars)):
                     out[i] = gen
                 if progress:
                     progress(len(batch), sum(out[i].completion_tokens for i in batch))

@@ -402,7 +402,8 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import StructuredOutputsParams
 
-        from reflectune.reflection import Generation
+        from reflectune.formats import fit
+        from reflectune.reflection import Generation, new_tokens
 
         encoded = [self.tokenizer(t, add_special_tokens=specials)["input_ids"] for t in texts]
         out = [Generation() for _ in texts]
@@ -412,13 +413,13 @@ class VLLMEngine:
         seed = sampling.seed if on_gpu() else None
         requests = []
         for i, ids in enumerate(encoded):
-            if len(ids) + sampling.max_new_tokens > self.args.max_model_len:
-                out[i] = Generation(prompt_tokens=len(ids), error=(
-                    f"prompt of {len(ids)} tokens + {sampling.max_new_tokens} new tokens exceeds max_model_len {self.args.max_model_len}"))
+            budget = new_tokens(len(ids), sampling.max_new_tokens, self.args.max_model_len)
+            if isinstance(budget, str):
+                out[i] = Generation(prompt_tokens=len(ids), error=budget)
                 continue
-            fmt = formats[i] if constrain else None
+            fmt = fit(formats[i], budget) if constrain else None
             params = SamplingParams(
-                temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=budget,
                 seed=seed, repetition_penalty=sampling.repetition_penalty,
                 structured_outputs=StructuredOutputsParams(regex=fmt.regex) if fmt else None)
             requests.append((i, TokensPrompt(prompt_token_ids=ids), params, "regex" if fmt else "none"))
