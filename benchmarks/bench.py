@@ -290,7 +290,70 @@ def bench_scale(n: int) -> None:
             server.wait(30)
 
 
-SECTIONS = {"scoring": bench_scoring, "teacher": bench_teacher, "formats": bench_formats, "flow": bench_flow,
+def bench_precision(n: int) -> None:
+    """The fast default (bfloat16 where the CPU has it) against --exact (float32, the
+    reference's precision): speed, and how many of the selection's threshold decisions flip."""
+    import math
+
+    import torch
+
+    from reflectune.engines.hf import TransformersScorer, cpu_has_fast_bf16
+    from reflectune.scoring import score_rows
+
+    rows, source = pairs(n)
+    print(f"\n== precision: the fast default against --exact, {MODEL} on {source}")
+    results, rates = {}, {}
+    for name, dtype in (("bfloat16", "bfloat16"), ("exact", "float32")):
+        scorer = TransformersScorer(MODEL, dtype=dtype)
+        score_rows(rows[:4], scorer)  # warm-up
+        start = time.perf_counter()
+        results[name] = score_rows(rows, scorer)
+        rates[name] = time.perf_counter() - start
+        scorer.close()
+    fast, exact = results["bfloat16"], results["exact"]
+    ok = [i for i in range(len(rows)) if all(math.isfinite(r[k]) for r in (fast[i], exact[i]) for k in ("ifd_ppl", "rifd_ppl"))]
+
+    def flips(test) -> int:
+        return sum(test(fast[i]) != test(exact[i]) for i in ok)
+
+    def rel(key) -> float:
+        return float(torch.tensor([abs(fast[i][key] / exact[i][key] - 1) for i in ok]).median())
+
+    print(f"pairs {len(rows)} ({len(ok)} with all scores); bfloat16 native on this CPU: {cpu_has_fast_bf16()}")
+    print(f"time bfloat16 {rates['bfloat16']:.1f} s, float32 {rates['exact']:.1f} s: "
+          f"the fast default is {rates['exact'] / rates['bfloat16']:.2f}x --exact")
+    print(f"median relative difference: IFD {rel('ifd_ppl'):.2%}, r-IFD {rel('rifd_ppl'):.2%}")
+    print(f"decision flips against --exact: IFD < 1 {flips(lambda r: r['ifd_ppl'] < 1)}/{len(ok)}, "
+          f"r-IFD < 1 {flips(lambda r: r['rifd_ppl'] < 1)}/{len(ok)}, "
+          f"both (the selection's threshold) {flips(lambda r: r['ifd_ppl'] < 1 and r['rifd_ppl'] < 1)}/{len(ok)} "
+          f"= {flips(lambda r: r['ifd_ppl'] < 1 and r['rifd_ppl'] < 1) / max(len(ok), 1):.1%}")
+
+
+def bench_copies(n: int) -> None:
+    """A shard whose every variant fell back: its sequences are the originals' four times over.
+    Scored once each (the scorer's rule) against scoring every copy."""
+    from reflectune.engines.hf import TransformersScorer
+    from reflectune.scoring import TokenSequence, build_sequences, score_rows
+
+    rows, source = pairs(min(n, 48))
+    print(f"\n== copies: a shard where every variant fell back, {MODEL} on {source}")
+    scorer = TransformersScorer(MODEL)
+    long = [r for r in rows for _ in range(4)]  # orig, ins, res, ins_res: the same pair
+    score_rows(rows[:4], scorer)  # warm-up
+    counts: dict[str, int] = {}
+    start = time.perf_counter()
+    score_rows(long, scorer, counts=counts)
+    once = time.perf_counter() - start
+    every = [s for parts in build_sequences(long, scorer.tokenizer) for s in parts.values() if isinstance(s, TokenSequence)]
+    start = time.perf_counter()
+    scorer.token_nll(every)
+    each = time.perf_counter() - start
+    scorer.close()
+    print(f"sequences {counts['sequences']}, scored {counts['sequences_scored']}")
+    print(f"scored once {once:.1f} s, every copy {each:.1f} s: {each / once:.2f}x less work   (up to 4x)")
+
+
+SECTIONS = {"scoring": bench_scoring, "precision": bench_precision, "copies": bench_copies, "teacher": bench_teacher, "formats": bench_formats, "flow": bench_flow,
             "scale": bench_scale}
 
 

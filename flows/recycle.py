@@ -75,6 +75,9 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
         "prompt_versions": [prompts.INSTRUCTION_VERSION, prompts.RESPONSE_VERSION],
         "counts": counts,
         "token_usage": usage,
+        # identical sequences (copies of an original) are scored once
+        "scoring": {k: sum(r["detail"].get(k, 0) for r in results if r["stage"] == "student")
+                    for k in ("sequences", "sequences_scored")},
         "shards": len(shards),
         "shard_results": sorted(results, key=lambda r: (r["shard"], r["stage"])),
         "training": train_metrics,

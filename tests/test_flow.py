@@ -61,6 +61,9 @@ def test_the_whole_flow_on_a_few_rows(prefect_api, tmp_path):
     assert manifest["shards"] == 3 and len(manifest["shard_results"]) == 6
     assert manifest["token_usage"]["completion_tokens"] > 0
     assert manifest["parameters"]["teacher"]["max_new_tokens"] == 12
+    # 4 variants x 4 sequences per sample; copies (the shared direct instruction at least) scored once
+    scoring = manifest["scoring"]
+    assert scoring["sequences"] <= 16 * 5 and scoring["sequences_scored"] < scoring["sequences"]
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
 
     decisions = pl.read_parquet(out / "decisions.parquet")

@@ -38,6 +38,8 @@ def test_prompts_cover_the_criteria_and_markers():
     res = prompts.response_reflection("Translate.", "Bonjour", "Hello")
     assert "[The Start of Input]\nBonjour\n[The End of Input]" in res[1]["content"]
     assert "[Better Answer]" in res[0]["content"] and "helpfulness, relevance, accuracy" in res[0]["content"]
+    # both ask for answers as detailed as possible, as the reference's prompts do
+    assert "as detailed as possible" in res[0]["content"] and "as detailed as possible" in task
     assert prompts.response_reflection("Other.", "", "y")[0] == res[0]
 
 
