@@ -228,6 +228,36 @@ def bench_flow(n: int) -> None:
     print(f"orchestration overhead      {flow_wall - engine:8.1f}s = {(flow_wall - engine) / flow_wall:.1%} of the flow (target < 10%)")
 
 
+def bench_methods(n: int) -> None:
+    """What skipping the teacher saves: the recycle flow's wall time for selective, cherry and
+    superfilter on the same pairs (no training). BENCH_STUDENT sets the student (default the
+    packaged model); superfilter scores with the packaged 135M model whatever the student."""
+    import tempfile
+
+    from flows.recycle import recycle
+    from reflectune.config import RecycleParams
+
+    rows, source = pairs(n)
+    student = os.environ.get("BENCH_STUDENT", MODEL)
+    teacher_engine = os.environ.get("BENCH_FLOW_TEACHER", "vllm")
+    print(f"\n== methods: recycle flow on {source}, student {student}, teacher {MODEL} on {teacher_engine} "
+          "(32 new tokens), no training")
+    walls = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "pairs.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for method in ("selective", "cherry", "superfilter"):
+            params = RecycleParams(dataset=str(data), output=str(Path(tmp) / method), shard_size=50,
+                                   teacher={"engine": teacher_engine, "max_new_tokens": 32},
+                                   student={"model": student}, training={"enabled": False},
+                                   selection={"method": method, "scorer": MODEL})
+            manifest = recycle(params)
+            walls[method] = manifest["seconds"]
+            print(f"{method:12s} {walls[method]:8.1f}s  selected {manifest['counts']['selected_rows']:4d}  "
+                  f"teacher tokens {manifest['token_usage']['completion_tokens']:6d}  engine loads "
+                  f"{manifest['engine_loads']}  ratio to selective {walls[method] / walls['selective']:.2f}")
+
+
 def bench_scale(n: int) -> None:
     """Cost against work: the recycle deployment on 2, 4 and 8 shards (2 rows each) on a real
     Prefect server with two GPU-pool process workers, each stage split in two batches."""
@@ -353,8 +383,8 @@ def bench_copies(n: int) -> None:
     print(f"scored once {once:.1f} s, every copy {each:.1f} s: {each / once:.2f}x less work   (up to 4x)")
 
 
-SECTIONS = {"scoring": bench_scoring, "precision": bench_precision, "copies": bench_copies, "teacher": bench_teacher, "formats": bench_formats, "flow": bench_flow,
-            "scale": bench_scale}
+SECTIONS = {"scoring": bench_scoring, "precision": bench_precision, "copies": bench_copies, "teacher": bench_teacher,
+            "formats": bench_formats, "flow": bench_flow, "methods": bench_methods, "scale": bench_scale}
 
 
 def main() -> None:

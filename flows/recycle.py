@@ -24,8 +24,8 @@ from reflectune import progress, prompts, stages
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
 from reflectune.errors import RESUME, ReflectuneError
-from tasks.outputs import (evaluate_students, intake_and_shard, select_and_write, train_student, write_manifest,
-                           write_report)
+from tasks.outputs import (evaluate_students, intake_and_shard, select_and_write, train_student, write_card,
+                           write_manifest, write_report)
 from tasks.shards import student_shard, teacher_shard
 
 
@@ -38,7 +38,7 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
     # every step reads or writes the output location (maybe S3): each retries on its own
     summary = with_retries(intake_and_shard, params)(params)
     shards = summary["shards"]
-    tracker = _Tracker(2 * len(shards))
+    tracker = _Tracker(len(_stages(params)) * len(shards))
 
     if params.execution.mode == "cluster":
         results = _run_cluster(params, shards, tracker)
@@ -48,7 +48,8 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
 
     teacher_results = [r for r in results if r["stage"] == "teacher"]
     student_results = sorted((r for r in results if r["stage"] == "student"), key=lambda r: r["shard"])
-    teacher_id, student_id = stages.model_identity(params.teacher), stages.model_identity(params.student)
+    teacher_id = stages.model_identity(params.teacher) if params.selection.uses_teacher else None
+    student_id = stages.model_identity(params.student)
     counts = with_retries(select_and_write, params)(params, [r["uri"] for r in student_results], summary,
                                                     teacher_id, student_id)
 
@@ -70,8 +71,10 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
     manifest = {
         "status": "complete",
         "parameters": params.model_dump(mode="json"),
+        "method": params.selection.method,
         "teacher": teacher_id,
         "student": student_id,
+        "scorer": stages.model_identity(params.scorer),
         "prompt_versions": [prompts.INSTRUCTION_VERSION, prompts.RESPONSE_VERSION],
         "counts": counts,
         "token_usage": usage,
@@ -88,6 +91,7 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 2),
     }
     manifest["report"] = with_retries(write_report, params)(params, manifest)
+    manifest["card"] = with_retries(write_card, params)(params, manifest)
     with_retries(write_manifest, params)(params, manifest)
     _artifacts(params, manifest)
     log.info("recycled %s -> %s: %d of %d valid samples selected", params.dataset, params.output,
@@ -109,10 +113,17 @@ class _Tracker:
         progress.report("shard", done=self.done, total=self.total, **{k: result[k] for k in ("shard", "stage", "reused")})
 
 
+def _stages(params: RecycleParams) -> tuple[str, ...]:
+    """The shard stages a method runs: cherry and superfilter have no teacher."""
+    return ("teacher", "student") if params.selection.uses_teacher else ("student",)
+
+
 def _run_local(params: RecycleParams, shards: list[dict[str, Any]], tracker: _Tracker) -> list[dict[str, Any]]:
     teacher = with_retries(teacher_shard, params)
     student = with_retries(student_shard, params)
     limit = params.execution.max_workers
+    if not params.selection.uses_teacher:
+        return _bounded(lambda s: student.submit(s, params), shards, limit, tracker)
     if params.same_model:
         # one model serves both roles: each shard's scoring follows its reflection
         results: list[dict[str, Any]] = []
@@ -154,7 +165,7 @@ def _collect(futures: list[PrefectFuture], tracker: _Tracker) -> list[dict[str, 
 def _run_cluster(params: RecycleParams, shards: list[dict[str, Any]], tracker: _Tracker) -> list[dict[str, Any]]:
     batches = _windows(shards, params.execution.shards_per_batch)
     results = []
-    for stage in ("teacher", "student"):
+    for stage in _stages(params):
         futures = [gpu_batch_run.submit(params, stage, batch, i) for i, batch in enumerate(batches)]
         for future in futures:
             for result in future.result():

@@ -105,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--exact", action="store_true", help="student scores in float32, the reference's precision")
     rec.add_argument("--input-join", choices=["none", "newline"], help="r-IFD: how instruction and input are joined")
     rec.add_argument("--shard-size", type=int, help="records per shard")
+    rec.add_argument("--method", choices=["selective", "reflection", "cherry", "superfilter"],
+                     help="selective (default), reflection, cherry (IFD only, no teacher) or superfilter (cherry "
+                     "scored by --scorer)")
+    rec.add_argument("--scorer", help="superfilter: the small scoring model's spec")
+    rec.add_argument("--license", help="license of the output data for its dataset card (a Hugging Face id); "
+                     "default: the same as the source's")
     rec.add_argument("--selection", choices=["released", "paper"], help="selection rule")
     rec.add_argument("--budget", type=float, help="keep the top fraction by IFD, e.g. 0.05")
     rec.add_argument("--no-train", action="store_true", help="stop after selection")
@@ -150,6 +156,14 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--price-in", type=float, default=0.0, help="teacher price per million prompt tokens, for the cost")
     rep.add_argument("--price-out", type=float, default=0.0, help="teacher price per million completion tokens")
     rep.set_defaults(func=_report)
+
+    pub = sub.add_parser("publish", help="push a finished run's folder to a dataset hub (the card, the data, "
+                         "the manifest and the report)")
+    pub.add_argument("dir", help="a local recycle output folder")
+    pub.add_argument("--repo", required=True, help="dataset repository id, e.g. my-org/alpaca-recycled")
+    pub.add_argument("--token-env", default="HF_TOKEN", help="variable holding the hub token (default: %(default)s)")
+    pub.add_argument("--private", action="store_true", help="create the repository private")
+    pub.set_defaults(func=_publish)
 
     ev = sub.add_parser("evaluate", help="judge model A against baseline B on a test set (both orders) and "
                         "compare held-out loss")
@@ -289,6 +303,7 @@ def recycle_params(args: argparse.Namespace):
         ("student", "template"): args.template, ("student", "dtype"): "float32" if args.exact else None,
         ("student", "input_join"): args.input_join,
         ("selection", "mode"): args.selection, ("selection", "budget"): args.budget,
+        ("selection", "method"): args.method, ("selection", "scorer"): args.scorer, ("license",): args.license,
         ("training", "enabled"): False if args.no_train else None, ("training", "epochs"): args.epochs,
         ("training", "learning_rate"): args.learning_rate, ("training", "batch_size"): args.batch_size,
         ("training", "per_device_batch_size"): args.per_device_batch_size,
@@ -364,6 +379,13 @@ def _plan(args: argparse.Namespace) -> int:
                        max_new_tokens=args.max_new_tokens, epochs=args.epochs, device=args.device,
                        teacher_params=sizes[0], student_params=sizes[1], throughput=given)
     print(plan.render(result))
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from reflectune import card
+
+    print(card.publish(args.dir, args.repo, args.token_env, args.private))
     return 0
 
 

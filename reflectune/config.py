@@ -85,12 +85,34 @@ class VLLMConfig(_Config):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans (e.g. 2 for a 70B teacher in bf16).")
 
 
+METHODS = ("selective", "reflection", "cherry", "superfilter")
+# the budget each method keeps when none is given: Cherry LLM's Alpaca result used the top 5%
+DEFAULT_BUDGET = {"selective": None, "reflection": None, "cherry": 0.05, "superfilter": 0.05}
+
+
 class SelectionConfig(_Config):
+    method: Literal["selective", "reflection", "cherry", "superfilter"] = Field(
+        "selective", description="selective: Selective Reflection-Tuning (teacher variants, the student picks per "
+        "sample). reflection: Reflection-Tuning, every pair recycled by the teacher (instruction, then response) "
+        "and kept. cherry: IFD only, no teacher (Cherry LLM): drop IFD >= 1, keep the top budget by IFD. "
+        "superfilter: cherry's rule scored by a small model other than the student (Superfiltering).")
     mode: Literal["released", "paper"] = Field(
-        "released", description="released: keep only the ins_res and res branches, as the released code; "
-        "paper: keep all four branches, as the paper's equations.")
+        "released", description="selective: released keeps only the ins_res and res branches, as the released "
+        "code; paper keeps all four branches, as the paper's equations.")
     budget: float | None = Field(None, gt=0, le=1, description="Keep only this top fraction of the selected data "
-                                 "by IFD (e.g. 0.05); empty keeps all.")
+                                 "by IFD (e.g. 0.05). Empty: all for selective and reflection, 0.05 for cherry and "
+                                 "superfilter.")
+    scorer: str = Field(DEFAULT_MODEL, description="superfilter: the small model that scores the pairs in the "
+                        "student's place (Superfiltering: a GPT-2-size scorer for a 7B student).")
+
+    @property
+    def fraction(self) -> float | None:
+        """The budget in force: the one given, else the method's default."""
+        return self.budget if self.budget is not None else DEFAULT_BUDGET[self.method]
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.method in ("selective", "reflection")
 
 
 class TrainingConfig(_Config):
@@ -144,6 +166,9 @@ class RecycleParams(_Config):
     column_map: dict[str, str] = Field(default_factory=dict, description="Read a field from another column, e.g. "
                                        "{\"instruction\": \"prompt\", \"output\": \"completion\"}.")
     limit: int | None = Field(None, ge=1, description="Use only the first N input rows (trial runs).")
+    license: str | None = Field(None, description="License of the data this run writes, as a Hugging Face license "
+                                "id (e.g. cc-by-nc-4.0) for the dataset card; empty: the card states it is the same "
+                                "as the source dataset's.")
     shard_size: int = Field(512, ge=1, description="Records per Parquet shard: the unit of work, retry and resume.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Who rewrites the pairs.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="Who scores the pairs (and is trained).")
@@ -178,4 +203,13 @@ class RecycleParams(_Config):
     @property
     def same_model(self) -> bool:
         """Teacher and student are one model on one engine kind: their stages may interleave."""
-        return self.teacher.model == self.student.model and self.teacher.engine == self.student.engine
+        return (self.selection.uses_teacher and self.teacher.model == self.scorer.model
+                and self.teacher.engine == self.scorer.engine)
+
+    @property
+    def scorer(self) -> StudentConfig:
+        """Who scores the pairs: the student, or for superfilter the small scorer on the
+        student's engine and template."""
+        if self.selection.method == "superfilter":
+            return self.student.model_copy(update={"model": self.selection.scorer})
+        return self.student

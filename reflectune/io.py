@@ -84,7 +84,10 @@ def write_table(df: pl.DataFrame, uri: str) -> None:
     """Write by extension: .parquet, .jsonl or .json (an array of objects)."""
     buf = io.BytesIO()
     if uri.endswith(".parquet"):
-        df.write_parquet(buf)
+        from reflectune.records import SCHEMA_KEY, SCHEMA_VERSION
+
+        # the schema version travels with the file: a reader of another version refuses it
+        df.write_parquet(buf, metadata={SCHEMA_KEY: str(SCHEMA_VERSION)})
     elif uri.endswith(".jsonl"):
         df.write_ndjson(buf)
     elif uri.endswith(".json"):

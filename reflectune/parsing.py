@@ -7,8 +7,8 @@ candidate wins: the prompt asks for the fields at the end. A field is unusable w
 missing, empty, or echoes the template ("your instruction", "your answer", "N/A"). An answer
 cut off by the token limit (it runs to the end of a generation that stopped for length) is
 kept as the reference keeps it, and listed in `cut`; an instruction needs its closing marker,
-as in the reference. A usable field that is mostly repetition is `degenerate`: present, but
-no use as data.
+as in the reference. A usable field that is mostly repetition, and a placeholder closed like
+a field, are `degenerate`: the form, but no use as data.
 """
 
 from __future__ import annotations
@@ -59,11 +59,13 @@ def parse(text: str, wanted: tuple[str, ...], cut_off: bool = False) -> Parsed:
         if not candidates:
             out.problems[name] = f"no [{_title(name)}] marker"
             continue
-        reason = ""
+        reason, echoed = "", False
         for start, end, _ in reversed(candidates):
             value, ran_to_end = _field_text(text, end, spans)
             cut = ran_to_end and cut_off
             reason = _unusable(value, cut and name == "new_instruction")
+            # the format line's placeholder, closed like a field: the form without content
+            echoed = echoed or (reason.startswith("echoes") and not ran_to_end)
             if not reason:
                 loop = degenerate(value)
                 if loop:
@@ -76,6 +78,9 @@ def parse(text: str, wanted: tuple[str, ...], cut_off: bool = False) -> Parsed:
                 break
         else:
             out.problems[name] = reason
+            if echoed:
+                out.problems[name] = f"degenerate, {reason}"
+                out.degenerate.add(name)
     return out
 
 

@@ -15,7 +15,11 @@ import polars as pl
 
 from reflectune.errors import SchemaError
 
-SCHEMA_VERSION = 2
+# Written into every Parquet file's metadata under SCHEMA_KEY; a file of another version is
+# refused where it is read (`read`), never misread. v3: versions in the files, the score,
+# decision and selected tables declared here.
+SCHEMA_VERSION = 3
+SCHEMA_KEY = "reflectune.schema_version"
 
 # The pair every stage carries. `input` is "" when the pair has none.
 RECORD: dict[str, pl.DataType] = {
@@ -74,6 +78,28 @@ SCORES: dict[str, pl.DataType] = {name: pl.Float64 for name in SCORE_COLUMNS} | 
 }
 
 
+# The long table of scored pairs: the original and its variants, one row each, with scores.
+SCORED: dict[str, pl.DataType] = RECORD | {
+    "variant": pl.String,
+    "parse_status": pl.String,
+    "teacher": pl.String,
+    "prompt_version": pl.String,
+} | SCORES
+
+# The wide table of decisions: one row per sample, every variant's pair and scores side by side
+# as `{variant}_{column}`, then what the selection made of them.
+_SIDE = {"instruction": pl.String, "input": pl.String, "output": pl.String} | SCORES | {"parse_status": pl.String}
+DECISION: dict[str, pl.DataType] = {"sample_id": pl.String, "source_index": pl.Int64} | {
+    f"{variant}_{name}": dtype for variant in VARIANTS for name, dtype in _SIDE.items()
+} | {"branch": pl.String, "chosen": pl.String, "reason": pl.String, "chosen_ifd": pl.Float64, "selected": pl.Boolean}
+
+# The selected data: the chosen variant of each selected sample, with its scores and lineage.
+SELECTED: dict[str, pl.DataType] = {
+    "sample_id": pl.String, "source_index": pl.Int64, "variant": pl.String, "branch": pl.String,
+    "instruction": pl.String, "input": pl.String, "output": pl.String,
+} | {name: pl.Float64 for name in SCORE_COLUMNS} | {"teacher": pl.String, "student": pl.String, "prompt_version": pl.String}
+
+
 def sample_id(instruction: str, input: str, output: str) -> str:
     """Stable content hash of a pair: the same pair gets the same id in every run."""
     payload = json.dumps([instruction, input, output], ensure_ascii=False)
@@ -99,3 +125,32 @@ def check_columns(df: pl.DataFrame, required: dict[str, pl.DataType], stage: str
 
 def empty(schema: dict[str, pl.DataType]) -> pl.DataFrame:
     return pl.DataFrame(schema=schema)
+
+
+def read(uri: str, schema: dict[str, pl.DataType], stage: str) -> pl.DataFrame:
+    """A table written by a stage, refused with a message naming the file when its schema
+    version is not this one's or a column is missing or of another type."""
+    import io as _io
+
+    import pyarrow.parquet as pq
+
+    from reflectune import io
+
+    data = io.read_bytes(uri)
+    metadata = pq.read_metadata(_io.BytesIO(data)).metadata or {}
+    raw = metadata.get(SCHEMA_KEY.encode())
+    version = int(raw) if raw is not None and raw.isdigit() else None
+    if version is None:
+        raise SchemaError(f"{stage}: {uri} carries no Reflectune schema version: it was written by an older "
+                          "Reflectune or another tool. Rerun the stage that writes it (or write to a new output "
+                          "folder).")
+    if version != SCHEMA_VERSION:
+        fix = ("upgrade Reflectune to read it" if version > SCHEMA_VERSION
+               else "rerun the stage that writes it (or write to a new output folder)")
+        raise SchemaError(f"{stage}: {uri} was written with schema v{version}, this Reflectune reads "
+                          f"v{SCHEMA_VERSION}: {fix}.")
+    import polars as pl
+
+    df = pl.read_parquet(_io.BytesIO(data))
+    check_columns(df, schema, stage, uri)
+    return df

@@ -4,7 +4,8 @@ Phase 1 asks the teacher for the instruction reflection (ins) and the response r
 the original (res) together; phase 2 asks for the response reflection of each new pair
 (ins_res). Where the engine can, the output format is enforced at decode time
 (reflectune.formats); the lineage records, per attempt, whether it was. As in the reference
-code, a row with no usable field gets one more try with different sampling; an answer cut
+code, a row with nothing usable (for `ins`, no usable new answer) gets one more try with
+different sampling; an answer cut
 off by the token limit is kept (`partial`); a response field still unusable falls back to
 the base pair's answer, and an `ins` variant without a usable new answer falls back whole
 to the original pair, which then ties with it in selection (a new instruction with the old
@@ -158,11 +159,17 @@ def _run(jobs: list[_Job], teacher: TeacherEngine, sampling: Sampling, retry: Sa
             job.completion_tokens += gen.completion_tokens
             parsed = _parse(job, gen)
             last = attempt == 1
-            if not parsed.fields and not last:
+            if not _usable(job, parsed) and not last:
                 failed.append(job)
             else:
                 job.result = _finish(job, parsed, teacher.teacher_id)
         pending = failed
+
+
+def _usable(job: _Job, parsed: parsing.Parsed) -> bool:
+    """Whether an attempt gave the variant anything: as in the reference, a row is retried only
+    when nothing parsed; an `ins` answer is what its variant stands on (see _finish)."""
+    return "new_answer" in parsed.fields if job.variant == "ins" else bool(parsed.fields)
 
 
 def _chat(job: _Job) -> prompts.Messages:

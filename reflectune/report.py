@@ -36,7 +36,9 @@ def render(decisions: pl.DataFrame, manifest: dict[str, Any], evaluation: dict[s
     usage = manifest.get("token_usage", {})
     parts = [
         f"<h1>Reflectune report: {_e(params.get('dataset', ''))}</h1>",
-        f"<p>Teacher <code>{_e(manifest.get('teacher'))}</code>, student <code>{_e(manifest.get('student'))}</code>, "
+        f"<p>Method <code>{_e(params.get('selection', {}).get('method', 'selective'))}</code>, teacher "
+        f"<code>{_e(manifest.get('teacher') or 'none')}</code>, student <code>{_e(manifest.get('student'))}</code>, "
+        f"scorer <code>{_e(manifest.get('scorer') or manifest.get('student'))}</code>, "
         f"selection <code>{_e(params.get('selection', {}).get('mode'))}</code>. {c['input_rows']} input rows: "
         f"{c['valid_rows']} valid, {c['rejected_rows']} rejected ({c['duplicate_rows']} duplicates); "
         f"<b>{c['selected_rows']} selected</b>, {c['dropped_rows']} dropped.</p>",
@@ -149,8 +151,8 @@ def _parse_table(decisions: pl.DataFrame) -> str:
     rows = []
     for variant in VARIANTS[1:]:
         column = f"{variant}_parse_status"
-        if column not in decisions.columns or not decisions.height:
-            continue
+        if column not in decisions.columns or not decisions.height or decisions[column].null_count() == decisions.height:
+            continue  # no teacher ran (cherry, superfilter)
         counts = dict(decisions.group_by(column).len().iter_rows())
         n = decisions.height
         fallback = sum(v for k, v in counts.items() if k and "fallback" in k)

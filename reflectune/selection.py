@@ -69,15 +69,40 @@ def decide(row: dict[str, Any], mode: str = "released") -> tuple[str, str | None
     return branch, variant, f"{why}; {variant} passes r-IFD {_fmt(rifd[variant])} < 1 and IFD {_fmt(ifd[variant])} < 1"
 
 
-def select(table: pl.DataFrame, mode: str = "released", budget: float | None = None) -> pl.DataFrame:
+def decide_reflection(row: dict[str, Any]) -> tuple[str, str | None, str]:
+    """Reflection-Tuning: the pair recycled by the teacher (instruction, then response) is kept."""
+    if row.get("ins_res_output") is None:
+        return "ins_res", None, "no recycled pair: the teacher wrote no ins_res variant"
+    return "ins_res", "ins_res", "Reflection-Tuning keeps every recycled pair (instruction, then response reflection)"
+
+
+def decide_cherry(row: dict[str, Any]) -> tuple[str, str | None, str]:
+    """Cherry LLM's filter on the original pair: IFD >= 1 means the instruction does not help."""
+    ifd = _num(row.get("orig_ifd_ppl"))
+    if ifd < 1:
+        return "orig", "orig", f"IFD(orig) {_fmt(ifd)} < 1"
+    return "orig", None, f"IFD(orig) {_fmt(ifd)} is not < 1: the instruction does not help the response"
+
+
+def select(table: pl.DataFrame, mode: str = "released", budget: float | None = None,
+           method: str = "selective") -> pl.DataFrame:
     """The wide table with `branch`, `chosen`, `selected`, `reason` (and `chosen_ifd`).
 
-    `budget` (0 < budget <= 1) keeps the top fraction of the selected samples by the chosen
-    variant's IFD, highest first; the others are dropped with the budget as their reason.
+    `budget` (0 < budget <= 1) keeps the top fraction by the chosen variant's IFD, highest
+    first; the others are dropped with the budget as their reason. For selective and
+    reflection the fraction is of the selected samples; for cherry and superfilter it is of
+    all scored samples, as Cherry LLM counts (5% of Alpaca's 52,002 is 2,600).
     """
     if budget is not None and not 0 < budget <= 1:
         raise ValueError(f"budget {budget} must be a fraction in (0, 1], e.g. 0.05 for the top 5%")
-    decisions = [decide(row, mode) for row in table.iter_rows(named=True)]
+    if method == "selective":
+        decisions = [decide(row, mode) for row in table.iter_rows(named=True)]
+    elif method == "reflection":
+        decisions = [decide_reflection(row) for row in table.iter_rows(named=True)]
+    elif method in ("cherry", "superfilter"):
+        decisions = [decide_cherry(row) for row in table.iter_rows(named=True)]
+    else:
+        raise ValueError(f"unknown selection method '{method}': choose selective, reflection, cherry or superfilter")
     chosen_ifd = [
         _num(row.get(f"{variant}_ifd_ppl")) if variant else math.nan
         for row, (_, variant, _) in zip(table.iter_rows(named=True), decisions)
@@ -89,7 +114,7 @@ def select(table: pl.DataFrame, mode: str = "released", budget: float | None = N
         pl.Series("chosen_ifd", chosen_ifd, pl.Float64),
     ).with_columns(selected=pl.col("chosen").is_not_null())
     if budget is not None:
-        out = _apply_budget(out, budget)
+        out = _apply_budget(out, budget, out.height if method in ("cherry", "superfilter") else None)
     return out
 
 
@@ -99,9 +124,9 @@ def budget_count(budget: float, n: int) -> int:
     return math.floor(budget * n + 1e-9)
 
 
-def _apply_budget(out: pl.DataFrame, budget: float) -> pl.DataFrame:
+def _apply_budget(out: pl.DataFrame, budget: float, of: int | None = None) -> pl.DataFrame:
     selected = out.filter(pl.col("selected"))
-    keep_n = budget_count(budget, selected.height)
+    keep_n = budget_count(budget, selected.height if of is None else of)
     # highest IFD first; ties broken by source order so the cut is deterministic
     ranked = selected.sort(["chosen_ifd", "source_index"], descending=[True, False])
     kept = set(ranked["sample_id"].head(keep_n).to_list())

@@ -22,7 +22,8 @@ import polars as pl
 
 from reflectune import intake, io, prompts, reflection, scoring, selection
 from reflectune.config import RecycleParams, StudentConfig, TeacherConfig
-from reflectune.records import RECORD, SCORES, VARIANT, VARIANTS, check_columns
+from reflectune.records import (DECISION, RECORD, REJECTED, SCORED, SELECTED, VARIANT, VARIANTS, check_columns,
+                                read)
 
 TEACHER_FIELDS = ("model", "engine", "base_url", "max_new_tokens", "temperature", "top_p", "retry_temperature", "seed",
                   "repetition_penalty", "constrained")
@@ -113,11 +114,12 @@ SHARD_STAGES = ("teacher", "student")
 def target(params: RecycleParams, shard: Shard, stage: str) -> str:
     """The output file of `stage` for `shard` under these parameters. Its name carries the hash
     of everything that determines its content, so other settings write beside it."""
-    teacher = teacher_key(shard, params.teacher)
+    # methods without a teacher score the originals alone
+    teacher = teacher_key(shard, params.teacher) if params.selection.uses_teacher else "no-teacher"
     if stage == "teacher":
         return io.join(params.output, "variants", f"{shard.name}.{teacher}.parquet")
     if stage == "student":
-        return io.join(params.output, "scores", f"{shard.name}.{student_key(shard, params.student, teacher)}.parquet")
+        return io.join(params.output, "scores", f"{shard.name}.{student_key(shard, params.scorer, teacher)}.parquet")
     raise ValueError(f"unknown shard stage '{stage}': choose one of {', '.join(SHARD_STAGES)}")
 
 
@@ -156,8 +158,7 @@ def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any,
     """The shard's ins, res and ins_res variants, written to `target`. `progress(generations,
     new_tokens)` is called as generations finish."""
     start = time.perf_counter()
-    records = io.read_parquet(shard.uri)
-    check_columns(records, RECORD, "teacher", shard.uri)
+    records = read(shard.uri, RECORD, "teacher")
     sampling, retry = teacher_sampling(cfg)
     variants = reflection.reflect(records, engine, "both", sampling, retry, progress)
     check_columns(variants, VARIANT, "teacher output")
@@ -172,20 +173,19 @@ def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any,
     }))
 
 
-def student_shard(shard: Shard, variants_at: str, target: str, cfg: StudentConfig, engine: Any,
+def student_shard(shard: Shard, variants_at: str | None, target: str, cfg: StudentConfig, engine: Any,
                   progress: Callable[..., None] | None = None) -> ShardResult:
     """Scores of the four variants of every sample in the shard, written to `target`.
     `progress(tokens, tokens, total_tokens)` is called as batches finish."""
     start = time.perf_counter()
-    records = io.read_parquet(shard.uri)
-    variants = io.read_parquet(variants_at)
-    check_columns(records, RECORD, "student", shard.uri)
-    check_columns(variants, VARIANT, "student", variants_at)
+    records = read(shard.uri, RECORD, "student")
+    # a method without a teacher scores the originals alone
+    variants = pl.DataFrame(schema=VARIANT) if variants_at is None else read(variants_at, VARIANT, "student")
     table = long_table(records, variants)
     advance = (lambda n, total: progress(n, n, total)) if progress else None
     counts: dict[str, int] = {}
     scored = scoring.score_table(table, engine, cfg.template, cfg.max_length, advance, cfg.input_join, counts)
-    check_columns(scored, SCORES, "student output")
+    check_columns(scored, SCORED, "student output")
     io.write_table(scored, target)
     return _finish(ShardResult(shard.name, "student", target, records.height, False, time.perf_counter() - start, {
         "sequences": counts.get("sequences", 0),
@@ -210,21 +210,26 @@ def long_table(records: pl.DataFrame, variants: pl.DataFrame) -> pl.DataFrame:
 def select_and_write(params: RecycleParams, score_uris: list[str], intake_summary: dict[str, Any],
                      teacher_id: str, student_id: str) -> dict[str, Any]:
     out = params.output
-    scored = pl.concat([io.read_parquet(u) for u in score_uris]) if score_uris else pl.DataFrame()
-    decisions = selection.select(selection.wide(scored), params.selection.mode, params.selection.budget) \
-        if score_uris else pl.DataFrame()
-    chosen = selection.selected_rows(decisions) if score_uris else selection.selected_rows(_empty_decisions())
+    sel = params.selection
+    if score_uris:
+        scored = pl.concat([read(u, SCORED, "selection") for u in score_uris])
+        decisions = selection.select(selection.wide(scored), sel.mode, sel.fraction, sel.method)
+    else:
+        decisions = pl.DataFrame(schema=DECISION)
+    check_columns(decisions, DECISION, "selection output")
+    chosen = selection.selected_rows(decisions)
     prompt_version = {"ins": prompts.INSTRUCTION_VERSION, "ins_res": prompts.RESPONSE_VERSION,
                       "res": prompts.RESPONSE_VERSION, "orig": None}
     selected = chosen.with_columns(
-        teacher=pl.when(pl.col("variant") == "orig").then(None).otherwise(pl.lit(teacher_id)),
+        teacher=pl.when(pl.col("variant") == "orig").then(None).otherwise(pl.lit(teacher_id, pl.String)),
         student=pl.lit(student_id),
         prompt_version=pl.col("variant").replace_strict(prompt_version, return_dtype=pl.String),
     )
+    check_columns(selected, SELECTED, "selection output")
     io.write_table(decisions, io.join(out, "decisions.parquet"))
     io.write_table(selected, io.join(out, "selected.parquet"))
     io.write_table(selected.select("instruction", "input", "output"), io.join(out, "selected.jsonl"))
-    rejected = io.read_parquet(io.join(out, "intake", "rejected.parquet"))
+    rejected = read(io.join(out, "intake", "rejected.parquet"), REJECTED, "selection")
     io.write_table(rejected, io.join(out, "rejected.parquet"))
     branches = decisions.group_by("branch", "selected").len() if decisions.height else pl.DataFrame()
     per_branch = {f"{b}_{'kept' if s else 'dropped'}": int(n) for b, s, n in branches.iter_rows()} if branches.height else {}
@@ -238,10 +243,6 @@ def select_and_write(params: RecycleParams, score_uris: list[str], intake_summar
         "per_branch": dict(sorted(per_branch.items())),
         "per_variant": {v: int(n) for v, n in selected.group_by("variant").len().iter_rows()},
     }
-
-
-def _empty_decisions() -> pl.DataFrame:
-    return pl.DataFrame(schema={"sample_id": pl.String, "selected": pl.Boolean})
 
 
 def _hash(obj: Any) -> str:

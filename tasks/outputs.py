@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from reflectune import io, report, stages, training
+from reflectune import card, io, records, report, stages, training
 from reflectune.config import RecycleParams
 
 
@@ -31,7 +31,8 @@ def select_and_write(params: RecycleParams, score_uris: list[str], summary: dict
 
 @task(name="train-student", tags=["reflectune", "train"])
 def train_student(params: RecycleParams) -> dict[str, Any]:
-    pairs = io.read_parquet(io.join(params.output, "selected.parquet")).select("instruction", "input", "output")
+    pairs = records.read(io.join(params.output, "selected.parquet"), records.SELECTED, "training").select(
+        "instruction", "input", "output")
     metrics = training.train(pairs, params.student, params.training, io.join(params.output, "model"))
     io.write_json(metrics, io.join(params.output, "training.json"))
     get_run_logger().info("training: %s", metrics)
@@ -56,8 +57,8 @@ def evaluate_students(params: RecycleParams) -> dict[str, Any]:
 
     ev = params.evaluation
     out = params.output
-    selected = io.read_parquet(io.join(out, "selected.parquet"))
-    originals = io.read_parquet(io.join(out, "decisions.parquet")).select(
+    selected = records.read(io.join(out, "selected.parquet"), records.SELECTED, "evaluation")
+    originals = records.read(io.join(out, "decisions.parquet"), records.DECISION, "evaluation").select(
         instruction="orig_instruction", input="orig_input", output="orig_output")
     budget = originals.sample(n=min(selected.height, originals.height), seed=ev.seed, shuffle=True)
     baseline_dir = io.join(out, "baseline-model")
@@ -75,6 +76,15 @@ def evaluate_students(params: RecycleParams) -> dict[str, Any]:
     io.write_json(summary, io.join(out, "evaluation.json"))
     get_run_logger().info("%s", evaluation.render_table(summary))
     return summary
+
+
+@task(name="write-card", tags=["reflectune"])
+def write_card(params: RecycleParams, manifest: dict[str, Any]) -> str:
+    """The dataset card (README.md): the output folder loads with `datasets.load_dataset`."""
+    decisions = records.read(io.join(params.output, "decisions.parquet"), records.DECISION, "dataset card")
+    uri = io.join(params.output, "README.md")
+    io.write_bytes(uri, card.render(manifest, decisions).encode("utf-8"))
+    return uri
 
 
 @task(name="write-report", tags=["reflectune"])

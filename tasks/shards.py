@@ -41,18 +41,18 @@ def _run(stage: str, shard: dict[str, Any], params: RecycleParams) -> dict[str, 
     try:
         if stage == "teacher":
             cfg = params.teacher
-            options = teacher_options(cfg, params.vllm, params.student)
+            options = teacher_options(cfg, params.vllm, params.scorer)
             if cfg.engine == "openai":
                 options["api_key"] = _api_key(cfg)
             with pool.using("teacher", cfg.engine, cfg.model, **options) as engine, \
                     _watched("teacher", s, 3 * s.rows, "generations") as advance:
                 result = stages.teacher_shard(s, target, cfg, engine, advance)
         else:
-            variants = stages.target(params, s, "teacher")
-            if stages.done(variants) is None:
+            variants = stages.target(params, s, "teacher") if params.selection.uses_teacher else None
+            if variants is not None and stages.done(variants) is None:
                 raise RuntimeError(f"the teacher variants {variants} are missing: the teacher stage must run first")
-            cfg = params.student
-            options = student_options(cfg, params.vllm, params.teacher)
+            cfg = params.scorer
+            options = student_options(cfg, params.vllm, params.teacher if params.selection.uses_teacher else None)
             with pool.using("student", cfg.engine, cfg.model, **options) as engine, \
                     _watched("student", s, 0, "tokens") as advance:
                 result = stages.student_shard(s, variants, target, cfg, engine, advance)

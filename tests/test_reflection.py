@@ -106,9 +106,13 @@ def _variant(variant, text, cut_off=False):
 
 def test_an_ins_variant_without_a_usable_answer_is_the_original_pair():
     # a new instruction with the old answer would score as a harder instruction: dropped whole
-    row = _variant("ins", "Weak.\n[New Instruction] Compare three fruits by vitamin content. [End]\n[New Answer] N/A [End]")
+    row = _variant("ins", "Weak.\n[New Instruction] Compare three fruits by vitamin content. [End]\n[New Answer]")
     assert (row["instruction"], row["input"], row["output"]) == ("Name a fruit.", "red ones", "Apple.")
     assert row["parse_status"] == "fallback" and "dropped with the unusable new answer" in row["parse_detail"]
+    # the format line's placeholder, closed: the form without content
+    echo = _variant("ins", "[New Instruction] Compare three fruits. [End]\n[New Answer] your answer [End]")
+    assert echo["instruction"] == "Name a fruit." and echo["parse_status"] == "degenerate"
+    assert "echoes the template" in echo["parse_detail"]
     looped = _variant("ins", "[New Instruction] Compare fruits. [End]\n[New Answer] " + "Fruit is good. " * 20 + "[End]")
     assert looped["instruction"] == "Name a fruit." and looped["parse_status"] == "degenerate"
 
@@ -142,7 +146,9 @@ def _first_fields(row, cut_off):
     from reflectune.parsing import parse
 
     wanted = ("new_instruction", "new_answer") if row["variant"] == "ins" else ("better_answer",)
-    return parse(row["raw_text"][0], wanted, cut_off=cut_off).fields
+    fields = parse(row["raw_text"][0], wanted, cut_off=cut_off).fields
+    # an ins variant stands on its new answer
+    return "new_answer" in fields if row["variant"] == "ins" else bool(fields)
 
 
 @pytest.fixture()
@@ -223,7 +229,13 @@ def test_constrained_generation_through_vllm_serve(proxy, vllm_server, records):
     variants = reflect(records, engine, "both", Sampling(max_new_tokens=96, constrained="auto"))
     assert engine.constraint == "regex" and b'"structured_outputs"' in proxy.requests[0]
     assert all(how == "regex" for attempts in variants["constrained"] for how in attempts)
-    assert variants["parse_status"].is_in(WELL_FORMED).mean() >= 0.85, variants["parse_status"].to_list()
+    # the server held every generation to the form: one that ended on its own ends with a closed
+    # field and is well formed; only one stopped by the token limit can miss it (as in the
+    # reference, a cut answer is kept, and with the reference's retry rule it is not retried)
+    for row in variants.iter_rows(named=True):
+        if row["raw_text"][-1].rstrip().endswith("[End]"):
+            assert row["parse_status"] in WELL_FORMED, row
+    assert variants["parse_status"].is_in(WELL_FORMED).mean() >= 0.75, variants["parse_status"].to_list()
 
 
 def test_a_server_that_takes_only_json_schemas_gets_them(vllm_server, records):

@@ -1,0 +1,131 @@
+"""The family of methods as modes of the recycle flow, on a real Prefect API with the packaged
+model: cherry and superfilter run no teacher; reflection keeps every recycled pair."""
+
+import math
+
+import polars as pl
+import pytest
+
+from reflectune import stages
+from reflectune.config import RecycleParams
+from reflectune.engines import pool
+
+from .conftest import MODEL, SAMPLE
+
+NO_TRAIN = {"enabled": False}
+
+
+def _scores(out):
+    return pl.concat([pl.read_parquet(p) for p in sorted((out / "scores").glob("*.parquet"))])
+
+
+@pytest.mark.parametrize("method", ["cherry", "superfilter"])
+def test_a_method_without_a_teacher_loads_none_and_keeps_the_top_ifd(prefect_api, tmp_path, method):
+    from flows.recycle import recycle
+
+    out = tmp_path / "out"
+    params = RecycleParams(dataset=str(SAMPLE), output=str(out), shard_size=16, training=NO_TRAIN,
+                           selection={"method": method, "budget": 0.2, "scorer": MODEL},
+                           license="apache-2.0" if method == "cherry" else None)
+    loads = len(pool.load_seconds)
+    manifest = recycle(params)
+    # no teacher: one engine (the scorer) loaded, no teacher tokens, no variants written
+    assert manifest["engine_loads"] == len(pool.load_seconds) - loads == 1
+    assert manifest["teacher"] is None and manifest["method"] == method
+    assert manifest["token_usage"] == {"generations": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    assert {r["stage"] for r in manifest["shard_results"]} == {"student"} and not (out / "variants").exists()
+    assert manifest["scorer"] == stages.model_identity(params.scorer)
+
+    # an independent computation of the rule on the same scores: IFD < 1, top 20% of all by IFD
+    scores = _scores(out)
+    assert set(scores["variant"]) == {"orig"}
+    valid = scores.filter(pl.col("ifd_ppl").is_not_nan())
+    ranked = sorted((r["ifd_ppl"], r["sample_id"]) for r in valid.iter_rows(named=True) if r["ifd_ppl"] < 1)
+    keep = math.floor(0.2 * scores.height)
+    want = {sid for _, sid in ranked[::-1][:keep]}
+    selected = pl.read_parquet(out / "selected.parquet")
+    assert keep >= 4 and set(selected["sample_id"]) == want
+    assert set(selected["variant"]) == {"orig"} and selected["teacher"].null_count() == selected.height
+    counts = manifest["counts"]
+    assert counts["selected_rows"] == keep and counts["per_branch"]["orig_kept"] == keep
+    assert counts["selected_rows"] + counts["dropped_rows"] == counts["valid_rows"]
+    decisions = pl.read_parquet(out / "decisions.parquet")
+    above = decisions.filter(pl.col("orig_ifd_ppl") >= 1)
+    assert all("is not < 1" in reason for reason in above["reason"])
+    assert "Method <code>" + method in (out / "report.html").read_text()
+    check_dataset(out, manifest)
+
+
+def check_dataset(out, manifest):
+    """The folder loads with the datasets library as it stands, and its card says what the
+    manifest says."""
+    import re
+
+    import yaml
+    from datasets import load_dataset
+
+    selected = pl.read_parquet(out / "selected.parquet")
+    for data in (load_dataset(str(out), cache_dir=str(out.parent / "hf-cache"))["train"],
+                 load_dataset("parquet", data_files=str(out / "selected.parquet"),
+                              cache_dir=str(out.parent / "hf-cache"))["train"]):
+        assert data.num_rows == selected.height and data.column_names == selected.columns
+        assert data["sample_id"] == selected["sample_id"].to_list()
+    decisions = load_dataset(str(out), "decisions", cache_dir=str(out.parent / "hf-cache"))["train"]
+    assert decisions.num_rows == manifest["counts"]["valid_rows"]
+
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["configs"][0] == {"config_name": "default", "data_files": [{"split": "train", "path": "selected.parquet"}]}
+    c = manifest["counts"]
+    row = re.search(r"\| (\d+) \| (\d+) \| (\d+) \((\d+)\) \| (\d+) \| (\d+) \|", card).groups()
+    assert [int(x) for x in row] == [c["input_rows"], c["valid_rows"], c["rejected_rows"], c["duplicate_rows"],
+                                     c["selected_rows"], c["dropped_rows"]]
+    for branch, n in c["per_branch"].items():
+        assert f"{branch} {n}" in card
+    assert manifest["student"] in card and "@inproceedings{li2024quantity" in card
+    assert front.get("license") == manifest["parameters"]["license"]
+
+
+def test_reflection_keeps_every_recycled_pair(prefect_api, tmp_path):
+    from flows.recycle import recycle
+
+    out = tmp_path / "out"
+    params = RecycleParams(dataset=str(SAMPLE), output=str(out), limit=6, shard_size=3, training=NO_TRAIN,
+                           teacher={"max_new_tokens": 16}, selection={"method": "reflection"})
+    manifest = recycle(params)
+    assert manifest["counts"]["selected_rows"] == manifest["counts"]["valid_rows"] == 6
+    assert manifest["token_usage"]["completion_tokens"] > 0
+    selected = pl.read_parquet(out / "selected.parquet").sort("source_index")
+    variants = pl.concat([pl.read_parquet(p) for p in sorted((out / "variants").glob("*.parquet"))])
+    recycled = variants.filter(pl.col("variant") == "ins_res").sort("source_index")
+    assert set(selected["variant"]) == {"ins_res"}
+    assert selected["output"].to_list() == recycled["output"].to_list()
+    assert selected["instruction"].to_list() == recycled["instruction"].to_list()
+    assert manifest["counts"]["per_branch"] == {"ins_res_kept": 6}
+    assert "the same as the source dataset" in (out / "README.md").read_text()
+    assert "@article{li2023reflection" in (out / "README.md").read_text()
+
+
+def test_publish_says_what_to_do_when_the_hub_cannot_be_reached(tmp_path):
+    """No network here: the message and the folder check, not the push."""
+    import os
+    import subprocess
+    import sys
+
+    secret = "hf_never_print_this_token_0123456789"
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": secret}
+    env.pop("HF_HUB_OFFLINE", None)
+
+    def publish(folder):
+        return subprocess.run([sys.executable, "-m", "reflectune.cli", "publish", str(folder), "--repo", "me/recycled"],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    run = publish(tmp_path)
+    assert run.returncode == 2 and "is not a finished run's output (README.md, selected.parquet, manifest.json" \
+        in run.stderr
+    for name in ("README.md", "selected.parquet", "manifest.json"):
+        (tmp_path / name).write_text("x")
+    run = publish(tmp_path)
+    assert run.returncode == 2, run.stdout
+    assert "could not publish" in run.stderr and "'me/recycled' on http://127.0.0.1:9" in run.stderr
+    assert "load_dataset" in run.stderr and secret not in run.stderr + run.stdout
