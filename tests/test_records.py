@@ -54,3 +54,22 @@ def test_the_declared_tables_cover_what_selection_writes():
     for variant in ("orig", "ins", "res", "ins_res"):
         assert {f"{variant}_ifd_ppl", f"{variant}_output", f"{variant}_parse_status"} <= set(DECISION)
     assert {"variant", "parse_status", "ifd_ppl", "rifd_ppl"} <= set(SCORED)
+
+
+def test_the_student_stage_refuses_variants_with_a_renamed_column(tmp_path):
+    """At the stage boundary itself: the scorer never runs on a table it does not understand."""
+    from reflectune import stages
+    from reflectune.config import StudentConfig
+    from reflectune.records import RECORD, VARIANT
+
+    records = pl.DataFrame({"sample_id": ["a"], "source_index": [0], "instruction": ["Say hi."], "input": [""],
+                            "output": ["Hi."]}, schema=RECORD)
+    shard = tmp_path / "part-00000.parquet"
+    io.write_table(records, str(shard))
+    variants = pl.DataFrame(schema=VARIANT).rename({"parse_status": "status"})
+    at = tmp_path / "variants.parquet"
+    io.write_table(variants, str(at))
+    with pytest.raises(SchemaError, match=r"student: .*variants\.parquet.*column 'parse_status' is missing"):
+        stages.student_shard(stages.Shard(0, str(shard), 1, "x"), str(at), str(tmp_path / "scores.parquet"),
+                             StudentConfig(), engine=None)
+    assert not (tmp_path / "scores.parquet").exists()
