@@ -150,10 +150,9 @@ def _size(n: int) -> str:
 
 
 def _budget(manifest: dict[str, Any]) -> str:
-    sel = manifest["parameters"]["selection"]
-    budget = sel.get("budget")
-    if budget is None and sel.get("method") in ("cherry", "superfilter"):
-        budget = 0.05
+    from reflectune.config import SelectionConfig
+
+    budget = SelectionConfig(**manifest["parameters"]["selection"]).fraction  # the budget in force
     return f"top {budget:.0%} by IFD" if budget else ""
 
 
