@@ -20,7 +20,8 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.gpu_batch import with_retries
-from reflectune import progress, prompts, stages
+from reflectune import manifest as run
+from reflectune import progress, stages
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
 from reflectune.errors import RESUME, ReflectuneError
@@ -46,7 +47,6 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
         results = _run_local(params, shards, tracker)
     pool.close_all()  # the student engine is not needed past this point
 
-    teacher_results = [r for r in results if r["stage"] == "teacher"]
     student_results = sorted((r for r in results if r["stage"] == "student"), key=lambda r: r["shard"])
     teacher_id = stages.model_identity(params.teacher) if params.selection.uses_teacher else None
     student_id = stages.model_identity(params.student)
@@ -67,29 +67,11 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
         else:
             evaluation = with_retries(evaluate_students, params)(params)
 
-    usage = {k: sum(r["detail"].get(k, 0) for r in teacher_results) for k in ("generations", "prompt_tokens", "completion_tokens")}
-    manifest = {
-        "status": "complete",
-        "parameters": params.model_dump(mode="json"),
-        "method": params.selection.method,
-        "teacher": teacher_id,
-        "student": student_id,
-        "scorer": stages.model_identity(params.scorer),
-        "prompt_versions": [prompts.INSTRUCTION_VERSION, prompts.RESPONSE_VERSION],
-        "counts": counts,
-        "token_usage": usage,
-        # identical sequences (copies of an original) are scored once
-        "scoring": {k: sum(r["detail"].get(k, 0) for r in results if r["stage"] == "student")
-                    for k in ("sequences", "sequences_scored")},
-        "shards": len(shards),
-        "shard_results": sorted(results, key=lambda r: (r["shard"], r["stage"])),
-        "training": train_metrics,
-        "evaluation": evaluation,
-        # local mode: engine loads in this process (cluster workers load their own)
-        "engine_loads": len(pool.load_seconds) - loads_before,
-        "engine_load_seconds": round(sum(pool.load_seconds[loads_before:]), 2),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    manifest = run.build(params, results, counts, train_metrics, evaluation, teacher=teacher_id, student=student_id,
+                         scorer=stages.model_identity(params.scorer),
+                         engine_loads=len(pool.load_seconds) - loads_before,
+                         engine_load_seconds=sum(pool.load_seconds[loads_before:]),
+                         seconds=time.perf_counter() - started)
     manifest["report"] = with_retries(write_report, params)(params, manifest)
     manifest["card"] = with_retries(write_card, params)(params, manifest)
     with_retries(write_manifest, params)(params, manifest)
@@ -231,43 +213,5 @@ def _artifacts(params: RecycleParams, manifest: dict[str, Any]) -> None:
         for r in manifest["shard_results"]
     ]
     create_table_artifact(rows, key="reflectune-shards", description="Per-shard counts and timings")
-    c = manifest["counts"]
-    branches = "\n".join(f"| {k} | {v} |" for k, v in c["per_branch"].items()) or "| (none) | 0 |"
-    t = manifest["training"]
-    trained = (f"{t['rows']} rows, {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}"
-               if t.get("trained") else t.get("reason", "not trained"))
-    create_markdown_artifact(
-        f"""# Reflectune recycle: {params.dataset}
+    create_markdown_artifact(run.markdown(manifest), key="reflectune-summary", description="Recycle run summary")
 
-| input rows | valid | rejected | selected | dropped |
-|---|---|---|---|---|
-| {c['input_rows']} | {c['valid_rows']} | {c['rejected_rows']} | {c['selected_rows']} | {c['dropped_rows']} |
-
-Teacher `{manifest['teacher']}`, student `{manifest['student']}`, selection `{params.selection.mode}`
-(budget {params.selection.budget or 'none'}). Teacher tokens: {manifest['token_usage']['prompt_tokens']} in,
-{manifest['token_usage']['completion_tokens']} out.
-
-| branch | samples |
-|---|---|
-{branches}
-
-Training: {trained}. {_evaluation_line(manifest['evaluation'])}
-
-Report: [{manifest['report']}]({_link(manifest['report'])}). Outputs in `{params.output}`.
-""",
-        key="reflectune-summary",
-        description="Recycle run summary",
-    )
-
-
-def _evaluation_line(ev: dict[str, Any]) -> str:
-    if not ev.get("evaluated"):
-        return f"Evaluation: {ev.get('reason', 'not run')}."
-    return (f"Evaluation against a student trained on as many original pairs: {ev['wins']} wins, {ev['ties']} ties, "
-            f"{ev['losses']} losses, winning score {ev['winning_score']:.3f}.")
-
-
-def _link(uri: str) -> str:
-    import os
-
-    return uri if "://" in uri else "file://" + os.path.abspath(uri)

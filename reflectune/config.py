@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from reflectune.models import DEFAULT_MODEL
+from reflectune.reflection import RETRY_TEMPERATURE
+from reflectune.selection import IFD_ONLY
 
 
 class _Config(BaseModel):
@@ -39,7 +41,7 @@ class TeacherConfig(_Config):
                                 "(vllm and transformers engines; an openai endpoint applies its own limit).")
     temperature: float = Field(0.0, ge=0, description="First attempt's temperature; 0 is greedy, as the reference.")
     top_p: float = Field(1.0, gt=0, le=1, description="First attempt's nucleus sampling.")
-    retry_temperature: float = Field(0.7, ge=0, description="Temperature of the one retry a row gets when its "
+    retry_temperature: float = Field(RETRY_TEMPERATURE, ge=0, description="Temperature of the one retry a row gets when its "
                                      "output could not be parsed.")
     repetition_penalty: float = Field(1.1, gt=0, description="Penalty on tokens already written (1 = none); "
                                       "keeps small teachers out of loops (the packaged 135M teacher, constrained: "
@@ -85,7 +87,6 @@ class VLLMConfig(_Config):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans (e.g. 2 for a 70B teacher in bf16).")
 
 
-METHODS = ("selective", "reflection", "cherry", "superfilter")
 # the budget each method keeps when none is given: Cherry LLM's Alpaca result used the top 5%
 DEFAULT_BUDGET = {"selective": None, "reflection": None, "cherry": 0.05, "superfilter": 0.05}
 
@@ -112,7 +113,7 @@ class SelectionConfig(_Config):
 
     @property
     def uses_teacher(self) -> bool:
-        return self.method in ("selective", "reflection")
+        return self.method not in IFD_ONLY
 
 
 class TrainingConfig(_Config):
@@ -213,3 +214,14 @@ class RecycleParams(_Config):
         if self.selection.method == "superfilter":
             return self.student.model_copy(update={"model": self.selection.scorer})
         return self.student
+
+
+def config_fields(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """Every setting of `model` by its dotted name (`selection.budget`), nested models walked."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            fields |= config_fields(info.annotation, f"{prefix}{name}.")
+        else:
+            fields[f"{prefix}{name}"] = info
+    return fields

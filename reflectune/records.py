@@ -41,6 +41,7 @@ REJECTED: dict[str, pl.DataType] = {
 # A teacher variant of a sample (METHOD.md: ins, res, ins_res), with everything the teacher
 # wrote: the raw text of every attempt, how parsing went, and what it cost.
 VARIANTS = ("orig", "ins", "res", "ins_res")
+PARSE_STATUSES = ("ok", "degenerate", "partial", "fallback")
 VARIANT: dict[str, pl.DataType] = RECORD | {
     "variant": pl.String,
     "raw_text": pl.List(pl.String),

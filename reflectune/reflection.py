@@ -22,7 +22,7 @@ from typing import Protocol
 import polars as pl
 
 from reflectune import formats, parsing, prompts
-from reflectune.records import RECORD, VARIANT
+from reflectune.records import RECORD, VARIANT, VARIANTS
 
 KINDS = ("instruction", "response", "both")
 CONSTRAINED = ("auto", "on", "off")
@@ -104,8 +104,7 @@ def reflect(
         _run(phase2, teacher, sampling, retry_sampling, progress)
 
     rows = [job.result for job in phase1 + phase2]
-    order = {"ins": 0, "res": 1, "ins_res": 2}
-    rows.sort(key=lambda r: (r["source_index"], order[r["variant"]]))
+    rows.sort(key=lambda r: (r["source_index"], VARIANTS.index(r["variant"])))
     return pl.DataFrame(rows, schema=VARIANT) if rows else pl.DataFrame(schema=VARIANT)
 
 

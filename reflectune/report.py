@@ -11,8 +11,9 @@ from typing import Any
 import polars as pl
 
 from reflectune import io
+from reflectune import manifest as run
+from reflectune.records import VARIANTS
 
-VARIANTS = ("orig", "ins", "res", "ins_res")
 COLOURS = {"orig": "#4c78a8", "ins": "#f58518", "res": "#54a24b", "ins_res": "#b279a2"}
 LIMIT = 2.0  # IFD and r-IFD axes run 0..2; larger values are drawn at the edge
 
@@ -31,22 +32,16 @@ def write(out: str, manifest: dict[str, Any] | None = None, evaluation: dict[str
 
 def render(decisions: pl.DataFrame, manifest: dict[str, Any], evaluation: dict[str, Any] | None = None,
            price_in: float = 0.0, price_out: float = 0.0) -> str:
-    c = manifest["counts"]
-    params = manifest.get("parameters", {})
     usage = manifest.get("token_usage", {})
+    summary = "".join(f"<li>{_e(line)}</li>" for line in run.lines(manifest) if not line.startswith("report: "))
     parts = [
-        f"<h1>Reflectune report: {_e(params.get('dataset', ''))}</h1>",
-        f"<p>Method <code>{_e(params.get('selection', {}).get('method', 'selective'))}</code>, teacher "
-        f"<code>{_e(manifest.get('teacher') or 'none')}</code>, student <code>{_e(manifest.get('student'))}</code>, "
-        f"scorer <code>{_e(manifest.get('scorer') or manifest.get('student'))}</code>, "
-        f"selection <code>{_e(params.get('selection', {}).get('mode'))}</code>. {c['input_rows']} input rows: "
-        f"{c['valid_rows']} valid, {c['rejected_rows']} rejected ({c['duplicate_rows']} duplicates); "
-        f"<b>{c['selected_rows']} selected</b>, {c['dropped_rows']} dropped.</p>",
+        f"<h1>Reflectune report: {_e(manifest.get('parameters', {}).get('dataset', ''))}</h1>",
+        f"<ul>{summary}</ul>",
         "<h2>IFD per variant</h2>", _histograms(decisions, "ifd_ppl"),
         "<h2>r-IFD per variant</h2>", _histograms(decisions, "rifd_ppl"),
         "<h2>IFD against r-IFD</h2><p>Dashed lines: the selection thresholds (a kept pair has IFD &lt; 1 and "
         "r-IFD &lt; 1). Values above 2 are drawn at the edge.</p>", _scatter(decisions),
-        "<h2>Selection branches</h2>", _branches(c.get("per_branch", {})),
+        "<h2>Selection branches</h2>", _branches(manifest["counts"].get("per_branch", {})),
         "<h2>Teacher parsing</h2>", _parse_table(decisions),
         "<h2>Token usage and cost</h2>", _usage(usage, price_in, price_out),
         "<h2>Most and least helpful rewrites</h2><p>IFD change of the instruction-and-response rewrite "

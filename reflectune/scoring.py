@@ -218,18 +218,11 @@ def _ratio(num: Any, den: Any) -> float:
     return num / den
 
 
-def score_table(
-    df: pl.DataFrame,
-    engine: StudentEngine,
-    template: str = templates.DEFAULT_TEMPLATE,
-    max_length: int = 2048,
-    progress: Callable[[int, int], None] | None = None,
-    join: str = templates.DEFAULT_JOIN,
-    counts: dict[str, int] | None = None,
-) -> pl.DataFrame:
-    """`df` (instruction, input, output, ...) with the score columns added, rows in order."""
+def score_table(df: pl.DataFrame, engine: StudentEngine, *args: Any, **kwargs: Any) -> pl.DataFrame:
+    """`df` (instruction, input, output, ...) with the score columns added, rows in order;
+    the other arguments are score_rows'."""
     rows = df.select("instruction", "input", "output").to_dicts()
-    scores = score_rows(rows, engine, template, max_length, progress, join, counts)
+    scores = score_rows(rows, engine, *args, **kwargs)
     scored = pl.DataFrame(scores, schema=SCORES) if scores else pl.DataFrame(schema=SCORES)
     return pl.concat([df.drop([c for c in SCORES if c in df.columns]), scored], how="horizontal")
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import polars as pl
 
-from reflectune.records import SCORE_COLUMNS
+from reflectune.records import SCORE_COLUMNS, VARIANTS
 
 MODES = ("released", "paper")
-METRICS = ("ifd_ppl", "rifd_ppl")
-# branch -> the variant it keeps
-BRANCHES = {"ins_res": "ins_res", "ins": "ins", "res": "res", "orig": "orig"}
+METHODS = ("selective", "reflection", "cherry", "superfilter")
+# the methods that run no teacher: the originals alone, filtered by IFD (Cherry LLM's rule)
+IFD_ONLY = ("cherry", "superfilter")
 
 
 def wide(scored: pl.DataFrame) -> pl.DataFrame:
@@ -26,7 +26,7 @@ def wide(scored: pl.DataFrame) -> pl.DataFrame:
     keep = ["instruction", "input", "output", *SCORE_COLUMNS, "score_error"]
     extra = [c for c in ("parse_status",) if c in scored.columns]
     parts = []
-    for variant in ("orig", "ins", "res", "ins_res"):
+    for variant in VARIANTS:
         part = scored.filter(pl.col("variant") == variant).select(
             "sample_id", "source_index", *[pl.col(c).alias(f"{variant}_{c}") for c in keep + extra]
         )
@@ -41,32 +41,28 @@ def decide(row: dict[str, Any], mode: str = "released") -> tuple[str, str | None
     """(branch, chosen variant or None, reason) for one sample's wide row."""
     if mode not in MODES:
         raise ValueError(f"unknown selection mode '{mode}': choose released or paper")
-    ifd = {v: _num(row.get(f"{v}_ifd_ppl")) for v in BRANCHES}
-    rifd = {v: _num(row.get(f"{v}_rifd_ppl")) for v in BRANCHES}
+    ifd = {v: _num(row.get(f"{v}_ifd_ppl")) for v in VARIANTS}
+    rifd = {v: _num(row.get(f"{v}_rifd_ppl")) for v in VARIANTS}
 
     if ifd["ins"] > ifd["orig"]:
-        first = f"IFD(ins) {_fmt(ifd['ins'])} > IFD(orig) {_fmt(ifd['orig'])}: the student takes the harder instruction"
-        if rifd["ins_res"] < rifd["ins"]:
-            branch = "ins_res"
-            why = f"{first}; r-IFD(ins_res) {_fmt(rifd['ins_res'])} < r-IFD(ins) {_fmt(rifd['ins'])}"
-        else:
-            branch = "ins"
-            why = f"{first}; r-IFD(ins_res) {_fmt(rifd['ins_res'])} is not < r-IFD(ins) {_fmt(rifd['ins'])}"
+        branch, why = _closer("ins_res", "ins", rifd, f"IFD(ins) {_fmt(ifd['ins'])} > IFD(orig) {_fmt(ifd['orig'])}: "
+                               "the student takes the harder instruction")
     else:
-        first = f"IFD(ins) {_fmt(ifd['ins'])} is not > IFD(orig) {_fmt(ifd['orig'])}: the original instruction stays"
-        if rifd["res"] < rifd["orig"]:
-            branch = "res"
-            why = f"{first}; r-IFD(res) {_fmt(rifd['res'])} < r-IFD(orig) {_fmt(rifd['orig'])}"
-        else:
-            branch = "orig"
-            why = f"{first}; r-IFD(res) {_fmt(rifd['res'])} is not < r-IFD(orig) {_fmt(rifd['orig'])}"
-
-    variant = BRANCHES[branch]
+        branch, why = _closer("res", "orig", rifd, f"IFD(ins) {_fmt(ifd['ins'])} is not > IFD(orig) "
+                               f"{_fmt(ifd['orig'])}: the original instruction stays")
+    variant = branch  # each branch keeps the variant of its name
     if mode == "released" and branch in ("ins", "orig"):
         return branch, None, f"{why}; the released rule keeps no {branch} branch"
     if not (rifd[variant] < 1 and ifd[variant] < 1):
         return branch, None, f"{why}; {variant} fails the thresholds r-IFD {_fmt(rifd[variant])} < 1 and IFD {_fmt(ifd[variant])} < 1"
     return branch, variant, f"{why}; {variant} passes r-IFD {_fmt(rifd[variant])} < 1 and IFD {_fmt(ifd[variant])} < 1"
+
+
+def _closer(rewrite: str, base: str, rifd: dict[str, float], first: str) -> tuple[str, str]:
+    """The second comparison: the response rewrite wins where its r-IFD is lower."""
+    if rifd[rewrite] < rifd[base]:
+        return rewrite, f"{first}; r-IFD({rewrite}) {_fmt(rifd[rewrite])} < r-IFD({base}) {_fmt(rifd[base])}"
+    return base, f"{first}; r-IFD({rewrite}) {_fmt(rifd[rewrite])} is not < r-IFD({base}) {_fmt(rifd[base])}"
 
 
 def decide_reflection(row: dict[str, Any]) -> tuple[str, str | None, str]:
@@ -99,10 +95,10 @@ def select(table: pl.DataFrame, mode: str = "released", budget: float | None = N
         decisions = [decide(row, mode) for row in table.iter_rows(named=True)]
     elif method == "reflection":
         decisions = [decide_reflection(row) for row in table.iter_rows(named=True)]
-    elif method in ("cherry", "superfilter"):
+    elif method in IFD_ONLY:
         decisions = [decide_cherry(row) for row in table.iter_rows(named=True)]
     else:
-        raise ValueError(f"unknown selection method '{method}': choose selective, reflection, cherry or superfilter")
+        raise ValueError(f"unknown selection method '{method}': choose one of {', '.join(METHODS)}")
     chosen_ifd = [
         _num(row.get(f"{variant}_ifd_ppl")) if variant else math.nan
         for row, (_, variant, _) in zip(table.iter_rows(named=True), decisions)
@@ -114,7 +110,7 @@ def select(table: pl.DataFrame, mode: str = "released", budget: float | None = N
         pl.Series("chosen_ifd", chosen_ifd, pl.Float64),
     ).with_columns(selected=pl.col("chosen").is_not_null())
     if budget is not None:
-        out = _apply_budget(out, budget, out.height if method in ("cherry", "superfilter") else None)
+        out = _apply_budget(out, budget, out.height if method in IFD_ONLY else None)
     return out
 
 

@@ -22,8 +22,8 @@ import polars as pl
 
 from reflectune import intake, io, prompts, reflection, scoring, selection
 from reflectune.config import RecycleParams, StudentConfig, TeacherConfig
-from reflectune.records import (DECISION, RECORD, REJECTED, SCORED, SELECTED, VARIANT, VARIANTS, check_columns,
-                                read)
+from reflectune.records import (DECISION, PARSE_STATUSES, RECORD, REJECTED, SCORED, SELECTED, VARIANT, VARIANTS,
+                                check_columns, read)
 
 TEACHER_FIELDS = ("model", "engine", "base_url", "max_new_tokens", "temperature", "top_p", "retry_temperature", "seed",
                   "repetition_penalty", "constrained")
@@ -242,7 +242,19 @@ def select_and_write(params: RecycleParams, score_uris: list[str], intake_summar
         "dropped_rows": decisions.height - selected.height,
         "per_branch": dict(sorted(per_branch.items())),
         "per_variant": {v: int(n) for v, n in selected.group_by("variant").len().iter_rows()},
+        "parse_status": parse_status(decisions),
     }
+
+
+def parse_status(decisions: pl.DataFrame) -> dict[str, dict[str, int]]:
+    """How the teacher's outputs parsed, per variant: {variant: {status: samples}}; empty
+    where no teacher ran."""
+    out = {}
+    for variant in VARIANTS[1:]:
+        counts = dict(decisions[f"{variant}_parse_status"].drop_nulls().value_counts().iter_rows())
+        if counts:
+            out[variant] = {s: int(counts[s]) for s in PARSE_STATUSES if s in counts}
+    return out
 
 
 def _hash(obj: Any) -> str:

@@ -54,19 +54,22 @@ def shared_vllm(teacher: TeacherConfig | None, student: StudentConfig | None) ->
     return bool(teacher and student and teacher.engine == student.engine == "vllm" and teacher.model == student.model)
 
 
-def teacher_options(teacher: TeacherConfig, vllm: VLLMConfig, student: StudentConfig | None = None) -> dict[str, Any]:
-    """Options of `load_teacher` for this configuration (the API key is added by the caller)."""
+def teacher_options(teacher: TeacherConfig, vllm: VLLMConfig, student: StudentConfig | None = None, *,
+                    dtype: str = "auto", device: str | None = None) -> dict[str, Any]:
+    """Options of `load_teacher` for this configuration (the API key is added by the caller);
+    `dtype` and `device` for a local engine where the caller picks them (the command line)."""
     if teacher.engine == "openai":
         return {"base_url": teacher.base_url, "api_key_env": teacher.api_key_env, "concurrency": teacher.concurrency,
                 "timeout": teacher.request_timeout, "max_retries": teacher.request_retries}
     if teacher.engine == "vllm":
         if shared_vllm(teacher, student):
             return student_options(student, vllm, teacher)
-        return _vllm_options(vllm, "auto", None)
-    return {"batch_size": teacher.batch_size}
+        return _vllm_options(vllm, dtype, None)
+    return {"batch_size": teacher.batch_size, "dtype": dtype} | _device(device)
 
 
-def student_options(student: StudentConfig, vllm: VLLMConfig, teacher: TeacherConfig | None = None) -> dict[str, Any]:
+def student_options(student: StudentConfig, vllm: VLLMConfig, teacher: TeacherConfig | None = None, *,
+                    device: str | None = None) -> dict[str, Any]:
     """Options of `load_student`; where the teacher is the same model on vLLM, the very options
     the teacher gets, so the engine pool hands both roles one engine."""
     if student.engine == "vllm":
@@ -75,7 +78,18 @@ def student_options(student: StudentConfig, vllm: VLLMConfig, teacher: TeacherCo
         if shared_vllm(teacher, student):
             return _vllm_options(vllm, student.dtype, need if need > 4096 else None)
         return _vllm_options(vllm, student.dtype, need)
-    return {"dtype": student.dtype}
+    return {"dtype": student.dtype} | _device(device)
+
+
+def judge_options(engine: str, base_url: str | None, api_key_env: str | None = None) -> dict[str, Any]:
+    """Options of `load_teacher` for the evaluation's judge: an openai judge's endpoint and key."""
+    if engine != "openai":
+        return {}
+    return {"base_url": base_url} | ({"api_key_env": api_key_env} if api_key_env else {})
+
+
+def _device(device: str | None) -> dict[str, Any]:
+    return {"device": device} if device else {}
 
 
 def _vllm_options(vllm: VLLMConfig, dtype: str, max_model_len: int | None) -> dict[str, Any]:

@@ -147,7 +147,7 @@ class TransformersTeacher:
     """Teacher engine on transformers: batched chat generation with left padding, greedy by
     default. One model load per instance."""
 
-    def __init__(self, spec: str, dtype: str = "auto", device: str = "auto", batch_size: int = 8):
+    def __init__(self, spec: str, batch_size: int, dtype: str = "auto", device: str = "auto"):
         self.model, self.tokenizer = load_causal_lm(spec, dtype, device)
         self.tokenizer.padding_side = "left"
         self.teacher_id = f"transformers:{models.model_id(spec)}"

@@ -1,0 +1,101 @@
+"""A run's record: the manifest, written last (its presence means the run finished), and the
+one summary rendered from it, which the command line, the demo, the Prefect summary artifact
+and the report all show."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from reflectune import prompts
+from reflectune.config import RecycleParams
+
+
+def build(params: RecycleParams, results: list[dict[str, Any]], counts: dict[str, Any], training: dict[str, Any],
+          evaluation: dict[str, Any], *, teacher: str | None, student: str, scorer: str, engine_loads: int,
+          engine_load_seconds: float, seconds: float) -> dict[str, Any]:
+    """The manifest of a finished run from its shard results and the whole-run stages' outputs."""
+    teacher_results = [r for r in results if r["stage"] == "teacher"]
+    student_results = [r for r in results if r["stage"] == "student"]
+    return {
+        "status": "complete",
+        "parameters": params.model_dump(mode="json"),
+        "method": params.selection.method,
+        "teacher": teacher,
+        "student": student,
+        "scorer": scorer,
+        "prompt_versions": [prompts.INSTRUCTION_VERSION, prompts.RESPONSE_VERSION],
+        "counts": counts,
+        "token_usage": _sum(teacher_results, ("generations", "prompt_tokens", "completion_tokens")),
+        # identical sequences (copies of an original) are scored once
+        "scoring": _sum(student_results, ("sequences", "sequences_scored")),
+        "shards": len(student_results),
+        "shard_results": sorted(results, key=lambda r: (r["shard"], r["stage"])),
+        "training": training,
+        "evaluation": evaluation,
+        # local mode: engine loads in this process (cluster workers load their own)
+        "engine_loads": engine_loads,
+        "engine_load_seconds": round(engine_load_seconds, 2),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _sum(results: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, int]:
+    return {k: sum(r["detail"].get(k, 0) for r in results) for k in keys}
+
+
+def lines(manifest: dict[str, Any]) -> list[str]:
+    """The run in a few plain lines: what ran, what came in and out, and why."""
+    c = manifest["counts"]
+    params = manifest.get("parameters", {})
+    selection = params.get("selection", {})
+    method = manifest.get("method") or selection.get("method", "selective")
+    if method == "selective":
+        method += f" ({selection.get('mode', 'released')} rule)"
+    scorer = manifest.get("scorer")
+    who = f"teacher {manifest.get('teacher') or 'none'}, student {manifest['student']}"
+    if scorer and scorer != manifest["student"]:
+        who += f", scorer {scorer}"
+    out = [
+        f"{params.get('dataset', '')} -> {params.get('output', '')}: method {method}, {who}; "
+        f"{manifest.get('seconds', 0):.0f} s",
+        f"{c['input_rows']} input rows: {c['valid_rows']} valid, {c['rejected_rows']} rejected "
+        f"({c.get('duplicate_rows', 0)} duplicates); {c['selected_rows']} selected, {c['dropped_rows']} dropped",
+        "branches: " + (", ".join(f"{k} {v}" for k, v in c.get("per_branch", {}).items()) or "none"),
+    ]
+    per_variant = c.get("per_variant", {})
+    rewrites = {v: n for v, n in sorted(per_variant.items()) if v != "orig"}
+    out.append(f"selected: {per_variant.get('orig', 0)} originals, {sum(rewrites.values())} rewrites"
+               + (f" ({', '.join(f'{v} {n}' for v, n in rewrites.items())})" if rewrites else ""))
+    usage = manifest.get("token_usage", {})
+    if manifest.get("teacher"):
+        out.append(f"teacher: {usage.get('generations', 0)} generations, {usage.get('prompt_tokens', 0)} prompt "
+                   f"tokens, {usage.get('completion_tokens', 0)} completion tokens")
+    for variant, statuses in c.get("parse_status", {}).items():
+        total = sum(statuses.values()) or 1
+        out.append(f"teacher parse status, {variant}: " + ", ".join(
+            f"{s} {n}/{total} ({n / total:.0%})" for s, n in statuses.items()))
+    t = manifest.get("training", {})
+    out.append(f"training: {t['rows']} rows, {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}"
+               if t.get("trained") else f"training: {t.get('reason', 'not run')}")
+    ev = manifest.get("evaluation", {})
+    out.append(f"evaluation against a student trained on as many original pairs: {ev['wins']} wins, {ev['ties']} "
+               f"ties, {ev['losses']} losses, winning score {ev['winning_score']:.3f}"
+               if ev.get("evaluated") else f"evaluation: {ev.get('reason', 'not run')}")
+    if manifest.get("report"):
+        out.append(f"report: {manifest['report']}")
+    return out
+
+
+def text(manifest: dict[str, Any]) -> str:
+    return "\n".join(lines(manifest))
+
+
+def markdown(manifest: dict[str, Any]) -> str:
+    """The summary as the Prefect UI shows it: a list, the report a link."""
+    body = [f"- {line}" for line in lines(manifest) if not line.startswith("report: ")]
+    report = manifest.get("report")
+    if report:
+        link = report if "://" in report else "file://" + os.path.abspath(report)
+        body.append(f"- report: [{report}]({link})")
+    return f"# Reflectune recycle: {manifest.get('parameters', {}).get('dataset', '')}\n\n" + "\n".join(body) + "\n"
