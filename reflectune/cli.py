@@ -6,9 +6,12 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
 
 from reflectune import intake, io
-from reflectune.config import TeacherConfig
+from reflectune.config import RecycleParams, StudentConfig, TeacherConfig, config_fields
 from reflectune.errors import ReflectuneError
 from reflectune.engines import STUDENT_ENGINES, TEACHER_ENGINES
 from reflectune.models import DEFAULT_MODEL
@@ -16,12 +19,38 @@ from reflectune.reflection import KINDS
 from reflectune.templates import DEFAULT_TEMPLATE, TEMPLATES
 
 
+RECYCLE_HELP = """The whole pipeline as the Prefect flow `reflectune-recycle`: every parameter of the flow's
+form is an option, by its dotted name (--selection.budget 0.05, or selection.budget=0.05), with
+the form's description; --params FILE.json gives many at once and options override it. The
+everyday ones have short names (--teacher for --teacher.model, --no-train for
+--no-training.enabled). Rerunning with the same parameters resumes: finished shards are not
+redone."""
+
+# Everyday options' short names: each is another name of one RecycleParams field.
+RECYCLE_SHORTCUTS = {
+    "output": "out", "shard_size": "shard-size",
+    "teacher.engine": "teacher-engine", "teacher.base_url": "base-url", "teacher.api_key_env": "api-key-env",
+    "teacher.request_retries": "request-retries", "teacher.max_new_tokens": "max-new-tokens",
+    "teacher.constrained": "constrained",
+    "student.engine": "student-engine", "student.template": "template", "student.input_join": "input-join",
+    "selection.method": "method", "selection.budget": "budget", "selection.scorer": "scorer",
+    "training.enabled": "train", "training.epochs": "epochs", "training.learning_rate": "learning-rate",
+    "training.batch_size": "batch-size", "training.per_device_batch_size": "per-device-batch-size",
+    "training.max_length": "train-max-length", "training.lora": "lora",
+    "evaluation.enabled": "evaluate", "evaluation.judge": "judge", "evaluation.judge_engine": "judge-engine",
+    "evaluation.limit": "eval-limit", "evaluation.max_new_tokens": "eval-max-new-tokens",
+    "execution.mode": "mode", "execution.max_workers": "max-workers", "execution.retries": "retries",
+}
+# short names that are also a section's name: added after the section, which they replace
+RECYCLE_SECTION_SHORTCUTS = {"teacher.model": "teacher", "student.model": "student", "selection.mode": "selection"}
+
+
 def main(argv: list[str] | None = None) -> int:
     # a run started here may start Prefect's temporary server: it does not phone home
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_dotted(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -44,93 +73,38 @@ def _parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="score pairs with the student: IFD and r-IFD")
     score.add_argument("input", help="dataset: .json array, .jsonl or .parquet; local path or s3:// URI")
     score.add_argument("--out", required=True, help="output file (.parquet or .jsonl)")
-    score.add_argument("--student", default=DEFAULT_MODEL, help="model spec (default: %(default)s)")
-    score.add_argument("--engine", default="transformers", choices=STUDENT_ENGINES,
-                       help="transformers (the CPU default) or vllm (GPU workers)")
-    score.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES, help="prompt template P (default: %(default)s)")
-    score.add_argument("--max-length", type=int, default=2048, help="truncation length in tokens (default: %(default)s)")
-    score.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it, else fp32), float32, bfloat16")
-    score.add_argument("--exact", action="store_true", help="float32, the reference's precision (same as --dtype float32)")
-    score.add_argument("--input-join", default="none", choices=["none", "newline"],
-                       help="r-IFD: instruction and input concatenated as the reference (none) or on two lines")
     score.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     _intake_options(score)
-    score.set_defaults(func=_score)
+    score.set_defaults(func=_score, config=_config_options(score, StudentConfig, {"model": "student"}, kebab=True))
+    score.add_argument("--exact", dest="dtype", action="store_const", const="float32", default=argparse.SUPPRESS,
+                       help="short for --dtype float32, the reference's precision")
 
     reflect = sub.add_parser("reflect", help="teacher reflection: write the ins, res and ins_res variants")
     reflect.add_argument("input", help="dataset: .json array, .jsonl or .parquet; local path or s3:// URI")
     reflect.add_argument("--out", required=True, help="variants file (.parquet or .jsonl)")
-    reflect.add_argument("--teacher", default=DEFAULT_MODEL,
-                         help="model spec; for --engine openai the served model name (default: %(default)s)")
-    reflect.add_argument("--engine", default="transformers", choices=TEACHER_ENGINES, help="teacher engine")
     reflect.add_argument("--kind", default="both", choices=KINDS,
                          help="instruction: ins; response: res; both: ins, res and ins_res (default)")
-    reflect.add_argument("--max-new-tokens", type=int, default=2048, help="generation limit per request (at most the context minus the prompt)")
-    reflect.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as the reference")
-    reflect.add_argument("--top-p", type=float, default=1.0)
-    reflect.add_argument("--seed", type=int, default=0)
-    reflect.add_argument("--constrained", default="auto", choices=["auto", "on", "off"],
-                         help="enforce the output format at decode time: auto where the engine can (default)")
-    reflect.add_argument("--repetition-penalty", type=float, default=TeacherConfig.model_fields["repetition_penalty"].default,
-                         help="penalty on tokens already written (1 = none; default: %(default)s)")
-    reflect.add_argument("--base-url", help="openai: endpoint, e.g. http://gpu-host:8000/v1")
-    reflect.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: variable holding the key")
-    reflect.add_argument("--concurrency", type=int, default=16, help="openai: requests in flight")
-    reflect.add_argument("--timeout", type=float, default=300.0, help="openai: seconds per request")
-    reflect.add_argument("--request-retries", type=int, default=6, help="openai: retries of a request the endpoint "
-                         "did not answer (429, 5xx, timeout, no connection)")
-    reflect.add_argument("--batch-size", type=int, default=8, help="transformers: chats per generate call")
-    reflect.add_argument("--dtype", default="auto", help="transformers: auto, float32, bfloat16")
+    reflect.add_argument("--dtype", default="auto", help="transformers and vllm: auto, float32, bfloat16")
     reflect.add_argument("--device", default="auto", help="transformers: auto, cpu or cuda[:N]")
     _intake_options(reflect)
-    reflect.set_defaults(func=_reflect)
+    reflect.set_defaults(func=_reflect, config=_config_options(
+        reflect, TeacherConfig, {"model": "teacher", "request-timeout": "timeout"}, kebab=True))
 
-    rec = sub.add_parser("recycle", help="the whole pipeline as a Prefect flow: shards, teacher, student, "
-                         "selection, training")
-    rec.add_argument("input", help="dataset: .json array, .jsonl or .parquet; local path or s3:// URI")
-    rec.add_argument("--out", required=True, help="output folder (local or s3://); rerunning resumes")
-    rec.add_argument("--params", help="a JSON file of flow parameters; options given here override it")
-    rec.add_argument("--teacher", help="teacher model spec (openai: the served model name)")
-    rec.add_argument("--teacher-engine", choices=TEACHER_ENGINES)
-    rec.add_argument("--base-url", help="openai teacher: endpoint")
-    rec.add_argument("--api-key-env", help="openai teacher: variable holding the key")
-    rec.add_argument("--request-retries", type=int, help="openai teacher: retries of a request the endpoint did "
-                     "not answer")
-    rec.add_argument("--max-new-tokens", type=int, help="teacher generation limit")
-    rec.add_argument("--constrained", choices=["auto", "on", "off"], help="teacher output format enforced at decode "
-                     "time: auto where the engine can")
-    rec.add_argument("--student", help="student model spec")
-    rec.add_argument("--student-engine", choices=STUDENT_ENGINES)
-    rec.add_argument("--template", choices=TEMPLATES)
-    rec.add_argument("--exact", action="store_true", help="student scores in float32, the reference's precision")
-    rec.add_argument("--input-join", choices=["none", "newline"], help="r-IFD: how instruction and input are joined")
-    rec.add_argument("--shard-size", type=int, help="records per shard")
-    rec.add_argument("--method", choices=["selective", "reflection", "cherry", "superfilter"],
-                     help="selective (default), reflection, cherry (IFD only, no teacher) or superfilter (cherry "
-                     "scored by --scorer)")
-    rec.add_argument("--scorer", help="superfilter: the small scoring model's spec")
-    rec.add_argument("--license", help="license of the output data for its dataset card (a Hugging Face id); "
-                     "default: the same as the source's")
-    rec.add_argument("--selection", choices=["released", "paper"], help="selection rule")
-    rec.add_argument("--budget", type=float, help="keep the top fraction by IFD, e.g. 0.05")
-    rec.add_argument("--no-train", action="store_true", help="stop after selection")
-    rec.add_argument("--epochs", type=float)
-    rec.add_argument("--learning-rate", type=float)
-    rec.add_argument("--batch-size", type=int, help="global training batch")
-    rec.add_argument("--per-device-batch-size", type=int)
-    rec.add_argument("--train-max-length", type=int)
-    rec.add_argument("--lora", action="store_true", help="train LoRA adapters (merged when saved)")
-    rec.add_argument("--evaluate", action="store_true", help="also train a student on as many original pairs and "
-                     "judge the two (see `reflectune evaluate`)")
-    rec.add_argument("--judge", help="evaluation judge model spec")
-    rec.add_argument("--judge-engine", choices=TEACHER_ENGINES, help="evaluation judge engine")
-    rec.add_argument("--eval-limit", type=int, help="evaluation: only the first N test instructions")
-    rec.add_argument("--eval-max-new-tokens", type=int, help="evaluation: answer length limit")
-    rec.add_argument("--mode", choices=["local", "cluster"], help="where shard work runs")
-    rec.add_argument("--max-workers", type=int)
-    rec.add_argument("--retries", type=int, help="retries of a failed shard task")
-    _intake_options(rec)
-    rec.set_defaults(func=_recycle)
+    rec = sub.add_parser("recycle", conflict_handler="resolve", formatter_class=argparse.RawDescriptionHelpFormatter,
+                         help="the whole pipeline as a Prefect flow: shards, teacher, student, selection, training",
+                         description=RECYCLE_HELP)
+    rec.add_argument("input", nargs="?", help="short for --dataset: a .json array, .jsonl or .parquet; local path or "
+                     "s3:// URI")
+    rec.add_argument("--params", help="a JSON file of flow parameters (the UI's form); options given here override it")
+    rec.add_argument("--map", action="append", metavar="FIELD=COLUMN", default=[],
+                     help="read FIELD (instruction, input, output) from another column; repeatable (column_map)")
+    rec.set_defaults(func=_recycle, config=_config_options(rec, RecycleParams, RECYCLE_SHORTCUTS))
+    # the short names of fields whose dotted prefix is also a section (--teacher is teacher.model)
+    for path, alias in RECYCLE_SECTION_SHORTCUTS.items():
+        rec.add_argument(f"--{alias}", dest=path, default=argparse.SUPPRESS, metavar="str",
+                         help=f"short for --{path}")
+    rec.add_argument("--exact", dest="student.dtype", action="store_const", const="float32", default=argparse.SUPPRESS,
+                     help="short for --student.dtype float32: scores in the reference's precision")
 
     pl_ = sub.add_parser("plan", help="before spending GPU hours: rows, shards, tokens and time per stage")
     pl_.add_argument("input", help="dataset: .json array, .jsonl or .parquet; local path or s3:// URI")
@@ -141,10 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     pl_.add_argument("--student-size", default="135M", help="student parameters, e.g. 7B (default: %(default)s)")
     pl_.add_argument("--device", default="cpu", choices=["cpu", "h100"], help="throughput basis (default: %(default)s)")
     pl_.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES)
-    pl_.add_argument("--shard-size", type=int, default=512)
-    pl_.add_argument("--max-length", type=int, default=2048)
-    pl_.add_argument("--max-new-tokens", type=int, default=2048)
-    pl_.add_argument("--epochs", type=float, default=3.0)
+    pl_.add_argument("--shard-size", type=int, default=_default("shard_size"))
+    pl_.add_argument("--max-length", type=int, default=_default("student.max_length"))
+    pl_.add_argument("--max-new-tokens", type=int, default=_default("teacher.max_new_tokens"))
+    pl_.add_argument("--epochs", type=float, default=_default("training.epochs"))
     for stage in ("teacher", "student", "train"):
         pl_.add_argument(f"--{stage}-tps", type=float, help=f"{stage} tokens/s measured on your workers "
                          "(teacher: new tokens; others: tokens read)")
@@ -174,12 +148,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--engine", default="transformers", choices=STUDENT_ENGINES,
                     help="engine the two models answer (and are scored) on")
     ev.add_argument("--base-url", help="openai judge: endpoint")
-    ev.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai judge: variable holding the key")
+    ev.add_argument("--api-key-env", default=_default("teacher.api_key_env"), help="openai judge: variable holding the key")
     ev.add_argument("--test-set", help="JSONL with instruction (and optional input, output); default: the "
                     "bundled 40 instructions")
     ev.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES, help="the template both models "
                     "were trained with (default: %(default)s)")
-    ev.add_argument("--max-new-tokens", type=int, default=1024, help="answer length limit (the paper: 1024)")
+    ev.add_argument("--max-new-tokens", type=int, default=_default("evaluation.max_new_tokens"),
+                    help="answer length limit (default: %(default)s, as the paper)")
     ev.add_argument("--limit", type=int, help="only the first N test items")
     ev.add_argument("--out", help="write verdicts (.jsonl or .parquet) and OUT's .json summary")
     ev.set_defaults(func=_evaluate)
@@ -210,29 +185,18 @@ def _models_prepare(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from reflectune import intake, scoring
-    from reflectune.engines import load_student
+    from reflectune import scoring
+    from reflectune.config import VLLMConfig
+    from reflectune.engines import load_student, student_options
 
-    if not args.out.endswith((".parquet", ".jsonl")):
-        raise ReflectuneError(f"--out '{args.out}': use a .parquet or .jsonl file name")
-    _check_engine(args.engine)
-    data = intake.load(args.input, intake.parse_column_map(args.map), args.limit)
-    from reflectune.config import StudentConfig, VLLMConfig
-    from reflectune.engines import student_options
-
-    cfg = StudentConfig(model=args.student, engine=args.engine, template=args.template, max_length=args.max_length,
-                        dtype="float32" if args.exact else args.dtype, input_join=args.input_join)
-    options = student_options(cfg, VLLMConfig()) | ({"device": args.device} if args.engine == "transformers" else {})
-    engine = load_student(args.engine, args.student, **options)
+    cfg, data = _one_stage(StudentConfig, args)
+    engine = load_student(cfg.engine, cfg.model, **student_options(cfg, VLLMConfig(), device=args.device))
     try:
         with _progress("scoring") as advance:
-            scored = scoring.score_table(data.valid, engine, args.template, args.max_length, advance, args.input_join)
+            scored = scoring.score_table(data.valid, engine, cfg.template, cfg.max_length, advance, cfg.input_join)
     finally:
         engine.close()
-    io.write_table(scored, args.out)
-    if data.rejected.height:
-        rejected_uri = _beside(args.out, "rejected")
-        io.write_table(data.rejected, rejected_uri)
+    rejected_uri = _write(scored, data, args.out)
     failed = scored.filter(scored["score_error"].is_not_null()).height
     counts = data.counts
     print(
@@ -240,31 +204,39 @@ def _score(args: argparse.Namespace) -> int:
         f"{counts['rejected_rows']} rejected ({counts['duplicate_rows']} duplicates), {failed} with NaN scores -> {args.out}",
         file=sys.stderr,
     )
-    if data.rejected.height:
+    if rejected_uri:
         print(f"reflectune: rejected rows and reasons -> {rejected_uri}", file=sys.stderr)
     return 0
 
 
-def _reflect(args: argparse.Namespace) -> int:
-    from reflectune import intake, reflection, stages
-    from reflectune.engines import load_teacher
-
+def _one_stage(model: type[BaseModel], args: argparse.Namespace) -> tuple[Any, intake.Intake]:
+    """`score` and `reflect`: the stage's configuration and the valid input, both checked
+    before a model loads."""
     if not args.out.endswith((".parquet", ".jsonl")):
         raise ReflectuneError(f"--out '{args.out}': use a .parquet or .jsonl file name")
-    _check_engine(args.engine)
-    data = intake.load(args.input, intake.parse_column_map(args.map), args.limit)
-    from reflectune.config import VLLMConfig
-    from reflectune.engines import teacher_options
+    cfg = _config(model, args)
+    _check_engine(cfg.engine)
+    return cfg, intake.load(args.input, intake.parse_column_map(args.map), args.limit)
 
-    cfg = TeacherConfig(model=args.teacher, engine=args.engine, base_url=args.base_url, api_key_env=args.api_key_env,
-                        concurrency=args.concurrency, request_timeout=args.timeout,
-                        request_retries=args.request_retries, batch_size=args.batch_size,
-                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        seed=args.seed, constrained=args.constrained, repetition_penalty=args.repetition_penalty)
-    options = teacher_options(cfg, VLLMConfig())
-    if args.engine != "openai":
-        options |= {"dtype": args.dtype} | ({"device": args.device} if args.engine == "transformers" else {})
-    teacher = load_teacher(args.engine, args.teacher, **options)
+
+def _write(table: Any, data: intake.Intake, out: str) -> str | None:
+    """The stage's output, and the rejected input rows beside it; returns where those went."""
+    io.write_table(table, out)
+    if not data.rejected.height:
+        return None
+    rejected = _beside(out, "rejected")
+    io.write_table(data.rejected, rejected)
+    return rejected
+
+
+def _reflect(args: argparse.Namespace) -> int:
+    from reflectune import reflection, stages
+    from reflectune.config import VLLMConfig
+    from reflectune.engines import load_teacher, teacher_options
+
+    cfg, data = _one_stage(TeacherConfig, args)
+    options = teacher_options(cfg, VLLMConfig(), dtype=args.dtype, device=args.device)
+    teacher = load_teacher(cfg.engine, cfg.model, **options)
     sampling, retry = stages.teacher_sampling(cfg)
     per_row = {"instruction": 1, "response": 1, "both": 3}[args.kind]
     try:
@@ -273,9 +245,7 @@ def _reflect(args: argparse.Namespace) -> int:
                                           progress=lambda n, tokens: advance(n, per_row * data.valid.height))
     finally:
         teacher.close()
-    io.write_table(variants, args.out)
-    if data.rejected.height:
-        io.write_table(data.rejected, _beside(args.out, "rejected"))
+    _write(variants, data, args.out)
     status = variants.group_by("variant", "parse_status").len().sort("variant", "parse_status")
     summary = ", ".join(f"{v}/{s}: {n}" for v, s, n in status.iter_rows())
     print(
@@ -286,50 +256,82 @@ def _reflect(args: argparse.Namespace) -> int:
     return 0
 
 
-def recycle_params(args: argparse.Namespace):
-    """RecycleParams from a JSON file (optional) and the options given."""
+def recycle_params(args: argparse.Namespace) -> RecycleParams:
+    """RecycleParams from a JSON file (optional), overlaid with the options given."""
     import json
 
-    from reflectune.config import RecycleParams
-
     base = json.loads(io.read_bytes(args.params)) if args.params else {}
-    given = {
-        ("dataset",): args.input, ("output",): args.out, ("limit",): args.limit, ("shard_size",): args.shard_size,
-        ("teacher", "model"): args.teacher, ("teacher", "engine"): args.teacher_engine,
-        ("teacher", "base_url"): args.base_url, ("teacher", "api_key_env"): args.api_key_env,
-        ("teacher", "request_retries"): args.request_retries,
-        ("teacher", "max_new_tokens"): args.max_new_tokens, ("teacher", "constrained"): args.constrained,
-        ("student", "model"): args.student, ("student", "engine"): args.student_engine,
-        ("student", "template"): args.template, ("student", "dtype"): "float32" if args.exact else None,
-        ("student", "input_join"): args.input_join,
-        ("selection", "mode"): args.selection, ("selection", "budget"): args.budget,
-        ("selection", "method"): args.method, ("selection", "scorer"): args.scorer, ("license",): args.license,
-        ("training", "enabled"): False if args.no_train else None, ("training", "epochs"): args.epochs,
-        ("training", "learning_rate"): args.learning_rate, ("training", "batch_size"): args.batch_size,
-        ("training", "per_device_batch_size"): args.per_device_batch_size,
-        ("training", "max_length"): args.train_max_length, ("training", "lora"): True if args.lora else None,
-        ("evaluation", "enabled"): True if args.evaluate else None, ("evaluation", "judge"): args.judge,
-        ("evaluation", "judge_engine"): args.judge_engine,
-        ("evaluation", "limit"): args.eval_limit, ("evaluation", "max_new_tokens"): args.eval_max_new_tokens,
-        ("execution", "mode"): args.mode, ("execution", "max_workers"): args.max_workers,
-        ("execution", "retries"): args.retries,
-    }
+    given = _config_values(args)
+    if args.input:
+        given["dataset"] = args.input
     if args.map:
-        base["column_map"] = intake.parse_column_map(args.map)
-    for path, value in given.items():
-        if value is None:
-            continue
-        node = base
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
+        given["column_map"] = intake.parse_column_map(args.map)
     try:
-        return RecycleParams.model_validate(base)
+        return RecycleParams.model_validate(_merge(base, given))
     except ValueError as exc:  # pydantic lists every problem at once
         raise ReflectuneError(f"invalid recycle parameters:\n{exc}") from None
 
 
+def _default(path: str) -> Any:
+    """A setting's one default: the configuration's (`training.epochs`)."""
+    return config_fields(RecycleParams)[path].get_default(call_default_factory=True)
+
+
+def _config_options(parser: argparse.ArgumentParser, model: type[BaseModel], shortcuts: dict[str, str],
+                    kebab: bool = False) -> Any:
+    """Add an option for every field of `model` (nested models as dotted names), with the
+    field's description as help, to `parser`; the returned source reads them back."""
+    from pydantic_settings import CliSettingsSource
+
+    return CliSettingsSource(model, root_parser=parser, cli_avoid_json=True, cli_implicit_flags=True,
+                             cli_kebab_case=kebab, cli_shortcuts=shortcuts, cli_exit_on_error=False)
+
+
+def _config(model: type[BaseModel], args: argparse.Namespace) -> Any:
+    try:
+        return model.model_validate(_config_values(args))
+    except ValueError as exc:
+        raise ReflectuneError(f"invalid options:\n{exc}") from None
+
+
+def _config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration fields given on the command line, nested as the model."""
+    from pydantic_settings import SettingsError
+
+    try:
+        return args.config(parsed_args=args)()
+    except SettingsError as exc:
+        raise ReflectuneError(str(exc)) from None
+
+
+def _merge(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in given.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _dotted(argv: list[str]) -> list[str]:
+    """`selection.budget=0.05` as `--selection.budget=0.05`: the recycle command takes overrides
+    in the form `key=value` too, where the key is a parameter's dotted name (a switch takes
+    true or false: `training.enabled=false` is `--no-training.enabled`)."""
+    if not argv or argv[0] != "recycle":
+        return argv
+    fields = config_fields(RecycleParams)
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if not eq or key not in fields:
+            out.append(arg)
+        elif fields[key].annotation is bool and value.lower() in ("true", "false"):
+            out.append(f"--{key}" if value.lower() == "true" else f"--no-{key}")
+        else:
+            out.append(f"--{arg}")
+    return out
+
+
 def _recycle(args: argparse.Namespace) -> int:
+    from reflectune import manifest as run
     from reflectune import progress
 
     params = recycle_params(args)
@@ -343,20 +345,12 @@ def _recycle(args: argparse.Namespace) -> int:
             manifest = recycle(params)
         finally:
             progress.listen(None)
-    c = manifest["counts"]
-    print(f"reflectune: {c['input_rows']} input rows: {c['valid_rows']} valid, {c['rejected_rows']} rejected; "
-          f"{c['selected_rows']} selected, {c['dropped_rows']} dropped", file=sys.stderr)
-    t = manifest["training"]
-    if t.get("trained"):
-        print(f"reflectune: trained on {t['rows']} rows, {t['steps']} steps, loss {t['first_loss']:.3f} -> "
-              f"{t['last_loss']:.3f}", file=sys.stderr)
+    print(run.text(manifest), file=sys.stderr)
     ev = manifest.get("evaluation", {})
     if ev.get("evaluated"):
         from reflectune.evaluation import render_table
 
         print(render_table(ev))
-    print(f"reflectune: outputs in {params.output}: report.html, selected.jsonl, selected.parquet, decisions.parquet, "
-          f"rejected.parquet, manifest.json" + (", model/" if t.get("trained") else ""), file=sys.stderr)
     return 0
 
 
@@ -404,15 +398,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     import polars as pl
 
     from reflectune import evaluation
+    from reflectune.engines import judge_options
 
     tests = evaluation.load_test_set(args.test_set)[: args.limit]
-    options = {}
-    if args.judge_engine == "openai":
-        options = {"base_url": args.base_url, "api_key_env": args.api_key_env}
     _check_engine(args.judge_engine)
     _check_engine(args.engine)
     result = evaluation.evaluate(args.model, args.baseline, args.judge, tests, template=args.template,
-                                 judge_engine=args.judge_engine, judge_options=options,
+                                 judge_engine=args.judge_engine,
+                                 judge_options=judge_options(args.judge_engine, args.base_url, args.api_key_env),
                                  max_new_tokens=args.max_new_tokens, engine=args.engine)
     if args.out:
         io.write_table(pl.DataFrame(result.rows), args.out)

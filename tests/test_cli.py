@@ -7,7 +7,7 @@ import sys
 import polars as pl
 import pytest
 
-from reflectune.errors import ModelSpecError
+from reflectune.errors import ModelSpecError, ReflectuneError
 from reflectune.models import home, resolve
 from reflectune.records import SCORE_COLUMNS
 
@@ -106,3 +106,118 @@ def test_plan_counts_the_real_tokens_and_estimates_time(tokenizer, sample_rows):
     assert "41 rows, 41 valid" in done.stdout and re.search(r"student .* 5,000 .* given", done.stdout)
     bad = run_cli("plan", str(SAMPLE), "--teacher-size", "huge")
     assert bad.returncode == 2 and "write it like 135M, 7B or 70B" in bad.stderr
+
+
+def flow_form() -> dict[str, str]:
+    """The recycle flow's form as the Prefect UI renders it: each field's description, by its
+    dotted name."""
+    from flows.recycle import recycle
+
+    schema = recycle.parameters.model_dump()
+    defs = schema["definitions"]
+
+    def walk(properties: dict, prefix: str) -> dict[str, str]:
+        out = {}
+        for name, spec in properties.items():
+            if "$ref" in spec:
+                out |= walk(defs[spec["$ref"].rsplit("/", 1)[1]]["properties"], f"{prefix}{name}.")
+            else:
+                out[prefix + name] = spec["description"]
+        return out
+
+    return walk(defs[schema["properties"]["params"]["$ref"].rsplit("/", 1)[1]]["properties"], "")
+
+
+def test_recycle_help_shows_every_parameter_of_the_form_with_its_description(capsys):
+    from reflectune.cli import main
+    from reflectune.config import RecycleParams, config_fields
+
+    form = flow_form()
+    assert set(form) == set(config_fields(RecycleParams)) and len(form) > 50
+    with pytest.raises(SystemExit):
+        main(["recycle", "--help"])
+    text = capsys.readouterr().out
+    squeezed = "".join(text.split())  # help text is wrapped, hyphenated words included
+    for name, description in form.items():
+        assert f"--{name} " in text, f"--{name} is missing from `recycle --help`"
+        assert "".join(description.split()) in squeezed, f"--{name}: the form's description is not its help"
+
+
+def other_value(info):
+    """A valid command-line value, other than the default, for a RecycleParams field."""
+    from typing import Literal, get_args, get_origin
+
+    default = info.get_default(call_default_factory=True)
+    if get_origin(info.annotation) is dict:
+        return {"instruction": "prompt"}
+    kinds = [a for a in (get_args(info.annotation) or (info.annotation,)) if a is not type(None)]
+    kind = kinds[0]
+    if get_origin(info.annotation) is Literal:
+        return next(c for c in get_args(info.annotation) if c != default)
+    if kind is bool:
+        return not default
+    if kind is int:
+        return 64 if default is None else default + 1
+    if kind is float:
+        return 0.5 if default != 0.5 else 0.25
+    return f"other-{info.description[:6].strip()}"
+
+
+def as_argument(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def test_every_parameter_is_reachable_from_the_command_line(tmp_path):
+    """Each field, set alone, by its dotted name (`key=value` and `--key value`), arrives in the
+    flow's parameters; a value from --params stays unless an option overrides it."""
+    from reflectune.cli import _dotted, _parser, recycle_params
+    from reflectune.config import RecycleParams, config_fields
+
+    parser = _parser()
+
+    def parse(*args):
+        return recycle_params(parser.parse_args(_dotted(["recycle", *args])))
+
+    def get(params, name):
+        for part in name.split("."):
+            params = getattr(params, part)
+        return params
+
+    fields = config_fields(RecycleParams)
+    for name, info in fields.items():
+        value = other_value(info)
+        assert value != info.get_default(call_default_factory=True), name
+        assert get(parse(f"{name}={as_argument(value)}"), name) == value, name
+        flag = ([f"--{name}"] if value else [f"--no-{name}"]) if isinstance(value, bool) else [f"--{name}", as_argument(value)]
+        assert get(parse(*flag), name) == value, name
+
+    given = tmp_path / "params.json"
+    given.write_text(json.dumps({"shard_size": 7, "selection": {"budget": 0.1, "mode": "paper"}}))
+    params = parse("data.jsonl", "--params", str(given), "selection.budget=0.2", "--teacher", "t", "--exact", "--no-train")
+    assert (params.dataset, params.shard_size, params.selection.mode, params.selection.budget) == ("data.jsonl", 7, "paper", 0.2)
+    assert (params.teacher.model, params.student.dtype, params.training.enabled) == ("t", "float32", False)
+
+    with pytest.raises(ReflectuneError) as err:
+        parse("selection.budget=2", "shard_size=0")
+    assert "selection.budget" in str(err.value) and "shard_size" in str(err.value)
+
+
+def test_a_dotted_override_reaches_the_flow(prefect_api, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    done = subprocess.run([sys.executable, "-m", "reflectune.cli", "recycle", str(SAMPLE), "--out", str(out),
+                           "limit=6", "shard_size=3", "selection.method=cherry", "selection.budget=0.5",
+                           "training.enabled=false", "student.max_length=256"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    given = manifest["parameters"]
+    assert (given["limit"], given["shard_size"], given["selection"]["method"], given["selection"]["budget"],
+            given["training"]["enabled"], given["student"]["max_length"]) == (6, 3, "cherry", 0.5, False, 256)
+    assert manifest["shards"] == 2 and manifest["counts"]["valid_rows"] == 6
+    assert 0 < manifest["counts"]["selected_rows"] <= 3  # the top half by IFD, of those with IFD < 1
+    assert "6 input rows: 6 valid" in done.stderr and "method cherry" in done.stderr
