@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup browser demo eval-vicuna test bench clean
+.PHONY: setup browser demo eval-vicuna test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,10 @@ browser:
 
 test: setup browser
 	REFLECTUNE_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q --durations=12 tests
+
+# Only the tests not marked slow (no servers, vLLM, training or flow runs): a few minutes.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca_cherry_sample.json"
@@ -49,9 +47,9 @@ def matmul_peak(dtype, k: int, n: int, m: int = 2048, seconds: float = 2.0) -> f
 def bench_scoring(n: int) -> None:
     import torch
 
+    from reflectune import oracle
     from reflectune.engines.hf import TransformersScorer, load_causal_lm
     from reflectune.scoring import TokenSequence, build_sequences, score_rows
-    from tests import oracle
 
     rows, source = pairs(n)
     print(f"\n== student scoring: {MODEL} on {source}, {torch.get_num_threads()} threads")
@@ -111,13 +109,13 @@ def _generation_rate(engine, chats, sampling) -> tuple[float, int]:
 
 
 def bench_teacher(n: int) -> None:
-    import socket
     import tempfile
 
     from reflectune import prompts
     from reflectune.engines.hf import TransformersTeacher
     from reflectune.engines.openai_compat import OpenAITeacher
     from reflectune.engines.vllm_engine import Server
+    from reflectune.harness import free_port
     from reflectune.reflection import Sampling
 
     rows, source = pairs(min(n, int(os.environ.get("BENCH_TEACHER_N", "16"))))
@@ -134,12 +132,9 @@ def bench_teacher(n: int) -> None:
     results["transformers, one at a time"] = _generation_rate(teacher, chats[:4], sampling)
     teacher.close()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.NamedTemporaryFile(suffix=".log") as log:
         start = time.perf_counter()
-        with Server(MODEL, port, "bench", log.name) as server:
+        with Server(MODEL, free_port(), "bench", log.name) as server:
             print(f"vllm serve healthy after {time.perf_counter() - start:.0f}s")
             for concurrency, subset in ((1, chats[:4]), (16, chats)):
                 engine = OpenAITeacher("bench", base_url=f"{server.url}/v1", concurrency=concurrency)
@@ -261,35 +256,19 @@ def bench_methods(n: int) -> None:
 def bench_scale(n: int) -> None:
     """Cost against work: the recycle deployment on 2, 4 and 8 shards (2 rows each) on a real
     Prefect server with two GPU-pool process workers, each stage split in two batches."""
-    import subprocess
     import tempfile
 
     from prefect.deployments import run_deployment
 
-    from tests.conftest import free_port, wait_http
-    from tests.test_cluster import Cluster, api, write_rows
+    from reflectune.harness import Cluster, api, prefect_server, write_rows
 
     rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, prefect_server(Path(tmp) / "home") as server:
         root = Path(tmp)
-        port = free_port()
-        env = {**os.environ, "PREFECT_HOME": str(root / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        env.pop("PREFECT_API_URL", None)
-        server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-                                   "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        cluster = None
+        (root / "cluster").mkdir()
+        cluster = Cluster(server, root / "cluster", ROOT)
         try:
-            url = f"http://127.0.0.1:{port}/api"
-            wait_http(f"{url}/health", 120)
-            (root / "cluster").mkdir()
-            cluster = Cluster({"url": url}, root / "cluster")
-            cluster.command(str(Path(sys.executable).parent / "reflectune"), "cluster", "setup")
-            cluster.command(str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all",
-                            "--prefect-file", "deployments/prefect.yaml")
-            cluster.start_worker("orchestrator", "reflectune", 4)
-            cluster.start_worker("gpu-a", "gpu", 1)
-            cluster.start_worker("gpu-b", "gpu", 1)
+            cluster.deploy()
             print("\n== scale: recycle deployment, 2 rows per shard, two GPU-pool workers (transformers teacher, "
                   "8 new tokens, no training)")
             print(f"{'shards':>6} {'rows':>5} {'wall':>8} {'per shard':>10} {'vs 2 shards':>12}")
@@ -302,7 +281,9 @@ def bench_scale(n: int) -> None:
                           "execution": {"mode": "cluster", "shards_per_batch": shards // 2, "retry_delay_seconds": 0}}
                 with api(cluster):
                     run = run_deployment("reflectune-recycle/recycle", parameters={"params": params}, timeout=1800)
-                assert run.state.is_completed(), run.state
+                if not run.state.is_completed():
+                    raise RuntimeError(f"flow run {run.name} ({run.id}) of reflectune-recycle/recycle on {shards} "
+                                       f"shards is {run.state.name}, not Completed: {run.state.message}")
                 wall = (run.end_time - run.start_time).total_seconds()
                 walls[shards] = wall
                 base = walls[2] / 2
@@ -314,10 +295,7 @@ def bench_scale(n: int) -> None:
             print(f"fit: {mean_w - marginal * mean_s:.1f}s fixed + {marginal:.1f}s per added shard "
                   f"(two workers, {len(walls)} points)")
         finally:
-            if cluster:
-                cluster.stop()
-            server.terminate()
-            server.wait(30)
+            cluster.stop()
 
 
 def bench_precision(n: int) -> None:

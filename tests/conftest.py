@@ -1,16 +1,16 @@
-"""Shared fixtures: the packaged model (loaded once per session) and a real S3 endpoint."""
+"""Shared fixtures: the packaged model (loaded once per session), sample records, and real
+servers on loopback (moto S3, `vllm serve`, Prefect) started with reflectune.harness."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from reflectune import harness
 
 # A stray hub lookup must fail at once, not wait on the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -25,6 +25,18 @@ os.environ.pop("PREFECT_API_URL", None)
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "examples" / "sample.jsonl"
 MODEL = "packaged:smollm2-135m-instruct"
+
+
+# A test that starts a server or a vLLM engine is slow, and so is one marked by hand (training, a
+# model run of minutes): `pytest -m "not slow"` runs the rest in a few minutes; `make test` runs
+# everything.
+SLOW_FIXTURES = {"prefect_api", "prefect_server", "vllm_server", "s3_endpoint", "vllm_engine"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -57,27 +69,20 @@ def sample_rows() -> list[dict[str, str]]:
     return [json.loads(line) for line in SAMPLE.read_text().splitlines() if line.strip()]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def reflection_records():
+    """Three sample records for a teacher to reflect on: a vague one, one with input, a good one."""
+    import polars as pl
 
+    from reflectune import intake
 
-def wait_http(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception:
-            time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
+    return intake.load(str(SAMPLE)).valid.filter(pl.col("source_index").is_in([1, 2, 9]))
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 HTTP endpoint on loopback (moto server), with credentials in the environment."""
-    port = free_port()
+    port = harness.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -92,7 +97,7 @@ def s3_endpoint():
         REFLECTUNE_S3_ENDPOINT_URL=url,
     )
     try:
-        wait_http(url, 30)
+        harness.wait_http(url, 30)
         yield url
     finally:
         proc.terminate()
@@ -122,7 +127,7 @@ def vllm_server(tmp_path_factory):
     from reflectune.engines.vllm_engine import Server
 
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    with Server(MODEL, free_port(), "smollm2", str(log)) as server:
+    with Server(MODEL, harness.free_port(), "smollm2", str(log)) as server:
         yield {"url": server.url, "port": server.port, "model": server.served_name, "log": log}
 
 
@@ -144,25 +149,6 @@ def teacher():
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
-    """`prefect server start` on loopback with its own database: what workers and the UI talk to.
-    The scheduler looks for due runs every few seconds so scheduled runs start promptly."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_http(f"{url}/health", 120)
-        yield {"url": url, "ui": f"http://127.0.0.1:{port}", "home": home, "log": home / "server.log"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    """`prefect server start` on loopback with its own database: what workers and the UI talk to."""
+    with harness.prefect_server(tmp_path_factory.mktemp("prefect-server")) as server:
+        yield server

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from reflectune import evaluation as ev
+from reflectune import oracle
 
-from . import oracle
 from .conftest import MODEL, ROOT
 
 # METHOD.md: win/win, win/tie, tie/win = win; win/lose, lose/win, tie/tie = tie; else loss
@@ -92,6 +92,7 @@ def test_test_sets_in_the_common_formats(tmp_path):
         ev.load_test_set(str(bad))
 
 
+@pytest.mark.slow
 def test_evaluate_with_the_packaged_model_as_judge(tmp_path, student_fp32):
     import subprocess
     import sys
@@ -127,6 +128,7 @@ def test_evaluate_with_the_packaged_model_as_judge(tmp_path, student_fp32):
     assert summary["heldout_loss_model"] == summary["heldout_loss_baseline"]
 
 
+@pytest.mark.slow
 def test_the_constrained_judge_always_gives_scores(teacher):
     """The packaged 135M judge on 20 bundled items, both orders: the first line is held to two
     scores at decode time, so (almost) every judgement parses."""

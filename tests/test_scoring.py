@@ -3,11 +3,10 @@ import math
 import polars as pl
 import pytest
 
-from reflectune import templates
+from reflectune import oracle, templates
 from reflectune.records import SCORES, check_columns
 from reflectune.scoring import TokenSequence, build_sequences, score_rows, score_table
 
-from . import oracle
 from .stats import median_relative_difference, spearman
 
 LONG = {"instruction": "Describe the history of the printing press.", "input": "", "output": " ".join(["The press spread quickly across Europe."] * 60)}

@@ -40,7 +40,7 @@ def first_step_loss(pairs, scorer, template="vicuna"):
     (the oracle's loss_a_condition, computed apart from the trainer)."""
     from reflectune import templates
 
-    from . import oracle
+    from reflectune import oracle
 
     model, tok = scorer.model, scorer.tokenizer
     total = count = 0
@@ -53,6 +53,7 @@ def first_step_loss(pairs, scorer, template="vicuna"):
     return total / count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_training_changes_the_model_and_lowers_the_loss(pairs, tmp_path, lora, student_fp32):
     from reflectune.models import resolve
@@ -94,6 +95,7 @@ if os.environ["RANK"] == "0":
 """
 
 
+@pytest.mark.slow
 def test_two_processes_keep_the_global_batch(sample_rows, tmp_path):
     """torchrun, 2 CPU processes over gloo: per device 2 x accumulation 2 x 2 devices = 8, so 16
     rows are 2 optimizer steps (accumulating as on one device would make a batch of 16: 1 step)."""

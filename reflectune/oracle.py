@@ -5,15 +5,14 @@ whole text, locate the target with rfind, label from the token count of the text
 the released selection rule, and the released post-processing of teacher text.
 
 Agreement between reflectune and this module checks reflectune against the method, not
-against itself.
+against itself: the parity tests compare with it, and the benchmarks time it as the
+per-sample baseline. torch is imported inside `score_pair`, as in the engines.
 """
 
 from __future__ import annotations
 
 import math
 import re
-
-import torch
 
 _VICUNA = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
            "detailed, and polite answers to the user's questions. USER: {instruction}")
@@ -65,22 +64,25 @@ def _loss_part(model, tokenizer, text: str, target: str, max_length: int, specia
     return model(ids, labels=labels).loss.item()
 
 
-@torch.inference_mode()
 def score_pair(model, tokenizer, instruction: str, input: str, output: str, template: str = "vicuna",
                max_length: int = 2048) -> dict[str, float]:
     """The four losses and their ratios for one pair, as the released scoring script."""
+    import torch
+
     specials = template != "chat"
     prompt = _prompt(template, instruction, input, tokenizer)
     reverse = _prompt(template, _GUESS.format(response=output), "", tokenizer)
     prompt_len = _encode(tokenizer, prompt, specials, max_length).shape[1]
     reverse_len = _encode(tokenizer, reverse, specials, max_length).shape[1]
-    loss = {
-        # the instruction and its input, concatenated as they are
-        "q_direct": _loss_whole(model, tokenizer, instruction + input, max_length - reverse_len + 1),
-        "a_direct": _loss_whole(model, tokenizer, output, max_length - prompt_len + 1),
-        "q_condition": _loss_part(model, tokenizer, reverse + instruction + input, instruction, max_length, specials),
-        "a_condition": _loss_part(model, tokenizer, prompt + output, output, max_length, specials),
-    }
+    with torch.inference_mode():
+        loss = {
+            # the instruction and its input, concatenated as they are
+            "q_direct": _loss_whole(model, tokenizer, instruction + input, max_length - reverse_len + 1),
+            "a_direct": _loss_whole(model, tokenizer, output, max_length - prompt_len + 1),
+            "q_condition": _loss_part(model, tokenizer, reverse + instruction + input, instruction, max_length,
+                                      specials),
+            "a_condition": _loss_part(model, tokenizer, prompt + output, output, max_length, specials),
+        }
     ppl = {k: math.exp(v) for k, v in loss.items()}
     return {
         **{f"loss_{k}": v for k, v in loss.items()},

@@ -10,7 +10,7 @@ import tomllib
 
 import yaml
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXTRAS = set(PYPROJECT["project"]["optional-dependencies"])

@@ -2,9 +2,9 @@
 
 Fixed teacher texts (well-formed rewrites, texts without markers, answers cut off by the
 token limit, copies of the original) go through reflectune (parse, variants, the fast scorer
-in float32 as `--exact`, the released rule) and through tests/oracle.py (the released
+in float32 as `--exact`, the released rule) and through reflectune/oracle.py (the released
 post-processing, per-sample fp32 scoring with the whole text tokenized, the released rule),
-which shares no code with reflectune. Every sample must get the same variant.
+which shares no code with the rest of the package. Every sample must get the same variant.
 """
 
 import json
@@ -12,11 +12,10 @@ import json
 import polars as pl
 import pytest
 
-from reflectune import intake, parsing, scoring, selection
+from reflectune import intake, oracle, parsing, scoring, selection
 from reflectune.reflection import _finish, _Job
 from reflectune.stages import long_table
 
-from . import oracle
 from .conftest import SAMPLE
 
 # pairs with an input, beside the sample's own eight
@@ -101,6 +100,7 @@ def oracle_choice(model, tok, i: int, row: dict, memo: dict) -> str | None:
     return oracle.select_released(scores["orig"], scores["ins"], scores["res"], scores["ins_res"])
 
 
+@pytest.mark.slow
 def test_exact_scoring_selects_the_released_codes_variant_for_every_sample(records, student_fp32):
     variants = reflectune_variants(records)
     statuses = set(variants["parse_status"])

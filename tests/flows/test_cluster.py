@@ -6,100 +6,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import polars as pl
-import psutil
 import pytest
 
-from .conftest import ROOT, SAMPLE
+from reflectune.harness import Cluster, api, write_rows
 
-BIN = Path(sys.executable).parent
+from ..conftest import ROOT, SAMPLE
+
 CHROMIUM = os.environ.get("REFLECTUNE_CHROMIUM", "/usr/bin/chromium")
 FAST = {"teacher": {"max_new_tokens": 8}, "selection": {"mode": "paper"}, "training": {"enabled": False}}
 
 
-class Cluster:
-    def __init__(self, server: dict, root: Path):
-        self.server, self.root = server, root
-        self.watch, self.rerecycle_out = root / "incoming", root / "rerecycle"
-        self.watch.mkdir()
-        self.env = {**os.environ, "PREFECT_API_URL": server["url"], "REFLECTUNE_CODE_DIR": str(ROOT),
-                    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "PREFECT_WORKER_QUERY_SECONDS": "2",
-                    "REFLECTUNE_WATCH": str(self.watch), "REFLECTUNE_RERECYCLE_OUT": str(self.rerecycle_out),
-                    "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-        self.workers: dict[str, subprocess.Popen] = {}
-
-    def command(self, *args: str) -> str:
-        done = subprocess.run(list(args), cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"{args}: {done.stdout}\n{done.stderr}"
-        return done.stdout + done.stderr
-
-    def start_worker(self, name: str, pool: str, limit: int) -> None:
-        log = open(self.root / f"worker-{name}.log", "a")
-        self.workers[name] = subprocess.Popen(
-            [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name,
-             "--limit", str(limit)], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-
-    def kill_worker(self, name: str) -> None:
-        """SIGKILL the worker and every process it started, as when its machine dies."""
-        proc = psutil.Process(self.workers[name].pid)
-        for p in [proc, *proc.children(recursive=True)]:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        self.workers[name].wait(10)
-
-    def worker_running(self, flow_run_id: str) -> str | None:
-        """The worker whose processes run this flow run (found by the run id in their environment)."""
-        for name, popen in self.workers.items():
-            if popen.poll() is not None:
-                continue
-            for child in psutil.Process(popen.pid).children(recursive=True):
-                try:
-                    if child.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
-                        return name
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-        return None
-
-    def stop(self) -> None:
-        for name, popen in self.workers.items():
-            if popen.poll() is None:
-                self.kill_worker(name)
-
-
 @pytest.fixture(scope="module")
 def cluster(prefect_server, tmp_path_factory):
-    c = Cluster(prefect_server, tmp_path_factory.mktemp("cluster"))
-    out = c.command(str(BIN / "reflectune"), "cluster", "setup", "--grace", "60")
-    assert "work pools created: reflectune, gpu" in out
-    c.command(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
-    c.start_worker("orchestrator", "reflectune", 4)
-    c.start_worker("gpu-a", "gpu", 1)
-    c.start_worker("gpu-b", "gpu", 1)
+    c = Cluster(prefect_server, tmp_path_factory.mktemp("cluster"), ROOT)
     try:
+        assert "work pools created: reflectune, gpu" in c.deploy("--grace", "60")
         yield c
     finally:
         c.stop()
-
-
-@contextmanager
-def api(cluster: Cluster):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: cluster.server["url"]}):
-        with get_client(sync_client=True) as client:
-            yield client
 
 
 def runs_of(client, deployment: str):
@@ -131,10 +60,6 @@ def wait_until(check, timeout: float, what: str, every: float = 2.0):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def sample(n: int, start: int = 0) -> list[dict]:

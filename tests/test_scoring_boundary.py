@@ -10,11 +10,10 @@ import polars as pl
 import pytest
 import torch
 
-from reflectune import templates
+from reflectune import oracle, templates
 from reflectune.scoring import TokenSequence, build_sequences, score_rows
 from reflectune.training import tokenized
 
-from . import oracle
 from .conftest import SAMPLE
 
 

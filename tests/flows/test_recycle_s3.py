@@ -12,8 +12,8 @@ import s3fs
 from reflectune import io
 from reflectune.config import RecycleParams
 
-from .conftest import SAMPLE
-from .fault_proxy import FaultProxy
+from ..conftest import SAMPLE
+from ..fault_proxy import FaultProxy
 
 TINY_TRAIN = {"epochs": 1, "batch_size": 2, "per_device_batch_size": 2, "learning_rate": 1e-4, "max_length": 128}
 

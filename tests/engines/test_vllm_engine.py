@@ -11,8 +11,8 @@ from reflectune import intake
 from reflectune.reflection import Sampling, reflect
 from reflectune.scoring import build_sequences, score_rows
 
-from .conftest import MODEL, ROOT, SAMPLE
-from .stats import median_relative_difference, spearman
+from ..conftest import MODEL, ROOT, SAMPLE
+from ..stats import median_relative_difference, spearman
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from reflectune import io
 from reflectune.config import RecycleParams
 from reflectune.records import SCORE_COLUMNS
 
-from .conftest import MODEL, ROOT, SAMPLE
-from .fault_proxy import FaultProxy
+from ..conftest import MODEL, ROOT, SAMPLE
+from ..fault_proxy import FaultProxy
 
 TINY_TRAIN = {"epochs": 1, "batch_size": 4, "per_device_batch_size": 2, "learning_rate": 1e-4, "max_length": 256}
 
@@ -178,7 +178,7 @@ def test_a_run_whose_teacher_is_down_fails_then_resumes(prefect_api, vllm_server
     address, the same command completes and every row has real teacher text."""
     from prefect.settings import PREFECT_API_URL
 
-    from .conftest import free_port
+    from reflectune.harness import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"

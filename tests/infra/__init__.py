@@ -1,0 +1,1 @@
+"""Tests of the deployment and infrastructure files (deployments/, infra/, the Dockerfile)."""
