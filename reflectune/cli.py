@@ -235,6 +235,10 @@ def _reflect(args: argparse.Namespace) -> int:
     from reflectune.engines import load_teacher, teacher_options
 
     cfg, data = _one_stage(TeacherConfig, args)
+    if cfg.api_key_block:  # a Prefect block: the flow's tasks read it, this command does not talk to Prefect
+        raise ReflectuneError(f"--api-key-block '{cfg.api_key_block}': the reflect command reads the key from the "
+                              "variable named by --api-key-env; Prefect Secret blocks are read by `reflectune "
+                              "recycle` (teacher.api_key_block)")
     options = teacher_options(cfg, VLLMConfig(), dtype=args.dtype, device=args.device)
     teacher = load_teacher(cfg.engine, cfg.model, **options)
     sampling, retry = stages.teacher_sampling(cfg)

@@ -57,6 +57,16 @@ def test_malformed_input_exits_nonzero_and_writes_nothing(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == [src]
 
 
+def test_reflect_refuses_a_secret_block_it_would_not_read(tmp_path, capsys):
+    from reflectune.cli import main
+
+    out = tmp_path / "variants.parquet"
+    assert main(["reflect", str(SAMPLE), "--out", str(out), "--engine", "openai", "--base-url",
+                 "http://127.0.0.1:9/v1", "--api-key-block", "teacher-key"]) == 2
+    err = capsys.readouterr().err
+    assert "--api-key-block 'teacher-key'" in err and "--api-key-env" in err and not out.exists()
+
+
 def test_models_prepare_and_specs(tmp_path):
     result = run_cli("models", "prepare")
     assert result.returncode == 0, result.stderr
