@@ -45,19 +45,21 @@ def _sum(results: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, int]
 
 
 def lines(manifest: dict[str, Any]) -> list[str]:
-    """The run in a few plain lines: what ran, what came in and out, and why."""
+    """The run in a few plain lines: what ran, what came in and out, and why. Names (the
+    method, the models) stand in `backticks`: code in the markdown and the report, bare in
+    `text`."""
     c = manifest["counts"]
     params = manifest.get("parameters", {})
     selection = params.get("selection", {})
-    method = manifest.get("method") or selection.get("method", "selective")
-    if method == "selective":
+    method = f"`{manifest.get('method') or selection.get('method', 'selective')}`"
+    if method == "`selective`":
         method += f" ({selection.get('mode', 'released')} rule)"
     scorer = manifest.get("scorer")
-    who = f"teacher {manifest.get('teacher') or 'none'}, student {manifest['student']}"
+    who = f"teacher `{manifest.get('teacher') or 'none'}`, student `{manifest['student']}`"
     if scorer and scorer != manifest["student"]:
-        who += f", scorer {scorer}"
+        who += f", scorer `{scorer}`"
     out = [
-        f"{params.get('dataset', '')} -> {params.get('output', '')}: method {method}, {who}; "
+        f"Method {method}: {who}; {params.get('dataset', '')} -> {params.get('output', '')} in "
         f"{manifest.get('seconds', 0):.0f} s",
         f"{c['input_rows']} input rows: {c['valid_rows']} valid, {c['rejected_rows']} rejected "
         f"({c.get('duplicate_rows', 0)} duplicates); {c['selected_rows']} selected, {c['dropped_rows']} dropped",
@@ -88,7 +90,7 @@ def lines(manifest: dict[str, Any]) -> list[str]:
 
 
 def text(manifest: dict[str, Any]) -> str:
-    return "\n".join(lines(manifest))
+    return "\n".join(lines(manifest)).replace("`", "")
 
 
 def markdown(manifest: dict[str, Any]) -> str:

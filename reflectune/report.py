@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from typing import Any
 
 import polars as pl
@@ -33,7 +34,7 @@ def write(out: str, manifest: dict[str, Any] | None = None, evaluation: dict[str
 def render(decisions: pl.DataFrame, manifest: dict[str, Any], evaluation: dict[str, Any] | None = None,
            price_in: float = 0.0, price_out: float = 0.0) -> str:
     usage = manifest.get("token_usage", {})
-    summary = "".join(f"<li>{_e(line)}</li>" for line in run.lines(manifest) if not line.startswith("report: "))
+    summary = "".join(f"<li>{_code(_e(line))}</li>" for line in run.lines(manifest) if not line.startswith("report: "))
     parts = [
         f"<h1>Reflectune report: {_e(manifest.get('parameters', {}).get('dataset', ''))}</h1>",
         f"<ul>{summary}</ul>",
@@ -58,6 +59,11 @@ def render(decisions: pl.DataFrame, manifest: dict[str, Any], evaluation: dict[s
         ".pair{max-width:32rem;white-space:pre-wrap;font-size:.85rem}</style></head><body>"
         + "\n".join(parts) + "</body></html>"
     )
+
+
+def _code(line: str) -> str:
+    """`name` as <code>name</code>, as the summary marks names."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", line)
 
 
 def _e(x: Any) -> str:

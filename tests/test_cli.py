@@ -230,4 +230,4 @@ def test_a_dotted_override_reaches_the_flow(prefect_api, tmp_path):
             given["training"]["enabled"], given["student"]["max_length"]) == (6, 3, "cherry", 0.5, False, 256)
     assert manifest["shards"] == 2 and manifest["counts"]["valid_rows"] == 6
     assert 0 < manifest["counts"]["selected_rows"] <= 3  # the top half by IFD, of those with IFD < 1
-    assert "6 input rows: 6 valid" in done.stderr and "method cherry" in done.stderr
+    assert "6 input rows: 6 valid" in done.stderr and "Method cherry: teacher none" in done.stderr

@@ -88,14 +88,15 @@ def test_the_whole_flow_on_a_few_rows(prefect_api, tmp_path):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     with client() as cl:
+        # this run's: other tests in the session run flows that write the same keys
+        this_run = ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
         arts = cl.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
-            any_=["reflectune-shards", "reflectune-summary"])))
+            any_=["reflectune-shards", "reflectune-summary"]), flow_run_id=this_run))
         assert {a.key for a in arts} == {"reflectune-shards", "reflectune-summary"}
         # progress inside each shard: a progress artifact per shard and stage, finished, with its rate
         inside = cl.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=[f"reflectune-{stage}-part-0000{i}" for stage in ("teacher", "student")
-                                        for i in range(3)]),
-            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+                                        for i in range(3)]), flow_run_id=this_run))
         assert len({a.key for a in inside}) == 6 and all(a.data == 100.0 for a in inside)
         teacher_done = next(a for a in inside if a.key == "reflectune-teacher-part-00000").description
         assert re.search(r"teacher part-00000: done, \d+ of 6 generations, [\d,]+ tok/s", teacher_done), teacher_done
