@@ -156,8 +156,6 @@ def bench_formats(n: int) -> None:
     bundled sample with vLLM's offline engine: how many generations are well formed (every
     field present and closed), how many are ok (and not loops), and what the constraint costs
     in new tokens/s. Also the repetition penalty's effect under the constraint."""
-    import polars as pl
-
     from reflectune import intake
     from reflectune.engines.vllm_engine import VLLMEngine
     from reflectune.packaged import PACKAGED, part_paths

@@ -397,8 +397,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import json
-
     import polars as pl
 
     from reflectune import evaluation

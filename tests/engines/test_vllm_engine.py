@@ -9,7 +9,7 @@ import pytest
 
 from reflectune import intake
 from reflectune.reflection import Sampling, reflect
-from reflectune.scoring import build_sequences, score_rows
+from reflectune.scoring import score_rows
 
 from ..conftest import MODEL, ROOT, SAMPLE
 from ..stats import median_relative_difference, spearman

@@ -11,11 +11,10 @@ import time
 import polars as pl
 import pytest
 
-from reflectune import io
 from reflectune.config import RecycleParams
 from reflectune.records import SCORE_COLUMNS
 
-from ..conftest import MODEL, ROOT, SAMPLE
+from ..conftest import ROOT, SAMPLE
 from ..fault_proxy import FaultProxy
 
 TINY_TRAIN = {"epochs": 1, "batch_size": 4, "per_device_batch_size": 2, "learning_rate": 1e-4, "max_length": 256}
@@ -135,7 +134,7 @@ def check_report_in_chromium(report, evaluated: bool) -> None:
     """Every plot of the report is drawn: each SVG, screenshotted alone, decodes and is not blank."""
     import io as _io
 
-    from PIL import Image, ImageStat
+    from PIL import Image
     from playwright.sync_api import sync_playwright
 
     shots = ROOT / "out" / "test-artifacts"
