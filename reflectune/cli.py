@@ -400,14 +400,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     import polars as pl
 
     from reflectune import evaluation
-    from reflectune.engines import judge_options
 
     tests = evaluation.load_test_set(args.test_set)[: args.limit]
     _check_engine(args.judge_engine)
     _check_engine(args.engine)
     result = evaluation.evaluate(args.model, args.baseline, args.judge, tests, template=args.template,
                                  judge_engine=args.judge_engine,
-                                 judge_options=judge_options(args.judge_engine, args.base_url, args.api_key_env),
+                                 judge_base_url=args.base_url, judge_api_key_env=args.api_key_env,
                                  max_new_tokens=args.max_new_tokens, engine=args.engine)
     if args.out:
         io.write_table(pl.DataFrame(result.rows), args.out)

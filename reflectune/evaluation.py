@@ -216,13 +216,13 @@ def render_table(summary: dict[str, Any]) -> str:
 
 
 def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, str]], *, template: str = "vicuna",
-             judge_engine: str = "transformers", judge_options: dict[str, Any] | None = None,
+             judge_engine: str = "transformers", judge_base_url: str | None = None, judge_api_key_env: str | None = None,
              max_new_tokens: int = 1024, judge_max_new_tokens: int = 32, max_length: int = 2048,
              batch_size: int = 8, constrained: str = "auto", engine: str = "transformers") -> Result:
     """Answers of both models (one loaded at a time, on `engine`: transformers or vllm), the
     judge in both orders, held-out loss."""
     from reflectune import models
-    from reflectune.engines import load_teacher
+    from reflectune.engines import judge_options, load_teacher
     from reflectune.engines.hf import TransformersScorer, TransformersTeacher
 
     sampling = Sampling(0.0, 1.0, max_new_tokens, 0)
@@ -240,8 +240,8 @@ def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, s
             scorer = TransformersScorer(spec)
         losses[name] = heldout_loss(scorer, tests, template, max_length)
         scorer.close()
-    local = {"batch_size": batch_size} if judge_engine == "transformers" else {}
-    judge_engine_ = load_teacher(judge_engine, judge_spec, **local, **(judge_options or {}))
+    judge_engine_ = load_teacher(judge_engine, judge_spec,
+                                 **judge_options(judge_engine, judge_base_url, judge_api_key_env, batch_size))
     try:
         rows = judge(judge_engine_, tests, answers["model"], answers["baseline"],
                      Sampling(0.0, 1.0, judge_max_new_tokens, 0, constrained=constrained))

@@ -54,7 +54,6 @@ def evaluate_students(params: RecycleParams) -> dict[str, Any]:
     import polars as pl
 
     from reflectune import evaluation
-    from reflectune.engines import judge_options
 
     ev = params.evaluation
     out = params.output
@@ -69,7 +68,7 @@ def evaluate_students(params: RecycleParams) -> dict[str, Any]:
     tests = evaluation.load_test_set(ev.test_set)[: ev.limit]
     result = evaluation.evaluate(io.join(out, "model"), baseline_dir, ev.judge, tests,
                                  template=params.student.template, judge_engine=ev.judge_engine,
-                                 judge_options=judge_options(ev.judge_engine, ev.judge_base_url), max_new_tokens=ev.max_new_tokens,
+                                 judge_base_url=ev.judge_base_url, max_new_tokens=ev.max_new_tokens,
                                  max_length=params.student.max_length)
     io.write_table(pl.DataFrame(result.rows), io.join(out, "evaluation.parquet"))
     summary = {"evaluated": True, **result.summary, "baseline_training": metrics}

@@ -81,11 +81,12 @@ def student_options(student: StudentConfig, vllm: VLLMConfig, teacher: TeacherCo
     return {"dtype": student.dtype} | _device(device)
 
 
-def judge_options(engine: str, base_url: str | None, api_key_env: str | None = None) -> dict[str, Any]:
-    """Options of `load_teacher` for the evaluation's judge: an openai judge's endpoint and key."""
-    if engine != "openai":
-        return {}
-    return {"base_url": base_url} | ({"api_key_env": api_key_env} if api_key_env else {})
+def judge_options(engine: str, base_url: str | None, api_key_env: str | None, batch_size: int) -> dict[str, Any]:
+    """Options of `load_teacher` for the evaluation's judge: an openai judge's endpoint and key,
+    a transformers judge's batch."""
+    if engine == "openai":
+        return {"base_url": base_url} | ({"api_key_env": api_key_env} if api_key_env else {})
+    return {"batch_size": batch_size} if engine == "transformers" else {}
 
 
 def _device(device: str | None) -> dict[str, Any]:
