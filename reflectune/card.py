@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from reflectune.records import VARIANTS
+from reflectune.records import PARSE_STATUSES, VARIANTS
 
 METHOD_NAMES = {
     "selective": "Selective Reflection-Tuning",
@@ -110,7 +110,7 @@ def render(manifest: dict[str, Any], decisions: pl.DataFrame) -> str:
         f"Branches: {branches}. Selected variants: "
         + (", ".join(f"{k} {v}" for k, v in sorted(c.get("per_variant", {}).items())) or "none") + ".",
         "",
-        *_parse_rates(decisions),
+        *_parse_rates(c.get("parse_status", {})),
         "## Scores",
         "",
         "IFD and r-IFD of the student (METHOD: PPL ratios; a kept pair has both below 1): median and 10th-90th "
@@ -156,20 +156,14 @@ def _budget(manifest: dict[str, Any]) -> str:
     return f"top {budget:.0%} by IFD" if budget else ""
 
 
-def _parse_rates(decisions: pl.DataFrame) -> list[str]:
-    lines = []
-    for variant in VARIANTS[1:]:
-        column = f"{variant}_parse_status"
-        if column not in decisions.columns or decisions[column].null_count() == decisions.height:
-            continue
-        counts = dict(decisions[column].drop_nulls().value_counts().iter_rows())
-        n = sum(counts.values())
-        lines.append(f"| {variant} | " + " | ".join(f"{counts.get(s, 0) / n:.0%}" for s in
-                                                     ("ok", "degenerate", "partial", "fallback")) + " |")
+def _parse_rates(parse_status: dict[str, dict[str, int]]) -> list[str]:
+    """The run's parse-status counts per variant (none where no teacher ran) as rates."""
+    lines = [f"| {variant} | " + " | ".join(f"{counts.get(s, 0) / sum(counts.values()):.0%}" for s in PARSE_STATUSES)
+             + " |" for variant, counts in parse_status.items()]
     if not lines:
         return []
-    return ["## Teacher parse rates", "", "| variant | ok | degenerate | partial | fallback |", "|---|---|---|---|---|",
-            *lines, ""]
+    return ["## Teacher parse rates", "", f"| variant | {' | '.join(PARSE_STATUSES)} |",
+            "|---" * (len(PARSE_STATUSES) + 1) + "|", *lines, ""]
 
 
 def _score_rows(decisions: pl.DataFrame) -> list[str]:

@@ -43,7 +43,7 @@ def render(decisions: pl.DataFrame, manifest: dict[str, Any], evaluation: dict[s
         "<h2>IFD against r-IFD</h2><p>Dashed lines: the selection thresholds (a kept pair has IFD &lt; 1 and "
         "r-IFD &lt; 1). Values above 2 are drawn at the edge.</p>", _scatter(decisions),
         "<h2>Selection branches</h2>", _branches(manifest["counts"].get("per_branch", {})),
-        "<h2>Teacher parsing</h2>", _parse_table(decisions),
+        "<h2>Teacher parsing</h2>", _parse_table(manifest["counts"].get("parse_status", {})),
         "<h2>Token usage and cost</h2>", _usage(usage, price_in, price_out),
         "<h2>Most and least helpful rewrites</h2><p>IFD change of the instruction-and-response rewrite "
         "(ins_res) against the original: a higher IFD means the student finds the pair more instructive.</p>",
@@ -148,17 +148,14 @@ def _branches(per_branch: dict[str, int]) -> str:
     return f"<svg class='plot' width='{w}' height='{h}' viewBox='0 0 {w} {h}' xmlns='http://www.w3.org/2000/svg'>{bars}</svg>"
 
 
-def _parse_table(decisions: pl.DataFrame) -> str:
+def _parse_table(parse_status: dict[str, dict[str, int]]) -> str:
+    """The run's parse-status counts per variant; no rows where no teacher ran (cherry, superfilter)."""
     rows = []
-    for variant in VARIANTS[1:]:
-        column = f"{variant}_parse_status"
-        if column not in decisions.columns or not decisions.height or decisions[column].null_count() == decisions.height:
-            continue  # no teacher ran (cherry, superfilter)
-        counts = dict(decisions.group_by(column).len().iter_rows())
-        n = decisions.height
-        fallback = sum(v for k, v in counts.items() if k and "fallback" in k)
-        failed = sum(v for k, v in counts.items() if k and k not in ("ok",) and "fallback" not in k)
-        detail = ", ".join(f"{_e(k)} {v}" for k, v in sorted(counts.items(), key=lambda kv: str(kv[0])))
+    for variant, counts in parse_status.items():
+        n = sum(counts.values())
+        fallback = counts.get("fallback", 0)
+        failed = n - fallback - counts.get("ok", 0)
+        detail = ", ".join(f"{_e(k)} {v}" for k, v in sorted(counts.items()))
         rows.append(f"<tr><td>{variant}</td><td>{fallback / n:.0%}</td><td>{failed / n:.0%}</td><td>{detail}</td></tr>")
     return ("<table><tr><th>variant</th><th>fallback to the original</th><th>other non-ok</th><th>parse status</th></tr>"
             + "".join(rows) + "</table>")
