@@ -22,7 +22,14 @@ def with_retries(task_fn, params: RecycleParams):
         retries=ex.retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=ex.retry_delay_seconds) if ex.retry_delay_seconds else 0,
         retry_jitter_factor=0.5 if ex.retry_delay_seconds else None,
+        retry_condition_fn=retryable,
     )
+
+
+def retryable(task, task_run, state) -> bool:
+    """Whether a failed task may be retried: not when its error says a retry cannot mend it
+    (a spent budget)."""
+    return getattr(state.data, "retryable", True)
 
 
 @flow(name="reflectune-gpu-batch", log_prints=False)

@@ -58,6 +58,15 @@ class TeacherConfig(_Config):
                                  "or no connection, with exponential backoff (1 s doubling, at most 60 s); after "
                                  "them the shard task fails and is retried.")
     batch_size: int = Field(16, ge=1, description="transformers: chats per generate call.")
+    budget_tokens: int | None = Field(None, ge=1, description="Stop before the teacher's tokens (prompt + completion) "
+                                      "could pass this: everything the output folder's request journal holds counts, "
+                                      "so a resumed run never counts twice. Empty: no limit.")
+    budget_usd: float | None = Field(None, gt=0, description="Stop before the teacher's cost at price_input_per_m and "
+                                     "price_output_per_m could pass this many dollars. Empty: no limit.")
+    price_input_per_m: float = Field(0.0, ge=0, description="Your teacher's price per million prompt tokens, in "
+                                     "dollars: the cost in budgets, plans and reports (no built-in price list).")
+    price_output_per_m: float = Field(0.0, ge=0, description="Your teacher's price per million completion tokens, "
+                                      "in dollars.")
 
 
 class StudentConfig(_Config):
@@ -186,6 +195,10 @@ class RecycleParams(_Config):
     @model_validator(mode="after")
     def _check(self) -> "RecycleParams":
         problems = []
+        t = self.teacher
+        if t.budget_usd is not None and not (t.price_input_per_m or t.price_output_per_m):
+            problems.append(f"teacher.budget_usd is {t.budget_usd} but no price is set: give teacher.price_input_per_m "
+                            "and teacher.price_output_per_m (your provider's dollars per million tokens)")
         if self.teacher.engine == "openai" and not self.teacher.base_url and self.teacher.model.startswith("packaged:"):
             problems.append("teacher.engine is openai but teacher.model is a packaged model: give the served model "
                             "name (and teacher.base_url for a server other than api.openai.com)")

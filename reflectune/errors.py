@@ -31,11 +31,18 @@ class ShardFailedError(ReflectuneError):
     """A stage could not finish a shard: an engine, endpoint or storage failure, not a row's content."""
 
 
+class BudgetExceededError(ReflectuneError):
+    """The teacher's next request could pass the run's budget: nothing more is sent. A retry
+    cannot mend it; a rerun with a larger budget goes on where it stopped."""
+
+    retryable = False
+
+
 RESUME = ("Nothing of this shard was marked done: once the cause is fixed, rerun the same command (or Retry the "
           "flow run in the Prefect UI); finished shards are reused and only unfinished ones run again")
 
 
-def shard_failed(stage: str, shard: str, cause: BaseException) -> ShardFailedError:
-    if isinstance(cause, ShardFailedError):
+def shard_failed(stage: str, shard: str, cause: BaseException) -> ReflectuneError:
+    if isinstance(cause, (ShardFailedError, BudgetExceededError)):
         return cause
     return ShardFailedError(f"the {stage} stage failed on shard {shard}: {type(cause).__name__}: {cause}. {RESUME}")

@@ -109,6 +109,15 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
+def remove(uri: str) -> None:
+    """Delete a file; one already gone is fine."""
+    fs, path = filesystem(uri)
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")

@@ -101,6 +101,17 @@ SELECTED: dict[str, pl.DataType] = {
 } | {name: pl.Float64 for name in SCORE_COLUMNS} | {"teacher": pl.String, "student": pl.String, "prompt_version": pl.String}
 
 
+# The request journal (reflectune.journal): a teacher generation that returned, by request key.
+JOURNAL: dict[str, pl.DataType] = {
+    "key": pl.String,
+    "text": pl.String,
+    "prompt_tokens": pl.Int64,
+    "completion_tokens": pl.Int64,
+    "finish_reason": pl.String,
+    "constrained": pl.String,
+}
+
+
 def sample_id(instruction: str, input: str, output: str) -> str:
     """Stable content hash of a pair: the same pair gets the same id in every run."""
     payload = json.dumps([instruction, input, output], ensure_ascii=False)

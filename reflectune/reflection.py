@@ -49,17 +49,27 @@ class Generation:
     constrained: str = "none"  # how the format was enforced: regex, json_schema or none
 
 
+# the error of a generation that was never asked for: the budget refused it (reflectune.journal)
+NOT_SENT = "not sent: the teacher budget would be passed"
+
+
 class TeacherEngine(Protocol):
     """What reflection needs from a teacher: chats in, one generation per chat out, in order.
     `formats` (one per chat, or None) are enforced at decode time where the engine can and
     `sampling.constrained` allows; each Generation says how. A request that fails on its own
-    returns a Generation with `error`; a failure that dooms the whole call raises."""
+    returns a Generation with `error`; a failure that dooms the whole call raises.
+
+    `admit(i)` is asked before chat i is sent (per request, or per batch for a batched
+    engine): once it says no, nothing more is sent and the chats left get `error=NOT_SENT`.
+    `done(i, generation)` is called as each generation returns, so it can be kept at once."""
 
     teacher_id: str
 
     def generate(self, chats: Sequence[prompts.Messages], sampling: Sampling,
                  progress: Callable[[int, int], None] | None = None,
-                 formats: Sequence[formats.OutputFormat | None] | None = None) -> list[Generation]: ...
+                 formats: Sequence[formats.OutputFormat | None] | None = None, *,
+                 admit: Callable[[int], bool] | None = None,
+                 done: Callable[[int, Generation], None] | None = None) -> list[Generation]: ...
 
 
 @dataclass

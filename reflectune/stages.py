@@ -20,7 +20,7 @@ from typing import Any
 
 import polars as pl
 
-from reflectune import intake, io, prompts, reflection, scoring, selection
+from reflectune import intake, io, journal, prompts, reflection, scoring, selection
 from reflectune.config import RecycleParams, StudentConfig, TeacherConfig
 from reflectune.records import (DECISION, PARSE_STATUSES, RECORD, REJECTED, SCORED, SELECTED, VARIANT, VARIANTS,
                                 check_columns, read)
@@ -153,24 +153,56 @@ def teacher_sampling(cfg: TeacherConfig) -> tuple[reflection.Sampling, reflectio
     return sampling, reflection.retry_of(sampling, cfg.retry_temperature)
 
 
-def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any,
+def journal_root(params: RecycleParams) -> str:
+    """The run's request journal: every teacher generation that returned (reflectune.journal)."""
+    return io.join(params.output, "journal")
+
+
+def teacher_budget(cfg: TeacherConfig) -> journal.Budget | None:
+    if cfg.budget_tokens is None and cfg.budget_usd is None:
+        return None
+    return journal.Budget(cfg.budget_tokens, cfg.budget_usd, cfg.price_input_per_m, cfg.price_output_per_m)
+
+
+def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any, journal_at: str,
                   progress: Callable[[int, int], None] | None = None) -> ShardResult:
-    """The shard's ins, res and ins_res variants, written to `target`. `progress(generations,
-    new_tokens)` is called as generations finish."""
+    """The shard's ins, res and ins_res variants, written to `target`. Requests the journal at
+    `journal_at` holds are replayed, the rest sent under the budget and journaled as they
+    return. `progress(generations, new_tokens)` is called as generations finish."""
     start = time.perf_counter()
     records = read(shard.uri, RECORD, "teacher")
     sampling, retry = teacher_sampling(cfg)
-    variants = reflection.reflect(records, engine, "both", sampling, retry, progress)
+    rows = records["source_index"]
+    kept = journal.Journal(journal_at, int(rows.min()), int(rows.max()))
+    teacher = journal.JournaledTeacher(engine, kept, teacher_budget(cfg))
+    usage = dict(vars(engine.usage)) if hasattr(engine, "usage") else {}
+    finished = False
+    try:
+        variants = reflection.reflect(records, teacher, "both", sampling, retry, progress)
+        finished = True
+    finally:
+        kept.close(merge=finished)
     check_columns(variants, VARIANT, "teacher output")
     io.write_table(variants, target)
     status = variants.group_by("parse_status").len()
+    http = {}
+    if usage:  # an API engine: its HTTP attempts and 429s during this shard
+        http = {"http_requests": engine.usage.requests - usage["requests"],
+                "rate_limited": engine.usage.rate_limited - usage["rate_limited"]}
     return _finish(ShardResult(shard.name, "teacher", target, records.height, False, time.perf_counter() - start, {
         "generations": int(variants["raw_text"].list.len().sum()),
         "prompt_tokens": int(variants["prompt_tokens"].sum()),
         "completion_tokens": int(variants["completion_tokens"].sum()),
         "constrained": int(variants["constrained"].list.eval(pl.element() != "none").list.sum().sum()),
         **{f"parse_{s}": int(n) for s, n in status.iter_rows()},
+        **spend_detail("sent", teacher.sent), **spend_detail("replayed", teacher.replayed), **http,
     }))
+
+
+def spend_detail(what: str, spend: journal.Spend) -> dict[str, int]:
+    """Requests and tokens `what` (sent or replayed) as a shard's detail counts them."""
+    return {f"requests_{what}": spend.requests, f"{what}_prompt_tokens": spend.prompt_tokens,
+            f"{what}_completion_tokens": spend.completion_tokens}
 
 
 def student_shard(shard: Shard, variants_at: str | None, target: str, cfg: StudentConfig, engine: Any,

@@ -46,7 +46,7 @@ def _run(stage: str, shard: dict[str, Any], params: RecycleParams) -> dict[str, 
                 options["api_key"] = _api_key(cfg)
             with pool.using("teacher", cfg.engine, cfg.model, **options) as engine, \
                     _watched("teacher", s, 3 * s.rows, "generations") as advance:
-                result = stages.teacher_shard(s, target, cfg, engine, advance)
+                result = stages.teacher_shard(s, target, cfg, engine, stages.journal_root(params), advance)
         else:
             variants = stages.target(params, s, "teacher") if params.selection.uses_teacher else None
             if variants is not None and stages.done(variants) is None:

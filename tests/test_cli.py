@@ -195,13 +195,15 @@ def test_every_parameter_is_reachable_from_the_command_line(tmp_path):
             params = getattr(params, part)
         return params
 
+    # a setting that is refused without another one gets that one too
+    needs = {"teacher.budget_usd": ["teacher.price_output_per_m=2.5"]}
     fields = config_fields(RecycleParams)
     for name, info in fields.items():
         value = other_value(info)
         assert value != info.get_default(call_default_factory=True), name
-        assert get(parse(f"{name}={as_argument(value)}"), name) == value, name
+        assert get(parse(f"{name}={as_argument(value)}", *needs.get(name, [])), name) == value, name
         flag = ([f"--{name}"] if value else [f"--no-{name}"]) if isinstance(value, bool) else [f"--{name}", as_argument(value)]
-        assert get(parse(*flag), name) == value, name
+        assert get(parse(*flag, *needs.get(name, [])), name) == value, name
 
     given = tmp_path / "params.json"
     given.write_text(json.dumps({"shard_size": 7, "selection": {"budget": 0.1, "mode": "paper"}}))

@@ -158,24 +158,27 @@ class TransformersTeacher:
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self._eos))
         self._compiler = None  # xgrammar, compiled on first constrained use
 
-    def generate(self, chats, sampling, progress=None, formats=None):
+    def generate(self, chats, sampling, progress=None, formats=None, *, admit=None, done=None):
         return self.complete([render_chat(self.tokenizer, c) for c in chats], sampling, progress, specials=False,
-                             formats=formats)
+                             formats=formats, admit=admit, done=done)
 
-    def complete(self, texts, sampling, progress=None, specials: bool = True, formats=None):
+    def complete(self, texts, sampling, progress=None, specials: bool = True, formats=None, *, admit=None,
+                 done=None):
         """Continue raw prompts (e.g. a scoring template's P(x)); `specials` adds the
         tokenizer's BOS as the scorer and the trainer do. Chats go through `generate`.
         `formats` are enforced with an xgrammar logits processor unless `sampling.constrained`
-        is off; `progress(generations, new_tokens)` is called after each batch."""
+        is off; `progress(generations, new_tokens)` and `done(i, generation)` are called after
+        each batch, whose rows are admitted (reflection.TeacherEngine) before it runs."""
         from dataclasses import replace
 
         import torch
 
         from reflectune.formats import fit
-        from reflectune.reflection import Generation, new_tokens
+        from reflectune.reflection import NOT_SENT, Generation, new_tokens
 
         encoded = [self.tokenizer(t, add_special_tokens=specials)["input_ids"] for t in texts]
         out: list[Generation] = [Generation() for _ in texts]
+        refused = False
         runnable, budgets = [], {}
         for i, ids in enumerate(encoded):
             budget = new_tokens(len(ids), sampling.max_new_tokens, self.context)
@@ -190,6 +193,14 @@ class TransformersTeacher:
         with torch.inference_mode():
             for start in range(0, len(runnable), self.batch_size):
                 batch = runnable[start : start + self.batch_size]
+                if admit is not None:
+                    for i in batch:
+                        refused = refused or not admit(i)
+                        if refused:
+                            out[i] = Generation(error=NOT_SENT)
+                    batch = [i for i in batch if out[i].error != NOT_SENT]
+                    if not batch:
+                        continue
                 # one limit per batch: the longest prompt's, so every row fits the context
                 params = replace(sampling, max_new_tokens=min(budgets[i] for i in batch))
                 grammars = None
@@ -197,6 +208,8 @@ class TransformersTeacher:
                     grammars = [self._grammar(fit(formats[i], params.max_new_tokens)) for i in batch]
                 for i, gen in zip(batch, self._generate_batch([encoded[i] for i in batch], params, grammars)):
                     out[i] = gen
+                    if done:
+                        done(i, gen)
                 if progress:
                     progress(len(batch), sum(out[i].completion_tokens for i in batch))
         return out

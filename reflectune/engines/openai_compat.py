@@ -29,6 +29,8 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from reflectune.engines.pacing import Pacer
+from reflectune.formats import CHARS_PER_TOKEN
 from reflectune.errors import ReflectuneError
 
 RETRYABLE = {408, 409, 429}
@@ -63,6 +65,7 @@ def teacher_id(model: str, base_url: str | None) -> str:
 class Usage:
     requests: int = 0
     retries: int = 0
+    rate_limited: int = 0  # answered 429
     prompt_tokens: int = 0
     completion_tokens: int = 0
     failed: int = 0
@@ -72,9 +75,6 @@ class Usage:
         with self.lock:
             for name, value in counts.items():
                 setattr(self, name, getattr(self, name) + value)
-
-    def as_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in ("requests", "retries", "prompt_tokens", "completion_tokens", "failed")}
 
 
 class OpenAITeacher:
@@ -101,6 +101,8 @@ class OpenAITeacher:
         self.backoff_max = backoff_max
         self.teacher_id = teacher_id(model, base_url)
         self.usage = Usage()
+        # kept across calls: what the provider's limits allow now
+        self.pacer = Pacer(concurrency)
         # how this server takes output formats: None until a request found out
         self.constraint: str | None = None
 
@@ -108,10 +110,16 @@ class OpenAITeacher:
         return f"OpenAITeacher(model={self.model!r}, base_url={self.base_url!r})"
 
     def generate(self, chats: Sequence[list[dict[str, str]]], sampling: Any,
-                 progress: Callable[[int, int], None] | None = None, formats: Sequence[Any] | None = None) -> list[Any]:
+                 progress: Callable[[int, int], None] | None = None, formats: Sequence[Any] | None = None, *,
+                 admit: Callable[[int], bool] | None = None,
+                 done: Callable[[int, Any], None] | None = None) -> list[Any]:
+        """One generation per chat (reflection.TeacherEngine). `admit(i)` is asked just before
+        chat i is first sent: once it says no, nothing more is sent and the chats left get
+        `reflection.NOT_SENT`; requests in flight finish. `done(i, generation)` is called as
+        each request returns."""
         if sampling.constrained == "off" or formats is None:
             formats = [None] * len(chats)
-        coro = self._generate_all(list(chats), sampling, progress, list(formats))
+        coro = self._generate_all(list(chats), sampling, progress, list(formats), admit, done)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -133,29 +141,42 @@ class OpenAITeacher:
             raise error[0]
         return result
 
-    async def _generate_all(self, chats, sampling, progress, formats):
+    async def _generate_all(self, chats, sampling, progress, formats, admit, done):
         import openai
 
+        from reflectune.reflection import NOT_SENT, Generation
+
         client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, max_retries=0, timeout=self.timeout)
+        # at most `concurrency` requests wait on the pacer, which may allow fewer in flight
         semaphore = asyncio.Semaphore(self.concurrency)
         probe = asyncio.Lock()
+        refused = False
 
-        async def one(chat, fmt):
-            if fmt is not None and self.constraint is None:
-                async with probe:  # the first constrained request finds out alone how the server takes formats
-                    if self.constraint is None:
-                        gen = await self._constrained(client, chat, sampling, fmt)
-                        if progress:
-                            progress(1, gen.completion_tokens)
-                        return gen
+        def admitted(i: int) -> bool:
+            nonlocal refused
+            refused = refused or (admit is not None and not admit(i))
+            return not refused
+
+        async def one(i, chat, fmt):
             async with semaphore:
-                gen = await self._constrained(client, chat, sampling, fmt)
-            if progress:
-                progress(1, gen.completion_tokens)
+                if refused:
+                    return Generation(error=NOT_SENT)
+                if fmt is not None and self.constraint is None:
+                    async with probe:  # the first constrained request finds out alone how the server takes formats
+                        if self.constraint is None:
+                            return finish(i, await self._constrained(client, chat, sampling, fmt, lambda: admitted(i)))
+                return finish(i, await self._constrained(client, chat, sampling, fmt, lambda: admitted(i)))
+
+        def finish(i, gen):
+            if gen.error != NOT_SENT:
+                if done:
+                    done(i, gen)
+                if progress:
+                    progress(1, gen.completion_tokens)
             return gen
 
         try:
-            tasks = [asyncio.ensure_future(one(chat, fmt)) for chat, fmt in zip(chats, formats)]
+            tasks = [asyncio.ensure_future(one(i, chat, fmt)) for i, (chat, fmt) in enumerate(zip(chats, formats))]
             try:
                 return await asyncio.gather(*tasks)
             except BaseException:
@@ -166,14 +187,19 @@ class OpenAITeacher:
         finally:
             await client.close()
 
-    async def _constrained(self, client, chat, sampling, fmt):
-        """One generation in the first way of enforcing `fmt` that this server honours."""
+    async def _constrained(self, client, chat, sampling, fmt, admit):
+        """One generation in the first way of enforcing `fmt` that this server honours.
+        `admit()` is asked before the request is first sent."""
+        from reflectune.reflection import NOT_SENT
+
         if fmt is None or self.constraint == "none":
-            return await self._request(client, chat, sampling, None, fmt)
+            return await self._request(client, chat, sampling, None, fmt, admit)
         if self.constraint is not None:
-            return await self._request(client, chat, sampling, self.constraint, fmt)
+            return await self._request(client, chat, sampling, self.constraint, fmt, admit)
         for way in ("regex", "json_schema"):
-            gen = await self._request(client, chat, sampling, way, fmt)
+            gen = await self._request(client, chat, sampling, way, fmt, admit)
+            if gen.error == NOT_SENT:
+                return gen
             if gen.error is not None:
                 continue  # refused (400): try the next way
             if gen.finish_reason == "stop":
@@ -185,15 +211,15 @@ class OpenAITeacher:
             raise TeacherFatalError(
                 f"teacher endpoint {endpoint(self.base_url)} takes neither vLLM's structured outputs nor JSON-schema "
                 "response formats, and teacher.constrained is on: set it to auto (free text, parsed) or off")
-        gen = await self._request(client, chat, sampling, None, fmt)
+        gen = await self._request(client, chat, sampling, None, fmt, admit)
         # refused even without a format: the request itself is at fault, not the ways tried
         self.constraint = "none" if gen.error is None else None
         return gen
 
-    async def _request(self, client, chat, sampling, way, fmt):
+    async def _request(self, client, chat, sampling, way, fmt, admit):
         import openai
 
-        from reflectune.reflection import Generation
+        from reflectune.reflection import NOT_SENT, Generation
 
         args: dict[str, Any] = {"model": self.model, "messages": chat, "max_tokens": sampling.max_new_tokens,
                                 "temperature": sampling.temperature, "top_p": sampling.top_p}
@@ -204,14 +230,24 @@ class OpenAITeacher:
                                   "repetition_penalty": sampling.repetition_penalty}
         elif way == "json_schema":
             args["response_format"] = fmt.response_format()
+        expected = self.pacer.estimate(prompt_tokens(chat), sampling.max_new_tokens)
         last = ""
         for attempt in range(self.max_retries + 1):
+            ticket = await self.pacer.acquire(*expected)
+            if attempt == 0 and not admit():
+                self.pacer.cancel(ticket)
+                return Generation(error=NOT_SENT)
             self.usage.add(requests=1, retries=1 if attempt else 0)
             wait = None
             try:
-                response = await client.chat.completions.create(**args)
+                raw = await client.chat.completions.with_raw_response.create(**args)
+                response = raw.parse()
             except openai.APIStatusError as exc:
                 status = exc.status_code
+                wait = _retry_after(exc.response.headers)
+                self.pacer.release(ticket, status, exc.response.headers, retry_after=wait)
+                if status == 429:
+                    self.usage.add(rate_limited=1)
                 if status in FATAL:
                     raise TeacherFatalError(
                         f"teacher endpoint {endpoint(self.base_url)} answered {status} for model "
@@ -222,20 +258,23 @@ class OpenAITeacher:
                     self.usage.add(failed=1)
                     return Generation(error=f"HTTP {status}: {_brief(exc)}")
                 last = f"HTTP {status}"
-                wait = _retry_after(exc.response.headers)
             except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+                self.pacer.release(ticket, None)
                 last = f"{type(exc).__name__}: {_brief(exc)}"
             else:
                 choice = response.choices[0]
                 usage = response.usage
-                prompt_tokens = usage.prompt_tokens if usage else 0
-                completion_tokens = usage.completion_tokens if usage else 0
-                self.usage.add(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-                return Generation(text=choice.message.content or "", prompt_tokens=prompt_tokens,
-                                  completion_tokens=completion_tokens, finish_reason=choice.finish_reason,
+                prompt = usage.prompt_tokens if usage else 0
+                completion = usage.completion_tokens if usage else 0
+                self.pacer.release(ticket, raw.http_response.status_code, raw.headers,
+                                   (prompt, completion) if usage else None)
+                self.usage.add(prompt_tokens=prompt, completion_tokens=completion)
+                return Generation(text=choice.message.content or "", prompt_tokens=prompt,
+                                  completion_tokens=completion, finish_reason=choice.finish_reason,
                                   constrained=way or "none")
             if attempt < self.max_retries:
                 backoff = min(self.backoff_max, self.backoff_base * 2**attempt) * random.uniform(0.5, 1.0)
+                # a Retry-After pauses the pacer for every request; this one waits at least as long
                 await asyncio.sleep(max(backoff, min(wait or 0.0, self.backoff_max)))
         self.usage.add(failed=1)
         raise TeacherUnavailableError(
@@ -244,6 +283,12 @@ class OpenAITeacher:
 
     def close(self) -> None:
         pass
+
+
+def prompt_tokens(chat: list[dict[str, str]]) -> int:
+    """A chat's prompt tokens as counted before sending: the provider's tokenizer is not at
+    hand, so about 3.5 characters a token (on the side of more), plus the message framing."""
+    return sum(int(len(m.get("content") or "") / CHARS_PER_TOKEN) + 4 for m in chat)
 
 
 def _follows(text: str, way: str, fmt: Any) -> bool:

@@ -386,16 +386,18 @@ class VLLMEngine:
         return values
 
     # -- teacher ---------------------------------------------------------------------------
-    def generate(self, chats, sampling, progress=None, formats=None):
-        """One generation per chat. All of them go to the engine at once (continuous batching
-        keeps it full); `progress(1, tokens)` is called as each one finishes. `formats` are
-        enforced with vLLM's structured outputs unless `sampling.constrained` is off."""
+    def generate(self, chats, sampling, progress=None, formats=None, *, admit=None, done=None):
+        """One generation per chat (reflection.TeacherEngine). All of them go to the engine at
+        once (continuous batching keeps it full), each admitted first; `progress(1, tokens)`
+        and `done(i, generation)` are called as each one finishes. `formats` are enforced with
+        vLLM's structured outputs unless `sampling.constrained` is off."""
         from reflectune.engines.hf import render_chat
 
         texts = [render_chat(self.tokenizer, c) for c in chats]
-        return self.complete(texts, sampling, progress, specials=False, formats=formats)
+        return self.complete(texts, sampling, progress, specials=False, formats=formats, admit=admit, done=done)
 
-    def complete(self, texts, sampling, progress=None, specials: bool = True, formats=None):
+    def complete(self, texts, sampling, progress=None, specials: bool = True, formats=None, *, admit=None,
+                 done=None):
         """Continue raw prompts (e.g. a scoring template's P(x)); `specials` adds the
         tokenizer's BOS as the scorer and the trainer do. Chats go through `generate`."""
         from vllm import SamplingParams
@@ -403,10 +405,11 @@ class VLLMEngine:
         from vllm.sampling_params import StructuredOutputsParams
 
         from reflectune.formats import fit
-        from reflectune.reflection import Generation, new_tokens
+        from reflectune.reflection import NOT_SENT, Generation, new_tokens
 
         encoded = [self.tokenizer(t, add_special_tokens=specials)["input_ids"] for t in texts]
         out = [Generation() for _ in texts]
+        refused = False
         constrain = sampling.constrained != "off" and formats is not None
         # vLLM on CPU fails a request with its own seed when its prompt is prefilled in chunks
         # ("CPU Generator does not use offset"): there the engine's seed alone makes runs repeatable
@@ -416,6 +419,10 @@ class VLLMEngine:
             budget = new_tokens(len(ids), sampling.max_new_tokens, self.args.max_model_len)
             if isinstance(budget, str):
                 out[i] = Generation(prompt_tokens=len(ids), error=budget)
+                continue
+            refused = refused or (admit is not None and not admit(i))
+            if refused:
+                out[i] = Generation(error=NOT_SENT)
                 continue
             fmt = fit(formats[i], budget) if constrain else None
             params = SamplingParams(
@@ -430,6 +437,8 @@ class VLLMEngine:
             out[i] = Generation(text=completion.text, prompt_tokens=len(encoded[i]),
                                 completion_tokens=len(completion.token_ids), finish_reason=completion.finish_reason,
                                 constrained=how)
+            if done:
+                done(i, out[i])
             if progress:
                 progress(1, len(completion.token_ids))
 

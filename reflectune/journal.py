@@ -1,0 +1,302 @@
+"""The request journal: every teacher generation that returns, kept on the run's storage within
+seconds and keyed by what determines it, so that no request is paid for twice; and the
+budget, which counts what the journal holds.
+
+A key is a hash of the teacher's identity, the messages, the sampling and the output format
+asked for (with how it may be enforced). A teacher stage reads the journal first and sends
+only the requests it lacks: after a retry, a rerun, a killed worker, or with another shard
+size. Generations are buffered and written every `flush_seconds` as small Parquet part files
+(object stores have no append); when the shard finishes, its writer's parts are merged into
+one file. File names carry the source rows they cover and their totals, so a stage reads
+only the files of its rows, and the spend of the whole journal is known from a listing.
+
+    part-<lo>-<hi>-<writer>-<seq>-<requests>-<prompt tokens>-<completion tokens>.parquet
+    merged-<lo>-<hi>-<writer>-0-<requests>-<prompt tokens>-<completion tokens>.parquet
+
+A merged file supersedes the parts of its writer; parts of a writer that died stay, and are
+read like any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import polars as pl
+
+from reflectune import io
+from reflectune.errors import BudgetExceededError
+from reflectune.records import JOURNAL
+from reflectune.reflection import NOT_SENT, Generation
+
+# part of every key: a change to what a key means starts a new journal
+JOURNAL_VERSION = 1
+_NAME = re.compile(r"^(part|merged)-(\d+)-(\d+)-([0-9a-f]+)-(\d+)-(\d+)-(\d+)-(\d+)\.parquet$")
+
+
+def request_key(teacher_id: str, chat: Sequence[dict[str, str]], sampling: Any, fmt: Any) -> str:
+    """What makes a teacher request the same request: who answers, what is asked, how it is
+    sampled, and the output form required (None where none is enforced)."""
+    payload = [JOURNAL_VERSION, teacher_id, list(chat), asdict(sampling), fmt.regex if fmt is not None else None]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Spend:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __add__(self, other: "Spend") -> "Spend":
+        return Spend(self.requests + other.requests, self.prompt_tokens + other.prompt_tokens,
+                     self.completion_tokens + other.completion_tokens)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def usd(self, price_input_per_m: float, price_output_per_m: float) -> float:
+        return (self.prompt_tokens * price_input_per_m + self.completion_tokens * price_output_per_m) / 1e6
+
+
+@dataclass(frozen=True)
+class JournalFile:
+    uri: str
+    kind: str
+    lo: int
+    hi: int
+    writer: str
+    spend: Spend
+
+
+def files(root: str) -> list[JournalFile]:
+    """The journal's files, parts superseded by their writer's merged file left out."""
+    found = []
+    for uri in io.ls(root, (".parquet",)):
+        m = _NAME.match(uri.rsplit("/", 1)[-1])
+        if m:
+            kind, lo, hi, writer, _, n, p, c = m.groups()
+            found.append(JournalFile(uri, kind, int(lo), int(hi), writer, Spend(int(n), int(p), int(c))))
+    merged = {f.writer for f in found if f.kind == "merged"}
+    return [f for f in found if f.kind == "merged" or f.writer not in merged]
+
+
+def spend(root: str, exclude_writer: str | None = None) -> Spend:
+    """What the journal holds: every request it kept, and their tokens."""
+    total = Spend()
+    for f in files(root):
+        if f.writer != exclude_writer:
+            total += f.spend
+    return total
+
+
+@dataclass
+class Budget:
+    """The teacher's budget for a run: tokens (prompt + completion) and/or dollars at the
+    user's prices. None where no limit is set."""
+
+    tokens: int | None = None
+    usd: float | None = None
+    price_input_per_m: float = 0.0
+    price_output_per_m: float = 0.0
+
+    def passes(self, spend: Spend) -> bool:
+        """Whether `spend` is beyond the budget."""
+        if self.tokens is not None and spend.tokens > self.tokens:
+            return True
+        return self.usd is not None and spend.usd(self.price_input_per_m, self.price_output_per_m) > self.usd
+
+    def describe(self, spend: Spend) -> str:
+        cost = spend.usd(self.price_input_per_m, self.price_output_per_m)
+        limits = []
+        if self.tokens is not None:
+            limits.append(f"teacher.budget_tokens {self.tokens:,}")
+        if self.usd is not None:
+            limits.append(f"teacher.budget_usd {self.usd:,.2f}")
+        return (f"spent {spend.tokens:,} tokens ({spend.prompt_tokens:,} prompt, {spend.completion_tokens:,} "
+                f"completion; ${cost:,.2f} at the prices set) in {spend.requests:,} requests, against "
+                + " and ".join(limits))
+
+
+class Journal:
+    """The journal of one shard attempt (one writer): what it can replay, and what it keeps."""
+
+    def __init__(self, root: str, lo: int, hi: int, flush_seconds: float = 2.0):
+        self.root, self.lo, self.hi = root, lo, hi
+        self.writer = uuid.uuid4().hex[:12]
+        self.flush_seconds = flush_seconds
+        self._pending: list[dict[str, Any]] = []
+        self._kept: list[dict[str, Any]] = []  # everything this writer journaled, for the merge
+        self._parts: list[str] = []
+        self._seq = 0
+        self.mine = Spend()  # what this writer journaled
+        self.others = Spend()  # what the rest of the journal held at the last look
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.look()
+
+    def load(self) -> dict[str, Generation]:
+        """Every generation journaled for this writer's source rows (files that overlap them)."""
+        wanted = [f.uri for f in files(self.root) if f.lo <= self.hi and f.hi >= self.lo]
+        found: dict[str, Generation] = {}
+        for uri in wanted:
+            for row in io.read_parquet(uri).iter_rows(named=True):
+                found.setdefault(row["key"], Generation(
+                    text=row["text"], prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"],
+                    finish_reason=row["finish_reason"], constrained=row["constrained"]))
+        return found
+
+    def look(self) -> Spend:
+        """Refresh what the rest of the journal holds (other shards, other workers)."""
+        others = spend(self.root, exclude_writer=self.writer)
+        with self._lock:
+            self.others = others
+        return others
+
+    @property
+    def total(self) -> Spend:
+        with self._lock:
+            return self.others + self.mine
+
+    def add(self, key: str, gen: Generation) -> None:
+        row = {"key": key, "text": gen.text, "prompt_tokens": gen.prompt_tokens,
+               "completion_tokens": gen.completion_tokens, "finish_reason": gen.finish_reason,
+               "constrained": gen.constrained}
+        with self._lock:
+            self._pending.append(row)
+            self.mine += Spend(1, gen.prompt_tokens, gen.completion_tokens)
+        self._start()
+
+    def flush(self) -> None:
+        """Write what is buffered as one part file."""
+        with self._write_lock:
+            with self._lock:
+                rows, self._pending = self._pending, []
+            if not rows:
+                return
+            self._seq += 1
+            uri = io.join(self.root, self._name("part", self._seq, rows))
+            try:
+                io.write_table(pl.DataFrame(rows, schema=JOURNAL), uri)
+            except BaseException:
+                with self._lock:  # kept for the next try
+                    self._pending[:0] = rows
+                raise
+            self._parts.append(uri)
+            self._kept += rows
+
+    def close(self, merge: bool) -> None:
+        """Stop the flusher and write what is left; `merge` (the shard finished): this writer's
+        parts become one file."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        self.flush()
+        if merge and self._parts:
+            io.write_table(pl.DataFrame(self._kept, schema=JOURNAL),
+                           io.join(self.root, self._name("merged", 0, self._kept)))
+            for uri in self._parts:
+                io.remove(uri)
+            self._parts = []
+
+    def _name(self, kind: str, seq: int, rows: list[dict[str, Any]]) -> str:
+        p = sum(r["prompt_tokens"] for r in rows)
+        c = sum(r["completion_tokens"] for r in rows)
+        return f"{kind}-{self.lo:010d}-{self.hi:010d}-{self.writer}-{seq:06d}-{len(rows)}-{p}-{c}.parquet"
+
+    def _start(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._flusher, name="journal", daemon=True)
+                    self._thread.start()
+
+    def _flusher(self) -> None:
+        while not self._stop.wait(self.flush_seconds):
+            try:
+                self.flush()
+                self.look()
+            except Exception:  # storage hiccup: the next tick or close() writes it
+                pass
+
+
+class JournaledTeacher:
+    """A teacher engine behind the journal and the budget (reflection.TeacherEngine): chats
+    already journaled are answered from it; the rest go to the engine, each admitted by the
+    budget first and journaled as it returns. When the budget refuses a request, nothing more
+    is sent, requests in flight finish and are kept, and BudgetExceededError is raised."""
+
+    def __init__(self, engine: Any, journal: Journal, budget: Budget | None = None):
+        self.engine, self.journal, self.budget = engine, journal, budget
+        self.teacher_id = engine.teacher_id
+        self.found = journal.load()
+        self.sent = Spend()
+        self.replayed = Spend()
+        self._reserved = Spend()
+        self._lock = threading.Lock()
+
+    def generate(self, chats, sampling, progress: Callable[[int, int], None] | None = None, formats=None, *,
+                 admit=None, done=None) -> list[Generation]:
+        from reflectune.engines.openai_compat import prompt_tokens
+
+        n = len(chats)
+        wanted = formats if formats is not None and sampling.constrained != "off" else [None] * n
+        keys = [request_key(self.teacher_id, chat, sampling, fmt) for chat, fmt in zip(chats, wanted)]
+        out: list[Generation | None] = [self.found.get(k) for k in keys]
+        hits = [g for g in out if g is not None]
+        for gen in hits:
+            self.replayed += Spend(1, gen.prompt_tokens, gen.completion_tokens)
+        if hits and progress:
+            progress(len(hits), sum(g.completion_tokens for g in hits))
+        missing = [i for i in range(n) if out[i] is None]
+        if not missing:
+            return out
+        held: dict[int, Spend] = {}
+
+        def admitted(j: int) -> bool:
+            worst = Spend(1, prompt_tokens(chats[missing[j]]), sampling.max_new_tokens)
+            with self._lock:
+                if self.budget is not None and self.budget.passes(self.journal.total + self._reserved + worst):
+                    return False
+                self._reserved += worst
+                held[j] = worst
+            return True
+
+        def returned(j: int, gen: Generation) -> None:
+            with self._lock:
+                if j in held:
+                    self._reserved += Spend(-held[j].requests, -held[j].prompt_tokens, -held[j].completion_tokens)
+                    del held[j]
+            if gen.error is None:
+                self.journal.add(keys[missing[j]], gen)
+                self.found[keys[missing[j]]] = gen
+            self.sent += Spend(1, gen.prompt_tokens, gen.completion_tokens)
+
+        try:
+            gens = self.engine.generate([chats[i] for i in missing], sampling, progress,
+                                        [formats[i] for i in missing] if formats is not None else None,
+                                        admit=admitted if self.budget is not None else None, done=returned)
+        finally:
+            with self._lock:  # whatever did not come back is no longer in flight
+                for worst in held.values():
+                    self._reserved += Spend(-worst.requests, -worst.prompt_tokens, -worst.completion_tokens)
+                held.clear()
+        for j, i in enumerate(missing):
+            out[i] = gens[j]
+        if any(g.error == NOT_SENT for g in gens):
+            self.journal.flush()
+            raise BudgetExceededError(f"the teacher budget would be passed by the next request: "
+                                      f"{self.budget.describe(self.journal.total)}")
+        return out
+
+    def close(self) -> None:
+        pass
