@@ -21,10 +21,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.gpu_batch import with_retries
 from reflectune import manifest as run
-from reflectune import progress, stages
+from reflectune import journal, progress, stages
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
-from reflectune.errors import RESUME, ReflectuneError
+from reflectune.errors import RESUME, BudgetExceededError, ReflectuneError
 from tasks.outputs import (evaluate_students, intake_and_shard, select_and_write, train_student, write_card,
                            write_manifest, write_report)
 from tasks.shards import student_shard, teacher_shard
@@ -41,10 +41,13 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
     shards = summary["shards"]
     tracker = _Tracker(len(_stages(params)) * len(shards))
 
-    if params.execution.mode == "cluster":
-        results = _run_cluster(params, shards, tracker)
-    else:
-        results = _run_local(params, shards, tracker)
+    try:
+        if params.execution.mode == "cluster":
+            results = _run_cluster(params, shards, tracker)
+        else:
+            results = _run_local(params, shards, tracker)
+    except BudgetExceededError as exc:
+        raise _budget_stop(params, shards, exc) from None
     pool.close_all()  # the student engine is not needed past this point
 
     student_results = sorted((r for r in results if r["stage"] == "student"), key=lambda r: r["shard"])
@@ -71,7 +74,8 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
                          scorer=stages.model_identity(params.scorer),
                          engine_loads=len(pool.load_seconds) - loads_before,
                          engine_load_seconds=sum(pool.load_seconds[loads_before:]),
-                         seconds=time.perf_counter() - started)
+                         seconds=time.perf_counter() - started,
+                         journal=journal.spend(stages.journal_root(params)))
     manifest["report"] = with_retries(write_report, params)(params, manifest)
     manifest["card"] = with_retries(write_card, params)(params, manifest)
     with_retries(write_manifest, params)(params, manifest)
@@ -79,6 +83,16 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
     log.info("recycled %s -> %s: %d of %d valid samples selected", params.dataset, params.output,
              counts["selected_rows"], counts["valid_rows"])
     return manifest
+
+
+def _budget_stop(params: RecycleParams, shards: list[dict[str, Any]], exc: BudgetExceededError) -> BudgetExceededError:
+    """The budget's stop as the user reads it: the spend and the limit, the shards done and left,
+    and how to go on."""
+    done = sum(stages.finished(params, stages.Shard(**s), "teacher") is not None for s in shards)
+    return BudgetExceededError(
+        f"{exc}. Nothing more was sent; the teacher stage finished {done} of {len(shards)} shards, "
+        f"{len(shards) - done} left. To go on, rerun the same command with a larger teacher.budget_tokens or "
+        "teacher.budget_usd: every request the journal holds is replayed, none is paid for again")
 
 
 class _Tracker:
@@ -184,6 +198,8 @@ def _gpu_batch(params: RecycleParams, stage: str, batch: list[dict[str, Any]], i
             break
         state = run.state.name if run.state else "without a state"
         why = (run.state.message or "") if run.state else ""
+        if "BudgetExceededError" in why:  # the worker's budget stop, as the flow run's state tells it
+            raise BudgetExceededError(why.split("BudgetExceededError: ", 1)[-1].rstrip("."))
         if not (run.state and run.state.is_crashed()):
             raise ReflectuneError(f"GPU batch {stage} #{index} (flow run {run.id}) ended {state}: {why}")
         log.warning("GPU batch %s #%d (flow run %s) ended %s (attempt %d of %d): %s", stage, index, run.id, state,

@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     pl_.add_argument("--max-length", type=int, default=_default("student.max_length"))
     pl_.add_argument("--max-new-tokens", type=int, default=_default("teacher.max_new_tokens"))
     pl_.add_argument("--epochs", type=float, default=_default("training.epochs"))
+    for name in ("price_input_per_m", "price_output_per_m", "budget_tokens", "budget_usd"):
+        pl_.add_argument(f"--{name.replace('_', '-')}", type=int if name == "budget_tokens" else float,
+                         default=_default(f"teacher.{name}"), help=config_fields(RecycleParams)[f"teacher.{name}"].description)
     for stage in ("teacher", "student", "train"):
         pl_.add_argument(f"--{stage}-tps", type=float, help=f"{stage} tokens/s measured on your workers "
                          "(teacher: new tokens; others: tokens read)")
@@ -375,7 +378,9 @@ def _plan(args: argparse.Namespace) -> int:
                        shard_size=args.shard_size, teacher_engine=args.teacher_engine,
                        student_engine=args.student_engine, template=args.template, max_length=args.max_length,
                        max_new_tokens=args.max_new_tokens, epochs=args.epochs, device=args.device,
-                       teacher_params=sizes[0], student_params=sizes[1], throughput=given)
+                       teacher_params=sizes[0], student_params=sizes[1], throughput=given,
+                       price_input_per_m=args.price_input_per_m, price_output_per_m=args.price_output_per_m,
+                       budget_tokens=args.budget_tokens, budget_usd=args.budget_usd)
     print(plan.render(result))
     return 0
 

@@ -80,16 +80,24 @@ class Stats:
     statuses: Counter = field(default_factory=Counter)  # "200", "429", "500", "drop", "400"
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    times: list[float] = field(default_factory=list)  # when each 200 was sent
+    times: list[tuple[float, int]] = field(default_factory=list)  # when each 200 was sent, and its tokens
 
     def as_dict(self) -> dict[str, Any]:
         return {"answered": sum(self.answered.values()), "distinct": len(self.answered),
                 "duplicates": sum(n - 1 for n in self.answered.values()), "statuses": dict(self.statuses),
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "first": self.times[0] if self.times else None, "last": self.times[-1] if self.times else None}
+                "first": self.times[0][0] if self.times else None, "last": self.times[-1][0] if self.times else None}
+
+    def rate(self, since: float) -> tuple[float, float]:
+        """Requests and tokens answered per second from `since` (monotonic) to the last answer."""
+        later = [(t, n) for t, n in self.times if t >= since]
+        if len(later) < 2:
+            return 0.0, 0.0
+        span = later[-1][0] - later[0][0]
+        return (len(later) - 1) / span, sum(n for _, n in later[1:]) / span
 
 
-class Emulator:
+class Emulator:  # noqa: the server lives in a thread; `with Emulator(...) as e` closes it
     """The server, in a thread of this process; `url` ends in /v1."""
 
     def __init__(self, *, rpm: int | None = None, tpm: int | None = None, window: float = 60.0,
@@ -98,6 +106,7 @@ class Emulator:
                  port: int = 0, answer_words: tuple[int, int] = (40, 120), echo_errors: str | None = None):
         if headers not in HEADER_STYLES:
             raise ValueError(f"headers '{headers}': choose one of {', '.join(HEADER_STYLES)}")
+        self.window = window
         self.requests = Bucket(rpm, window) if rpm else None
         self.tokens = Bucket(tpm, window) if tpm else None
         self.headers, self.latency, self.latency_per_token = headers, latency, latency_per_token
@@ -107,7 +116,7 @@ class Emulator:
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self.stats = Stats()
-        self._server = ThreadingHTTPServer((host, port), _handler(self))
+        self._server = _Server((host, port), _handler(self))
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="emulator", daemon=True)
@@ -124,6 +133,16 @@ class Emulator:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return self.stats.as_dict()
+
+    def utilisation(self) -> float:
+        """The answered rate against the binding limit, once the bucket's first fill is spent:
+        from one window after the first answer to the last."""
+        with self._lock:
+            if not self.stats.times:
+                return 0.0
+            requests, tokens = self.stats.rate(self.stats.times[0][0] + self.window)
+        return max(requests * self.window / self.requests.capacity if self.requests else 0.0,
+                   tokens * self.window / self.tokens.capacity if self.tokens else 0.0)
 
     def close(self) -> None:
         self._server.shutdown()
@@ -183,7 +202,7 @@ class Emulator:
             self.stats.answered[key] += 1
             self.stats.prompt_tokens += prompt
             self.stats.completion_tokens += completion
-            self.stats.times.append(time.monotonic())
+            self.stats.times.append((time.monotonic(), prompt + completion))
         return 200, headers, {
             "id": f"chatcmpl-{key[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", ""),
@@ -254,6 +273,15 @@ def _duration(seconds: float) -> str:
 
 def _error(message: str, kind: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "code": None}}
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (killed, timed out) is not the server's error: quiet."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 def _handler(emulator: Emulator) -> type[BaseHTTPRequestHandler]:

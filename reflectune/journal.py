@@ -5,9 +5,9 @@ budget, which counts what the journal holds.
 A key is a hash of the teacher's identity, the messages, the sampling and the output format
 asked for (with how it may be enforced). A teacher stage reads the journal first and sends
 only the requests it lacks: after a retry, a rerun, a killed worker, or with another shard
-size. Generations are buffered and written every `flush_seconds` as small Parquet part files
-(object stores have no append); when the shard finishes, its writer's parts are merged into
-one file. File names carry the source rows they cover and their totals, so a stage reads
+size. Generations are buffered and written every `flush_seconds` (1 s) as small Parquet part
+files (object stores have no append), so a crash loses at most the last second's answers and
+those in flight; when the shard finishes, its writer's parts are merged into one file. File names carry the source rows they cover and their totals, so a stage reads
 only the files of its rows, and the spend of the whole journal is known from a listing.
 
     part-<lo>-<hi>-<writer>-<seq>-<requests>-<prompt tokens>-<completion tokens>.parquet
@@ -128,7 +128,7 @@ class Budget:
 class Journal:
     """The journal of one shard attempt (one writer): what it can replay, and what it keeps."""
 
-    def __init__(self, root: str, lo: int, hi: int, flush_seconds: float = 2.0):
+    def __init__(self, root: str, lo: int, hi: int, flush_seconds: float = 1.0):
         self.root, self.lo, self.hi = root, lo, hi
         self.writer = uuid.uuid4().hex[:12]
         self.flush_seconds = flush_seconds

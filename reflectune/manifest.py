@@ -9,12 +9,14 @@ from typing import Any
 
 from reflectune import prompts
 from reflectune.config import RecycleParams
+from reflectune.journal import Spend
 
 
 def build(params: RecycleParams, results: list[dict[str, Any]], counts: dict[str, Any], training: dict[str, Any],
           evaluation: dict[str, Any], *, teacher: str | None, student: str, scorer: str, engine_loads: int,
-          engine_load_seconds: float, seconds: float) -> dict[str, Any]:
-    """The manifest of a finished run from its shard results and the whole-run stages' outputs."""
+          engine_load_seconds: float, seconds: float, journal: Spend | None = None) -> dict[str, Any]:
+    """The manifest of a finished run from its shard results and the whole-run stages' outputs;
+    `journal`: what the run's request journal holds (everything paid for in this folder)."""
     teacher_results = [r for r in results if r["stage"] == "teacher"]
     student_results = [r for r in results if r["stage"] == "student"]
     return {
@@ -27,6 +29,7 @@ def build(params: RecycleParams, results: list[dict[str, Any]], counts: dict[str
         "prompt_versions": [prompts.INSTRUCTION_VERSION, prompts.RESPONSE_VERSION],
         "counts": counts,
         "token_usage": _sum(teacher_results, ("generations", "prompt_tokens", "completion_tokens")),
+        "teacher_spend": teacher_spend(params, teacher_results, journal or Spend()),
         # identical sequences (copies of an original) are scored once
         "scoring": _sum(student_results, ("sequences", "sequences_scored")),
         "shards": len(student_results),
@@ -37,6 +40,29 @@ def build(params: RecycleParams, results: list[dict[str, Any]], counts: dict[str
         "engine_loads": engine_loads,
         "engine_load_seconds": round(engine_load_seconds, 2),
         "seconds": round(seconds, 2),
+    }
+
+
+SPEND_KEYS = ("requests_sent", "sent_prompt_tokens", "sent_completion_tokens", "requests_replayed",
+              "replayed_prompt_tokens", "replayed_completion_tokens", "http_requests", "rate_limited")
+
+
+def teacher_spend(params: RecycleParams, teacher_results: list[dict[str, Any]], journal: Spend) -> dict[str, Any]:
+    """What the teacher cost: requests and tokens this run sent and replayed from the journal
+    (shards finished by an earlier run count in neither), what the journal holds, and their
+    cost at the user's prices; the budget in force."""
+    t = params.teacher
+    this = _sum([r for r in teacher_results if not r.get("reused")], SPEND_KEYS)
+    usd = lambda p, c: round((p * t.price_input_per_m + c * t.price_output_per_m) / 1e6, 4)
+    return {
+        **this,
+        "sent_usd": usd(this["sent_prompt_tokens"], this["sent_completion_tokens"]),
+        "replayed_usd": usd(this["replayed_prompt_tokens"], this["replayed_completion_tokens"]),
+        "journal": {"requests": journal.requests, "prompt_tokens": journal.prompt_tokens,
+                    "completion_tokens": journal.completion_tokens,
+                    "usd": usd(journal.prompt_tokens, journal.completion_tokens)},
+        "price_input_per_m": t.price_input_per_m, "price_output_per_m": t.price_output_per_m,
+        "budget_tokens": t.budget_tokens, "budget_usd": t.budget_usd,
     }
 
 
@@ -73,6 +99,9 @@ def lines(manifest: dict[str, Any]) -> list[str]:
     if manifest.get("teacher"):
         out.append(f"teacher: {usage.get('generations', 0)} generations, {usage.get('prompt_tokens', 0)} prompt "
                    f"tokens, {usage.get('completion_tokens', 0)} completion tokens")
+        spend = manifest.get("teacher_spend")
+        if spend:
+            out.append(spend_line(spend))
     for variant, statuses in c.get("parse_status", {}).items():
         total = sum(statuses.values()) or 1
         out.append(f"teacher parse status, {variant}: " + ", ".join(
@@ -87,6 +116,23 @@ def lines(manifest: dict[str, Any]) -> list[str]:
     if manifest.get("report"):
         out.append(f"report: {manifest['report']}")
     return out
+
+
+def spend_line(spend: dict[str, Any]) -> str:
+    """What the teacher cost, in one line: sent and replayed by this run, held by the journal."""
+    j = spend["journal"]
+    priced = spend["price_input_per_m"] or spend["price_output_per_m"]
+    cost = lambda usd: f" (${usd:,.2f})" if priced else ""
+    limits = [f"{spend['budget_tokens']:,} tokens" if spend.get("budget_tokens") else "",
+              f"${spend['budget_usd']:,.2f}" if spend.get("budget_usd") else ""]
+    budget = " and ".join(x for x in limits if x)
+    return (f"teacher requests: {spend['requests_sent']:,} sent, "
+            f"{spend['sent_prompt_tokens'] + spend['sent_completion_tokens']:,} tokens{cost(spend['sent_usd'])}; "
+            f"{spend['requests_replayed']:,} replayed from the journal, "
+            f"{spend['replayed_prompt_tokens'] + spend['replayed_completion_tokens']:,} tokens"
+            f"{cost(spend['replayed_usd'])} not paid again; {spend.get('rate_limited', 0):,} answered 429; "
+            f"the journal holds {j['requests']:,} requests, {j['prompt_tokens'] + j['completion_tokens']:,} tokens"
+            f"{cost(j['usd'])}" + (f", budget {budget}" if budget else ""))
 
 
 def text(manifest: dict[str, Any]) -> str:

@@ -42,7 +42,9 @@ def plan(uri: str, tokenizer: Any, *, column_map: dict[str, str] | None = None, 
          shard_size: int = 512, teacher_engine: str = "transformers", student_engine: str = "transformers",
          template: str = "vicuna", max_length: int = 2048, max_new_tokens: int = 1024, epochs: float = 3.0,
          device: str = "cpu", teacher_params: float = PACKAGED_PARAMS, student_params: float = PACKAGED_PARAMS,
-         analysis_tokens: int = 150, throughput: dict[str, float] | None = None) -> dict[str, Any]:
+         analysis_tokens: int = 150, throughput: dict[str, float] | None = None, price_input_per_m: float = 0.0,
+         price_output_per_m: float = 0.0, budget_tokens: int | None = None,
+         budget_usd: float | None = None) -> dict[str, Any]:
     data = intake.load(uri, column_map, limit)
     rows = data.valid.to_dicts()
     n = len(rows)
@@ -68,7 +70,12 @@ def plan(uri: str, tokenizer: Any, *, column_map: dict[str, str] | None = None, 
         _stage("student", student_reads, 0, f"student:{student_engine}", device, student_params, given, False),
         _stage("train", train_reads, 0, "train", device, student_params, given, False),
     ]
-    return {"source": uri, **data.counts, "shards": math.ceil(n / shard_size) if n else 0, "stages": stages}
+    cost = {"tokens": teacher_reads + teacher_writes,
+            "usd": (teacher_reads * price_input_per_m + teacher_writes * price_output_per_m) / 1e6,
+            "priced": bool(price_input_per_m or price_output_per_m),
+            "budget_tokens": budget_tokens, "budget_usd": budget_usd}
+    return {"source": uri, **data.counts, "shards": math.ceil(n / shard_size) if n else 0, "stages": stages,
+            "teacher_cost": cost}
 
 
 def _stage(name: str, reads: int, writes: int, key: str, device: str, params: float, given: dict[str, float],
@@ -117,7 +124,29 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"{s.name:<8} {s.reads:>12,} {s.writes:>13,} {s.tokens_per_second:>10,.0f} "
                      f"{_duration(s.seconds):>10}  {s.basis}")
     lines.append(f"{'total':<8} {'':>12} {'':>13} {'':>10} {_duration(total):>10}")
+    cost = result.get("teacher_cost")
+    if cost:
+        lines += ["", cost_line(cost)]
     return "\n".join(lines)
+
+
+def cost_line(cost: dict[str, Any]) -> str:
+    """The teacher's estimated spend beside the budget, and whether the estimate passes it."""
+    line = f"teacher: about {cost['tokens']:,} tokens"
+    line += f", ${cost['usd']:,.2f} at the prices given" if cost["priced"] else " (no price given: --price-input-per-m, --price-output-per-m)"
+    over = []
+    if cost.get("budget_tokens") is not None:
+        line += f"; budget {cost['budget_tokens']:,} tokens"
+        if cost["tokens"] > cost["budget_tokens"]:
+            over.append(f"{cost['tokens'] / cost['budget_tokens']:.1f}x the token budget")
+    if cost.get("budget_usd") is not None:
+        line += f"; budget ${cost['budget_usd']:,.2f}"
+        if cost["priced"] and cost["usd"] > cost["budget_usd"]:
+            over.append(f"{cost['usd'] / cost['budget_usd']:.1f}x the dollar budget")
+    if over:
+        line += (f". The estimate is {' and '.join(over)}: the run would stop there (a rerun with a larger budget "
+                 "goes on without paying twice)")
+    return line
 
 
 def _duration(seconds: float) -> str:

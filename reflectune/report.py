@@ -44,7 +44,7 @@ def render(decisions: pl.DataFrame, manifest: dict[str, Any], evaluation: dict[s
         "r-IFD &lt; 1). Values above 2 are drawn at the edge.</p>", _scatter(decisions),
         "<h2>Selection branches</h2>", _branches(manifest["counts"].get("per_branch", {})),
         "<h2>Teacher parsing</h2>", _parse_table(manifest["counts"].get("parse_status", {})),
-        "<h2>Token usage and cost</h2>", _usage(usage, price_in, price_out),
+        "<h2>Token usage and cost</h2>", _usage(usage, manifest.get("teacher_spend"), price_in, price_out),
         "<h2>Most and least helpful rewrites</h2><p>IFD change of the instruction-and-response rewrite "
         "(ins_res) against the original: a higher IFD means the student finds the pair more instructive.</p>",
         _rewrites(decisions),
@@ -161,12 +161,31 @@ def _parse_table(parse_status: dict[str, dict[str, int]]) -> str:
             + "".join(rows) + "</table>")
 
 
-def _usage(usage: dict[str, Any], price_in: float, price_out: float) -> str:
-    p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-    cost = (f"${p / 1e6 * price_in + c / 1e6 * price_out:,.2f} at ${price_in}/M in, ${price_out}/M out"
-            if price_in or price_out else "no price given (local engine); `reflectune report --price-in/--price-out`")
-    return (f"<table><tr><th>generations</th><th>prompt tokens</th><th>completion tokens</th><th>estimated cost</th></tr>"
-            f"<tr><td>{usage.get('generations', 0):,}</td><td>{p:,}</td><td>{c:,}</td><td>{cost}</td></tr></table>")
+def _usage(usage: dict[str, Any], spend: dict[str, Any] | None, price_in: float, price_out: float) -> str:
+    """Teacher requests and tokens: sent by this run, replayed from the journal (not paid
+    again), held by the journal (everything paid for in this folder), at the run's prices
+    unless others are given here."""
+    spend = spend or {}
+    if not (price_in or price_out):
+        price_in, price_out = spend.get("price_input_per_m", 0.0), spend.get("price_output_per_m", 0.0)
+    cost = lambda p, c: (f"${(p * price_in + c * price_out) / 1e6:,.2f}" if price_in or price_out else "no price set")
+    journal = spend.get("journal", {})
+    rows = [("all generations in the variants", usage.get("generations", 0), usage.get("prompt_tokens", 0),
+             usage.get("completion_tokens", 0))]
+    if spend:
+        rows += [("sent by this run", spend["requests_sent"], spend["sent_prompt_tokens"],
+                  spend["sent_completion_tokens"]),
+                 ("replayed from the journal (not paid again)", spend["requests_replayed"],
+                  spend["replayed_prompt_tokens"], spend["replayed_completion_tokens"]),
+                 ("held by the journal (paid for in this folder)", journal.get("requests", 0),
+                  journal.get("prompt_tokens", 0), journal.get("completion_tokens", 0))]
+    body = "".join(f"<tr><td>{_e(what)}</td><td>{n:,}</td><td>{p:,}</td><td>{c:,}</td><td>{cost(p, c)}</td></tr>"
+                   for what, n, p, c in rows)
+    prices = (f"<p>At ${price_in}/M prompt and ${price_out}/M completion tokens.</p>" if price_in or price_out else
+              "<p>No price set: teacher.price_input_per_m and price_output_per_m, or `reflectune report "
+              "--price-in/--price-out`.</p>")
+    return ("<table><tr><th></th><th>requests</th><th>prompt tokens</th><th>completion tokens</th><th>cost</th></tr>"
+            + body + "</table>" + prices)
 
 
 def _rewrites(decisions: pl.DataFrame, k: int = 5) -> str:

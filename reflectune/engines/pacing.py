@@ -34,7 +34,7 @@ KINDS = {
 }
 SAFETY = 0.97  # the copy refills a little slower than the provider's bucket: rounding never overdraws it
 GROWTH = 0.01  # learned rate (no headers): growth per second while requests succeed
-CUT = 0.9  # learned rate: share of the rate kept up with, per round that met a 429
+CUT = 0.7  # learned rate: share of the rate kept up with, per round that met a 429
 
 
 @dataclass

@@ -1,0 +1,108 @@
+"""Pacing by a provider's limits: the rate-limit headers of OpenAI and Anthropic read, the
+limits kept against the provider emulator, 429s alone where no headers come, Retry-After
+pausing every request, and concurrency backing off and growing back."""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from reflectune import prompts
+from reflectune.emulator import Emulator
+from reflectune.engines.openai_compat import OpenAITeacher
+from reflectune.engines.pacing import Pacer, parse_duration, stated_limits
+from reflectune.reflection import Sampling
+
+
+def test_openai_and_anthropic_headers_are_read():
+    openai = {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "598",
+              "x-ratelimit-reset-requests": "200ms", "x-ratelimit-limit-tokens": "150000",
+              "x-ratelimit-remaining-tokens": "149000", "x-ratelimit-reset-tokens": "1m0.4s"}
+    got = stated_limits(openai)
+    assert (got["requests"].limit, got["requests"].remaining, got["requests"].reset) == (600, 598, pytest.approx(0.2))
+    assert (got["tokens"].limit, got["tokens"].remaining, got["tokens"].reset) == (150000, 149000, pytest.approx(60.4))
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    anthropic = {"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "49",
+                 "anthropic-ratelimit-requests-reset": (now + timedelta(seconds=1.2)).isoformat(),
+                 "anthropic-ratelimit-input-tokens-limit": "40000", "anthropic-ratelimit-input-tokens-remaining": "39000",
+                 "anthropic-ratelimit-input-tokens-reset": (now + timedelta(seconds=1.5)).isoformat().replace("+00:00", "Z")}
+    got = stated_limits(anthropic, now_utc=now)
+    assert got["requests"].reset == pytest.approx(1.2) and got["input_tokens"].remaining == 39000
+    assert "tokens" not in got and stated_limits({"content-type": "application/json"}) == {}
+    assert [parse_duration(t) for t in ("1s", "6m0s", "20ms", "1h2m3.5s", "7", "soon")] == [1, 360, 0.02, 3723.5, 7, None]
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_429_pauses_every_request_and_halves_concurrency_once_per_round():
+    clock = Clock()
+    pacer = Pacer(16, clock=clock)
+    tickets = [pacer._take(100, 50) for _ in range(8)]
+    pacer.release(tickets[0], 429, retry_after=2.0)
+    assert pacer.window == 8 and pacer._wait(100, 50) >= 2.0
+    # the other requests of the same round meet the same limit: no further cut for them
+    for t in tickets[1:4]:
+        pacer.release(t, 429, retry_after=2.0)
+    assert pacer.window == 8 and pacer.rate_limited == 4
+    clock.now += 2.0
+    later = pacer._take(100, 50)
+    pacer.release(later, 429)  # a request sent after the cut: a new round
+    assert pacer.window == 4
+    for t in tickets[4:]:
+        pacer.release(t, 200, usage=(100, 50))
+    assert pacer.window > 4  # grows back by one per round of successes
+
+
+def test_stated_limits_are_kept_before_the_provider_must_refuse():
+    clock = Clock()
+    pacer = Pacer(64, clock=clock)
+    first = pacer._take(100, 100)
+    headers = {"x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "2",
+               "x-ratelimit-reset-requests": "8s"}
+    pacer.release(first, 200, headers, usage=(100, 100))
+    # 2 left, refilled at (10 - 2) / 8 s = 1 per second
+    assert pacer.buckets["requests"].rate == pytest.approx(1.0)
+    pacer._take(100, 100)
+    pacer._take(100, 100)
+    assert pacer._wait(100, 100) == pytest.approx(1 / 0.97, rel=0.01)
+
+
+def chats(n):
+    return [prompts.response_reflection(f"Question {i} about a topic", "", f"Answer {i} " * (i % 17 + 3))
+            for i in range(n)]
+
+
+def run(emulator, n, concurrency=16):
+    engine = OpenAITeacher("emulated", base_url=emulator.url, api_key="sk-test", concurrency=concurrency,
+                           backoff_base=0.2, backoff_max=2.0)
+    gens = engine.generate(chats(n), Sampling(max_new_tokens=256))
+    assert all(g.error is None for g in gens)
+    stats = emulator.snapshot()
+    assert stats["answered"] == n and stats["duplicates"] == 0
+    return engine, stats
+
+
+@pytest.mark.parametrize("style", ["openai", "anthropic"])
+def test_pacing_by_headers_stays_under_the_limits_and_near_them(style):
+    # 80 requests and 24,000 tokens per 2 s (2,400 and 720,000 a minute): tokens bind
+    window, rpm, tpm = 2.0, 80, 24000
+    with Emulator(rpm=rpm, tpm=tpm, window=window, headers=style, latency=0.05) as emulator:
+        engine, stats = run(emulator, 300)
+        utilisation = emulator.utilisation()
+    refused = stats["statuses"].get("429", 0)
+    assert refused <= 0.01 * stats["answered"], stats
+    assert utilisation >= 0.85, (utilisation, stats)
+    assert engine.usage.rate_limited == refused
+
+
+def test_without_headers_the_429s_alone_pace_the_requests():
+    with Emulator(rpm=60, window=2.0, headers="none", latency=0.02) as emulator:
+        engine, stats = run(emulator, 500)
+    refused = stats["statuses"].get("429", 0)
+    assert refused <= 0.05 * stats["answered"], stats
+    assert engine.pacer.rate is not None and engine.usage.rate_limited == refused

@@ -1,0 +1,164 @@
+"""The request journal and the budget, against the provider emulator: a teacher shard killed
+near its end resends only what it lacks, another shard size sends nothing again, the budget
+stops sending before it is passed, and the spend the journal reports is what the provider
+counted."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+
+from reflectune import intake, io, journal, stages
+from reflectune.config import TeacherConfig
+from reflectune.emulator import Emulator
+from reflectune.engines.openai_compat import OpenAITeacher
+from reflectune.errors import BudgetExceededError
+from reflectune.records import VARIANT, read
+
+from .conftest import ROOT, SAMPLE
+
+CONCURRENCY = 4
+
+
+@pytest.fixture()
+def emulator():
+    with Emulator(latency=0.03) as e:
+        yield e
+
+
+def teacher_config(emulator, **kw):
+    return TeacherConfig(model="emulated", engine="openai", base_url=emulator.url, max_new_tokens=256,
+                         concurrency=CONCURRENCY, **kw)
+
+
+def engine_for(cfg):
+    return OpenAITeacher(cfg.model, base_url=cfg.base_url, api_key="sk-test", concurrency=cfg.concurrency,
+                         backoff_base=0.1, backoff_max=1.0)
+
+
+def write_shards(tmp_path, size, limit=None):
+    """The bundled sample as shards of `size` rows, as the flow writes them."""
+    data = intake.load(str(SAMPLE), limit=limit).valid
+    shards = []
+    for index, start in enumerate(range(0, data.height, size)):
+        part = data.slice(start, size)
+        uri = str(tmp_path / "shards" / f"size{size}-{index}.parquet")
+        io.write_table(part, uri)
+        shards.append(stages.Shard(index, uri, part.height, f"c{size}-{index}"))
+    return shards
+
+
+def run_shards(shards, cfg, out, journal_at):
+    engine = engine_for(cfg)
+    results = [stages.teacher_shard(s, f"{out}/{s.name}.parquet", cfg, engine, journal_at) for s in shards]
+    return pl.concat([read(r.uri, VARIANT, "test") for r in results]), results
+
+
+def test_a_killed_shard_resends_only_what_it_lacks_and_another_shard_size_sends_nothing(emulator, tmp_path):
+    cfg = teacher_config(emulator)
+    [shard] = write_shards(tmp_path, 64)
+    at = str(tmp_path / "run" / "journal")
+    needed_before = 3 * shard.rows  # ins, res and ins_res; retries come on top
+    # the shard's teacher stage in a process of its own, killed after about 90% of its requests
+    script = ("import sys; from reflectune import stages; from reflectune.config import TeacherConfig; "
+              "from reflectune.engines.openai_compat import OpenAITeacher; "
+              "cfg = TeacherConfig.model_validate_json(sys.argv[1]); "
+              "engine = OpenAITeacher(cfg.model, base_url=cfg.base_url, concurrency=cfg.concurrency); "
+              f"stages.teacher_shard(stages.Shard(**{shard.__dict__!r}), sys.argv[2], cfg, engine, sys.argv[3])")
+    proc = subprocess.Popen([sys.executable, "-c", script, cfg.model_dump_json(), str(tmp_path / "run" / "v.parquet"), at],
+                            cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while emulator.snapshot()["answered"] < 0.9 * needed_before:
+        assert proc.poll() is None and time.monotonic() < deadline, "the shard ended before it could be killed"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    proc.wait()
+    time.sleep(0.3)  # requests the kill left in flight may still be answered
+    answered_before = emulator.snapshot()["answered"]
+    assert not (tmp_path / "run" / "v.parquet").exists()
+    kept = journal.spend(at).requests
+    # kept within seconds: lost are the answers of the last flush interval and those in flight
+    recent = sum(t >= killed_at - 1.5 for t, _ in emulator.stats.times)
+    assert answered_before - kept <= recent + CONCURRENCY
+
+    resumed, [result] = run_shards([shard], cfg, str(tmp_path / "run"), at)
+    stats = emulator.snapshot()
+    # paid twice: only what the journal did not hold at the kill
+    assert 0 < kept and stats["duplicates"] <= answered_before - kept, stats
+    assert result.detail["requests_replayed"] == kept
+    assert result.detail["requests_sent"] == stats["answered"] - answered_before
+    assert result.detail["requests_sent"] + result.detail["requests_replayed"] == result.detail["generations"]
+
+    # an undisturbed run into another folder writes the same variants
+    emulator.reset_stats()
+    undisturbed, _ = run_shards([shard], cfg, str(tmp_path / "other"), str(tmp_path / "other" / "journal"))
+    assert resumed.equals(undisturbed)
+    # after the merge the writer's parts are one file; the spend is in the names
+    merged = [f for f in journal.files(at) if f.kind == "merged"]
+    assert len(merged) == 1 and merged[0].spend.requests == result.detail["requests_sent"]
+
+    # the same rows in shards of another size: nothing is sent again
+    emulator.reset_stats()
+    again, results = run_shards(write_shards(tmp_path, 16), cfg, str(tmp_path / "run16"), at)
+    assert emulator.snapshot()["answered"] == 0 and sum(r.detail["requests_sent"] for r in results) == 0
+    assert again.equals(resumed)
+
+
+def test_the_budget_stops_before_it_is_passed_and_a_larger_one_goes_on_without_paying_twice(emulator, tmp_path):
+    shards = write_shards(tmp_path, 8, limit=24)
+    at = str(tmp_path / "journal")
+    out = str(tmp_path / "variants")
+    # about half of what the three shards need
+    budget = 3 * 24 * 560 // 2
+    cfg = teacher_config(emulator, budget_tokens=budget)
+    with pytest.raises(BudgetExceededError) as stop:
+        run_shards(shards, cfg, out, at)
+    held = journal.spend(at)
+    stats = emulator.snapshot()
+    assert f"against teacher.budget_tokens {budget:,}" in str(stop.value)
+    assert f"spent {held.tokens:,} tokens" in str(stop.value)
+    # nothing was sent that could pass the budget; every answer that came back is kept
+    assert held.tokens <= budget
+    assert (held.requests, held.prompt_tokens + held.completion_tokens) == (
+        stats["answered"], stats["prompt_tokens"] + stats["completion_tokens"])
+    unfinished = [s for s in shards if stages.done(f"{out}/{s.name}.parquet") is None]
+    assert unfinished and all(not os.path.exists(f"{out}/{s.name}.parquet.json") for s in unfinished)
+
+    # a rerun under the same budget sends nothing at all
+    before = emulator.snapshot()["answered"]
+    with pytest.raises(BudgetExceededError):
+        run_shards(shards, cfg, out, at)
+    assert emulator.snapshot()["answered"] == before
+
+    # a larger budget: done, with no request paid for twice; the journal's spend is the provider's count
+    variants, results = run_shards(shards, teacher_config(emulator, budget_tokens=10 * budget), out, at)
+    stats = emulator.snapshot()
+    assert stats["duplicates"] == 0 and variants.height == 3 * 24
+    held = journal.spend(at)
+    assert (held.requests, held.prompt_tokens, held.completion_tokens) == (
+        stats["answered"], stats["prompt_tokens"], stats["completion_tokens"])
+
+
+def test_a_dollar_budget_counts_at_the_users_prices(emulator, tmp_path):
+    shards = write_shards(tmp_path, 6, limit=6)
+    cfg = teacher_config(emulator, budget_usd=0.01, price_input_per_m=2.5, price_output_per_m=10.0)
+    with pytest.raises(BudgetExceededError, match=r"against teacher.budget_usd 0.01"):
+        run_shards(shards, cfg, str(tmp_path / "v"), str(tmp_path / "j"))
+    held = journal.spend(str(tmp_path / "j"))
+    assert 0 < held.usd(2.5, 10.0) <= 0.01
+
+
+def test_the_journal_on_s3_keeps_and_replays(emulator, s3_bucket, tmp_path):
+    cfg = teacher_config(emulator)
+    shards = write_shards(tmp_path, 6, limit=6)
+    at = f"s3://{s3_bucket}/run/journal"
+    first, _ = run_shards(shards, cfg, f"s3://{s3_bucket}/run/v", at)
+    emulator.reset_stats()
+    second, [result] = run_shards(shards, cfg, f"s3://{s3_bucket}/run/w", at)
+    assert emulator.snapshot()["answered"] == 0 and result.detail["requests_replayed"] == 18
+    assert first.equals(second) and [f.kind for f in journal.files(at)] == ["merged"]
