@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -346,6 +347,7 @@ def _recycle(args: argparse.Namespace) -> int:
         _check_engine("vllm")
     from flows.recycle import recycle
 
+    _quiet_user_errors()
     with _RunBars() as bars:
         progress.listen(bars.event)
         try:
@@ -429,6 +431,23 @@ def _cluster_setup(args: argparse.Namespace) -> int:
           f"automation {result['automation']} marks runs Crashed after {args.heartbeat + args.grace}s "
           "without a heartbeat")
     return 0
+
+
+class _UserErrorFilter(logging.Filter):
+    """A user's error (ReflectuneError) reaches the terminal once, as this command's message:
+    Prefect's log records of it keep their text and lose the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ReflectuneError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    loggers = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict) if name.startswith("prefect")]
+    for handler in {h for logger in [logging.getLogger(), *loggers] for h in logger.handlers}:
+        if not any(isinstance(f, _UserErrorFilter) for f in handler.filters):
+            handler.addFilter(_UserErrorFilter())
 
 
 def _check_engine(engine: str) -> None:

@@ -114,14 +114,15 @@ class Budget:
         return self.usd is not None and spend.usd(self.price_input_per_m, self.price_output_per_m) > self.usd
 
     def describe(self, spend: Spend) -> str:
-        cost = spend.usd(self.price_input_per_m, self.price_output_per_m)
+        priced = self.price_input_per_m or self.price_output_per_m
+        cost = f"; ${spend.usd(self.price_input_per_m, self.price_output_per_m):,.2f} at the prices set" if priced else ""
         limits = []
         if self.tokens is not None:
             limits.append(f"teacher.budget_tokens {self.tokens:,}")
         if self.usd is not None:
             limits.append(f"teacher.budget_usd {self.usd:,.2f}")
         return (f"spent {spend.tokens:,} tokens ({spend.prompt_tokens:,} prompt, {spend.completion_tokens:,} "
-                f"completion; ${cost:,.2f} at the prices set) in {spend.requests:,} requests, against "
+                f"completion{cost}) in {spend.requests:,} requests, against "
                 + " and ".join(limits))
 
 
