@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+import teacher_scale  # noqa: E402  (a sibling file of this script)
+
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -360,7 +362,8 @@ def bench_copies(n: int) -> None:
 
 
 SECTIONS = {"scoring": bench_scoring, "precision": bench_precision, "copies": bench_copies, "teacher": bench_teacher,
-            "formats": bench_formats, "flow": bench_flow, "methods": bench_methods, "scale": bench_scale}
+            "formats": bench_formats, "flow": bench_flow, "methods": bench_methods, "scale": bench_scale,
+            **teacher_scale.SECTIONS}
 
 
 def main() -> None:
