@@ -129,6 +129,8 @@ def bench_teacher_scale(n: int) -> None:
     tasks = 2 * shards
     rng = random.Random(int(os.environ.get("BENCH_SCALE_SEED", "7")))
     kills = sorted(rng.sample(range(int(0.05 * tasks), int(0.95 * tasks)), 3))
+    # after the shard count is reached, a random moment inside the next shard's work
+    delays = [rng.uniform(0.5, 4.0) for _ in kills]
     print(f"\n== teacher at scale: recycle on {pairs:,} synthetic pairs in {shards} shards, emulated teacher "
           f"({rpm:,} requests and {tpm:,} tokens a minute, latency 0.05 s), tiny random student, no training; "
           f"SIGKILL of the process group after {', '.join(map(str, kills))} of {tasks} shard tasks")
@@ -149,20 +151,23 @@ def bench_teacher_scale(n: int) -> None:
         env |= {"PREFECT_HOME": str(root / "prefect"), "OPENAI_API_KEY": "sk-bench",
                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
         segments = []
-        for kill in [*kills, None]:
+        for kill, delay in zip([*kills, None], [*delays, 0.0]):
             start = time.monotonic()
+            reached = None
             with open(root / "log.txt", "ab") as log:
                 proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
             peak = 0
             while proc.poll() is None:
                 peak = max(peak, _vmhwm(proc.pid))
-                if kill is not None and len(_markers(out)) >= kill:
+                if kill is not None and reached is None and len(_markers(out)) >= kill:
+                    reached = time.monotonic()
+                if reached is not None and time.monotonic() >= reached + delay:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
                     break
                 time.sleep(0.25)
-            segments.append({"start": start, "wall": time.monotonic() - start, "peak": peak,
-                             "rc": proc.returncode, "done": len(_markers(out))})
+            segments.append({"start": time.time() - (time.monotonic() - start), "wall": time.monotonic() - start,
+                             "peak": peak, "rc": proc.returncode, "done": len(_markers(out))})
         if segments[-1]["rc"] != 0:
             tail = (root / "log.txt").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"the last recycle run ended with {segments[-1]['rc']}:\n{tail}")
@@ -183,7 +188,7 @@ def bench_teacher_scale(n: int) -> None:
     print(f"wall time {wall:.0f}s over {len(segments)} runs; shard work (teacher requests and scoring) {work:.0f}s; "
           f"orchestration {(wall - work) / tasks:.2f}s per shard task (process starts included)")
     for stage in ("teacher", "student"):
-        gaps = _gaps([(t, r) for t, r in markers if r["stage"] == stage])
+        gaps = _gaps([(t, r) for t, r in markers if r["stage"] == stage], [s["start"] for s in segments])
         if len(gaps) >= 6:
             third = len(gaps) // 3
             print(f"{stage}: orchestration between shards, first third {statistics.median(gaps[:third]):.2f}s, "
@@ -191,8 +196,9 @@ def bench_teacher_scale(n: int) -> None:
     print(f"teacher requests answered {stats['answered']:,}, distinct {stats['distinct']:,}: sent / needed = "
           f"{stats['answered'] / max(stats['distinct'], 1):.4f} ({stats['duplicates']} paid twice: in flight or "
           "not yet journaled at the kills)")
-    print(f"429s {refused:,} ({refused / max(refused + stats['answered'], 1):.2%} of answers); "
-          f"rate reached {_busy_rate(times, rpm, tpm):.1%} of the advertised limit while the teacher ran")
+    rate, per_min = _busy_rate(times, rpm, tpm)
+    print(f"429s {refused:,} ({refused / max(refused + stats['answered'], 1):.2%} of answers); while the teacher "
+          f"ran: {per_min[0]:,.0f} requests and {per_min[1]:,.0f} tokens a minute, {rate:.1%} of the advertised limit")
     print(f"rows: {c['input_rows']:,} in = {c['selected_rows']:,} selected + {c['dropped_rows']:,} dropped + "
           f"{c['rejected_rows']:,} rejected ({'all' if accounted == c['input_rows'] else 'NOT all'} accounted for)")
     spend = manifest["teacher_spend"]
@@ -201,21 +207,21 @@ def bench_teacher_scale(n: int) -> None:
           f"{spend['requests_sent']:,} and replayed {spend['requests_replayed']:,}")
 
 
-def _gaps(markers: list) -> list[float]:
-    """Time between consecutive shard results less the second one's own work, in finishing
-    order: what orchestration adds per shard (gaps over a minute are restarts, left out)."""
+def _gaps(markers: list, starts: list[float]) -> list[float]:
+    """Time between consecutive shard results of one run less the second one's own work, in
+    finishing order: what orchestration adds per shard."""
     ordered = sorted(markers, key=lambda m: m[0])
-    gaps = [b[0] - a[0] - b[1]["seconds"] for a, b in zip(ordered, ordered[1:])]
-    return [max(g, 0.0) for g in gaps if g < 60]
+    run = lambda t: sum(s <= t for s in starts)
+    return [max(b[0] - a[0] - b[1]["seconds"], 0.0) for a, b in zip(ordered, ordered[1:]) if run(a[0]) == run(b[0])]
 
 
-def _busy_rate(times: list[tuple[float, int]], rpm: int, tpm: int) -> float:
+def _busy_rate(times: list[tuple[float, int]], rpm: int, tpm: int) -> tuple[float, tuple[float, float]]:
     """Requests and tokens answered per second against the limits while the teacher ran: over
     stretches of answers no more than 5 s apart, every second counted (an idle second between
     shards is a missed one), each stretch's first minute left out (the provider's bucket
     refilled while no one asked: a burst, not the rate)."""
     if not times:
-        return 0.0
+        return 0.0, (0.0, 0.0)
     bins: dict[int, list[int]] = {}
     for t, tokens in times:
         b = bins.setdefault(int(t), [0, 0])
@@ -232,8 +238,9 @@ def _busy_rate(times: list[tuple[float, int]], rpm: int, tpm: int) -> float:
                 tokens += bins.get(s, [0, 0])[1]
             start = key
     if not seconds:
-        return 0.0
-    return max(requests / seconds / (rpm / 60), tokens / seconds / (tpm / 60))
+        return 0.0, (0.0, 0.0)
+    per_min = (60 * requests / seconds, 60 * tokens / seconds)
+    return max(per_min[0] / rpm, per_min[1] / tpm), per_min
 
 
 SECTIONS = {"pacing": bench_pacing, "teacher-scale": bench_teacher_scale}

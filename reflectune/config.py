@@ -54,6 +54,10 @@ class TeacherConfig(_Config):
     seed: int = Field(0, description="Sampling seed.")
     concurrency: int = Field(16, ge=1, description="openai: requests in flight.")
     request_timeout: float = Field(300.0, gt=0, description="openai: seconds per request.")
+    rate_limit: str | None = Field(None, description="openai, across workers: the name of a Prefect global "
+                                   "concurrency limit with slot decay that every request takes a slot of, e.g. "
+                                   "`prefect gcl create teacher-rpm --limit 600 --slot-decay-per-second 10` for 600 "
+                                   "requests a minute shared by every worker. Empty: each worker paces on its own.")
     request_retries: int = Field(6, ge=0, description="openai: retries of a request that got 429, 5xx, a timeout "
                                  "or no connection, with exponential backoff (1 s doubling, at most 60 s); after "
                                  "them the shard task fails and is retried.")

@@ -97,7 +97,7 @@ class Stats:
         return (len(later) - 1) / span, sum(n for _, n in later[1:]) / span
 
 
-class Emulator:  # noqa: the server lives in a thread; `with Emulator(...) as e` closes it
+class Emulator:
     """The server, in a thread of this process; `url` ends in /v1."""
 
     def __init__(self, *, rpm: int | None = None, tpm: int | None = None, window: float = 60.0,

@@ -27,6 +27,13 @@ def missing_extra(package: str, extra: str, why: str) -> MissingExtraError:
     )
 
 
+class SettingError(ReflectuneError):
+    """A setting names something that does not exist where the run looks for it; retrying the
+    same run cannot mend it."""
+
+    retryable = False
+
+
 class ShardFailedError(ReflectuneError):
     """A stage could not finish a shard: an engine, endpoint or storage failure, not a row's content."""
 
@@ -43,6 +50,6 @@ RESUME = ("Nothing of this shard was marked done: once the cause is fixed, rerun
 
 
 def shard_failed(stage: str, shard: str, cause: BaseException) -> ReflectuneError:
-    if isinstance(cause, (ShardFailedError, BudgetExceededError)):
+    if isinstance(cause, (ShardFailedError, BudgetExceededError, SettingError)):
         return cause
     return ShardFailedError(f"the {stage} stage failed on shard {shard}: {type(cause).__name__}: {cause}. {RESUME}")

@@ -23,7 +23,6 @@ import hashlib
 import json
 import re
 import threading
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -273,14 +272,14 @@ class JournaledTeacher:
             return True
 
         def returned(j: int, gen: Generation) -> None:
+            if gen.error is None:  # kept before its reservation ends: the spend never dips in between
+                self.journal.add(keys[missing[j]], gen)
+                self.found[keys[missing[j]]] = gen
             with self._lock:
                 if j in held:
                     self._reserved += Spend(-held[j].requests, -held[j].prompt_tokens, -held[j].completion_tokens)
                     del held[j]
-            if gen.error is None:
-                self.journal.add(keys[missing[j]], gen)
-                self.found[keys[missing[j]]] = gen
-            self.sent += Spend(1, gen.prompt_tokens, gen.completion_tokens)
+                self.sent += Spend(1, gen.prompt_tokens, gen.completion_tokens)
 
         try:
             gens = self.engine.generate([chats[i] for i in missing], sampling, progress,

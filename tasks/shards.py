@@ -17,7 +17,7 @@ from prefect import get_run_logger, task
 from reflectune import progress, stages
 from reflectune.config import RecycleParams, TeacherConfig
 from reflectune.engines import pool, student_options, teacher_options
-from reflectune.errors import shard_failed
+from reflectune.errors import SettingError, shard_failed
 
 
 def _api_key(cfg: TeacherConfig) -> str | None:
@@ -28,6 +28,24 @@ def _api_key(cfg: TeacherConfig) -> str | None:
     from prefect.blocks.system import Secret
 
     return Secret.load(cfg.api_key_block).get()
+
+
+def _shared_limit(name: str):
+    """Each teacher request takes a slot of the Prefect global concurrency limit `name`; its
+    slot decay makes it a rate that holds across every worker, kept by the server."""
+
+    async def take() -> None:
+        from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError, rate_limit
+
+        try:
+            await rate_limit(name, occupy=1, strict=True)
+        except ConcurrencySlotAcquisitionError as exc:
+            raise SettingError(
+                f"teacher.rate_limit '{name}': {exc}. Create it with slot decay, e.g. `prefect gcl create {name} "
+                "--limit 600 --slot-decay-per-second 10` (600 requests a minute), or leave teacher.rate_limit "
+                "empty") from None
+
+    return take
 
 
 def _run(stage: str, shard: dict[str, Any], params: RecycleParams) -> dict[str, Any]:
@@ -46,6 +64,8 @@ def _run(stage: str, shard: dict[str, Any], params: RecycleParams) -> dict[str, 
                 options["api_key"] = _api_key(cfg)
             with pool.using("teacher", cfg.engine, cfg.model, **options) as engine, \
                     _watched("teacher", s, 3 * s.rows, "generations") as advance:
+                if cfg.engine == "openai":
+                    engine.shared_limit = _shared_limit(cfg.rate_limit) if cfg.rate_limit else None
                 result = stages.teacher_shard(s, target, cfg, engine, stages.journal_root(params), advance)
         else:
             variants = stages.target(params, s, "teacher") if params.selection.uses_teacher else None

@@ -117,6 +117,18 @@ def test_plan_counts_the_real_tokens_and_estimates_time(tokenizer, sample_rows):
     bad = run_cli("plan", str(SAMPLE), "--teacher-size", "huge")
     assert bad.returncode == 2 and "write it like 135M, 7B or 70B" in bad.stderr
 
+    # the teacher's cost at the user's prices, beside the budget
+    cost = result["teacher_cost"]
+    assert cost["tokens"] == stages["teacher"].reads + stages["teacher"].writes and not cost["priced"]
+    half = cost["tokens"] // 2
+    priced = plan.plan(str(SAMPLE), tokenizer, shard_size=8, max_new_tokens=64, price_input_per_m=2.5,
+                       price_output_per_m=10.0, budget_tokens=half)["teacher_cost"]
+    assert priced["usd"] == pytest.approx((stages["teacher"].reads * 2.5 + stages["teacher"].writes * 10) / 1e6)
+    line = plan.cost_line(priced)
+    assert f"about {cost['tokens']:,} tokens, ${priced['usd']:,.2f}" in line
+    assert f"budget {half:,} tokens. The estimate is 2.0x the token budget" in line
+    assert "estimate is" not in plan.cost_line(priced | {"budget_tokens": 2 * cost["tokens"]})
+
 
 def flow_form() -> dict[str, str]:
     """The recycle flow's form as the Prefect UI renders it: each field's description, by its

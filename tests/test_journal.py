@@ -162,3 +162,31 @@ def test_the_journal_on_s3_keeps_and_replays(emulator, s3_bucket, tmp_path):
     second, [result] = run_shards(shards, cfg, f"s3://{s3_bucket}/run/w", at)
     assert emulator.snapshot()["answered"] == 0 and result.detail["requests_replayed"] == 18
     assert first.equals(second) and [f.kind for f in journal.files(at)] == ["merged"]
+
+
+def test_a_local_engine_journals_each_batch_and_replays(teacher, reflection_records, tmp_path):
+    """transformers: each batch is kept as it finishes; a rerun asks the engine for nothing."""
+    from reflectune import reflection
+
+    calls = []
+
+    class Counting:
+        teacher_id = teacher.teacher_id
+
+        def generate(self, chats, sampling, progress=None, formats=None, **kw):
+            calls.append(len(chats))
+            return teacher.generate(chats, sampling, progress, formats, **kw)
+
+    sampling = reflection.Sampling(max_new_tokens=16)
+    at = str(tmp_path / "journal")
+    first = journal.Journal(at, 0, 100)
+    runs, asked = [], []
+    for kept in (first, journal.Journal(at, 0, 100)):
+        engine = journal.JournaledTeacher(Counting(), kept)
+        runs.append(reflection.reflect(reflection_records, engine, "response", sampling))
+        kept.close(merge=True)
+        asked.append(sum(calls))
+        calls.clear()
+    # the first run asked for each row (and the retries of unusable answers); the second for nothing
+    assert asked[0] >= reflection_records.height and asked[1] == 0 and runs[0].equals(runs[1])
+    assert journal.spend(at).requests == asked[0]

@@ -23,7 +23,7 @@ import os
 import random
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -103,6 +103,9 @@ class OpenAITeacher:
         self.usage = Usage()
         # kept across calls: what the provider's limits allow now
         self.pacer = Pacer(concurrency)
+        # an async callable every request awaits first: a limit shared with other workers
+        # (the flow's tasks set it to a Prefect global concurrency limit)
+        self.shared_limit: Callable[[], Awaitable[None]] | None = None
         # how this server takes output formats: None until a request found out
         self.constraint: str | None = None
 
@@ -237,6 +240,8 @@ class OpenAITeacher:
             if attempt == 0 and not admit():
                 self.pacer.cancel(ticket)
                 return Generation(error=NOT_SENT)
+            if self.shared_limit is not None:
+                await self.shared_limit()
             self.usage.add(requests=1, retries=1 if attempt else 0)
             wait = None
             try:

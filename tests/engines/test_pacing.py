@@ -106,3 +106,27 @@ def test_without_headers_the_429s_alone_pace_the_requests():
     refused = stats["statuses"].get("429", 0)
     assert refused <= 0.05 * stats["answered"], stats
     assert engine.pacer.rate is not None and engine.usage.rate_limited == refused
+
+
+def test_a_prefect_global_rate_limit_holds_the_requests_of_every_worker(prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from reflectune.errors import SettingError
+    from tasks.shards import _shared_limit
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name="teacher-rps", limit=10, slot_decay_per_second=10.0))
+    with Emulator(latency=0.01) as emulator:
+        engine = OpenAITeacher("emulated", base_url=emulator.url, api_key="sk-test", concurrency=16)
+        engine.shared_limit = _shared_limit("teacher-rps")
+        gens = engine.generate(chats(60), Sampling(max_new_tokens=64))
+        assert all(g.error is None for g in gens)
+        times = [t for t, _ in emulator.stats.times]
+        # 10 slots at once, then 10 a second as they decay: 50 more take about 5 s
+        assert times[-1] - times[0] >= 3.5
+        assert 49 / (times[-1] - times[10]) <= 12.0
+        engine.shared_limit = _shared_limit("no-such-limit")
+        with pytest.raises(SettingError, match="teacher.rate_limit 'no-such-limit'.*prefect gcl create"):
+            engine.generate(chats(1), Sampling(max_new_tokens=64))
