@@ -76,8 +76,9 @@ class TransformersScorer:
         self.max_batch_tokens = max_batch_tokens or (2048 if self.device.type == "cpu" else 32768)
         # On CPU, oneDNN compiles and keeps kernels for every input shape it meets: batches of
         # any width made the process grow by ~35 MB a shard (1.4 GB after 16 shards of 128
-        # pairs). Widths rounded up to a multiple of SHAPE_STEP and a fixed row count per width
-        # keep the shapes, and so that memory, bounded; padding changes no score.
+        # pairs). Widths rounded up to a multiple of SHAPE_STEP, and rows to the full count for
+        # the width or a power of two, keep the shapes, and so that memory, bounded; padding
+        # changes no score.
         self._shapes = self.device.type == "cpu"
         # positions past the trained context give meaningless scores
         self.max_sequence = getattr(self.model.config, "max_position_embeddings", None)
@@ -107,7 +108,8 @@ class TransformersScorer:
         height = len(seqs)
         if self._shapes:
             width = -(-width // SHAPE_STEP) * SHAPE_STEP
-            height = max(height, self.max_batch_tokens // width)
+            # a full batch as it is; a short one (the last of its width) up to a power of two
+            height = max(height, min(self.max_batch_tokens // width, 1 << (height - 1).bit_length()))
         ids = torch.full((height, width), self._pad, dtype=torch.long)
         rows, positions, counts = [], [], []
         for r, s in enumerate(seqs):
@@ -126,7 +128,7 @@ class TransformersScorer:
             chunk = picked[start : start + 2048]
             n = chunk.shape[0]
             if self._shapes:  # the head's input too takes one of a few shapes
-                chunk = torch.nn.functional.pad(chunk, (0, 0, 0, -(-n // 256) * 256 - n))
+                chunk = torch.nn.functional.pad(chunk, (0, 0, 0, -(-n // 128) * 128 - n))
             logits = self._head(chunk)[:n].float()
             if self._softcap:
                 logits = torch.tanh(logits / self._softcap) * self._softcap
@@ -141,7 +143,7 @@ class TransformersScorer:
         self.model = self._decoder = self._head = None
 
 
-SHAPE_STEP = 32
+SHAPE_STEP = 16
 
 
 def _pack(order: list[int], seqs: Sequence[TokenSequence], budget: int, step: int = 1) -> list[list[int]]:
