@@ -3,8 +3,9 @@ the automation that marks a dead worker's flow runs Crashed.
 
 A worker that dies with its machine leaves its flow runs Running forever. Flow runs started
 by a worker send heartbeats (PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds apart, set on the
-workers); the automation marks a run Crashed when its heartbeats stop, and the recycle flow
-then launches that GPU batch again on a live worker, which skips the shards already done.
+workers); the automation marks a GPU batch run Crashed when its heartbeats stop, and the
+recycle flow then launches that GPU batch again on a live worker, which skips the shards
+already done. Other flow runs are left alone.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 AUTOMATION = "reflectune: crash runs whose heartbeats stopped"
+GPU_BATCH_FLOW = "reflectune-gpu-batch"
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = {"kubernetes": ROOT / "infra" / "kubernetes" / "gpu-base-job-template.json"}
 
@@ -65,6 +67,10 @@ def _automation(within_seconds: int):
             expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
                     "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            # only the GPU batch runs, which the recycle flow launches again: a late heartbeat of
+            # the orchestrating run on a loaded server must not crash the whole run
+            match_related=ResourceSpecification({"prefect.resource.role": "flow",
+                                                 "prefect.resource.name": GPU_BATCH_FLOW}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from prefect import flow
 
+from flows.cluster import GPU_BATCH_FLOW
+
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
 from tasks.outputs import evaluate_students, train_student
@@ -32,7 +34,7 @@ def retryable(task, task_run, state) -> bool:
     return getattr(state.data, "retryable", True)
 
 
-@flow(name="reflectune-gpu-batch", log_prints=False)
+@flow(name=GPU_BATCH_FLOW, log_prints=False)
 def gpu_batch(stage: Literal["teacher", "student", "train", "evaluate"], shards: list[dict[str, Any]],
               params: RecycleParams) -> list[dict[str, Any]]:
     try:

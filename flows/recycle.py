@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.gpu_batch import with_retries
 from reflectune import manifest as run
-from reflectune import journal, progress, stages
+from reflectune import journal, lock, progress, stages
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
 from reflectune.errors import RESUME, BudgetExceededError, ReflectuneError
@@ -33,11 +33,18 @@ from tasks.shards import student_shard, teacher_shard
 @flow(name="reflectune-recycle", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=False)
 def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
     """Recycle an instruction dataset with Selective Reflection-Tuning."""
+    # one run at a time writes an output folder
+    with lock.hold(params.output):
+        return _pipeline(params)
+
+
+def _pipeline(params: RecycleParams) -> dict[str, Any]:
     log = get_run_logger()
     started = time.perf_counter()
     loads_before = len(pool.load_seconds)
     # every step reads or writes the output location (maybe S3): each retries on its own
     summary = with_retries(intake_and_shard, params)(params)
+    progress.check()
     shards = summary["shards"]
     tracker = _Tracker(len(_stages(params)) * len(shards))
 
@@ -153,6 +160,7 @@ def _collect(futures: list[PrefectFuture], tracker: _Tracker) -> list[dict[str, 
     out = []
     for future in futures:
         result = future.result()  # raises if the task failed after its retries
+        progress.check()  # the user asked to stop: no further shard starts
         tracker.advance(result)
         out.append(result)
     return out

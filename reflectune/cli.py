@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
 
-from reflectune import intake, io
+from reflectune import intake, io, preflight
 from reflectune.config import RecycleParams, StudentConfig, TeacherConfig, config_fields
-from reflectune.errors import ReflectuneError
+from reflectune.errors import Interrupted, ReflectuneError
+from reflectune.secrets import redact
 from reflectune.engines import STUDENT_ENGINES, TEACHER_ENGINES
 from reflectune.models import DEFAULT_MODEL
 from reflectune.reflection import KINDS
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     # a run started here may start Prefect's temporary server: it does not phone home
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # Prefect 3.7 keeps task results under ~/.prefect/storage even when PREFECT_HOME is elsewhere
+    if os.environ.get("PREFECT_HOME"):
+        os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", os.path.join(os.environ["PREFECT_HOME"], "storage"))
     parser = _parser()
     args = parser.parse_args(_dotted(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
@@ -57,9 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args) or 0
+    except Interrupted as exc:
+        print(f"reflectune: {exc}", file=sys.stderr)
+        return 130
     except ReflectuneError as exc:
-        print(f"reflectune: error: {exc}", file=sys.stderr)
+        print(f"reflectune: error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("reflectune: interrupted", file=sys.stderr)
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -218,6 +229,9 @@ def _one_stage(model: type[BaseModel], args: argparse.Namespace) -> tuple[Any, i
     before a model loads."""
     if not args.out.endswith((".parquet", ".jsonl")):
         raise ReflectuneError(f"--out '{args.out}': use a .parquet or .jsonl file name")
+    if "://" not in args.out + args.input and os.path.abspath(args.out) == os.path.abspath(args.input):
+        raise ReflectuneError(f"--out '{args.out}' is the input file: writing there would overwrite it; name "
+                              "another file")
     cfg = _config(model, args)
     _check_engine(cfg.engine)
     return cfg, intake.load(args.input, intake.parse_column_map(args.map), args.limit)
@@ -248,9 +262,11 @@ def _reflect(args: argparse.Namespace) -> int:
     sampling, retry = stages.teacher_sampling(cfg)
     per_row = {"instruction": 1, "response": 1, "both": 3}[args.kind]
     try:
+        planned = [per_row * data.valid.height]  # retries add to it
         with _progress("reflecting", unit="gen") as advance:
             variants = reflection.reflect(data.valid, teacher, args.kind, sampling, retry,
-                                          progress=lambda n, tokens: advance(n, per_row * data.valid.height))
+                                          progress=lambda n, tokens: advance(n, planned[0], tokens),
+                                          plan=lambda total: planned.__setitem__(0, total))
     finally:
         teacher.close()
     _write(variants, data, args.out)
@@ -266,9 +282,7 @@ def _reflect(args: argparse.Namespace) -> int:
 
 def recycle_params(args: argparse.Namespace) -> RecycleParams:
     """RecycleParams from a JSON file (optional), overlaid with the options given."""
-    import json
-
-    base = json.loads(io.read_bytes(args.params)) if args.params else {}
+    base = _params_file(args.params) if args.params else {}
     given = _config_values(args)
     if args.input:
         given["dataset"] = args.input
@@ -277,7 +291,40 @@ def recycle_params(args: argparse.Namespace) -> RecycleParams:
     try:
         return RecycleParams.model_validate(_merge(base, given))
     except ValueError as exc:  # pydantic lists every problem at once
-        raise ReflectuneError(f"invalid recycle parameters:\n{exc}") from None
+        raise ReflectuneError(f"invalid recycle parameters:\n{problems(exc)}") from None
+
+
+def _params_file(uri: str) -> dict[str, Any]:
+    import json
+
+    try:
+        base = json.loads(io.read_bytes(uri))
+    except (FileNotFoundError, IsADirectoryError):
+        raise ReflectuneError(f"--params {uri}: no such file: give a JSON file of flow parameters") from None
+    except UnicodeDecodeError:
+        raise ReflectuneError(f"--params {uri}: not UTF-8 text: save it as a UTF-8 JSON file") from None
+    except json.JSONDecodeError as exc:
+        raise ReflectuneError(f"--params {uri}: line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg}): "
+                              "fix the file there") from None
+    if not isinstance(base, dict):
+        raise ReflectuneError(f"--params {uri}: the top level is a JSON {type(base).__name__}, expected an object "
+                              "of flow parameters ({\"dataset\": ..., \"teacher\": {...}})")
+    return base
+
+
+def problems(exc: ValueError) -> str:
+    """Every problem of a refused configuration, a line each, naming the setting: the values
+    given are not repeated (one may hold a secret)."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}: {message}" if where else f"  {message}")
+    return "\n".join(lines)
 
 
 def _default(path: str) -> Any:
@@ -299,7 +346,7 @@ def _config(model: type[BaseModel], args: argparse.Namespace) -> Any:
     try:
         return model.model_validate(_config_values(args))
     except ValueError as exc:
-        raise ReflectuneError(f"invalid options:\n{exc}") from None
+        raise ReflectuneError(f"invalid options:\n{problems(exc)}") from None
 
 
 def _config_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -345,15 +392,21 @@ def _recycle(args: argparse.Namespace) -> int:
     params = recycle_params(args)
     if "vllm" in (params.teacher.engine, params.student.engine):
         _check_engine("vllm")
+    preflight.check(params)
+    _prefect_api()
     from flows.recycle import recycle
 
     _quiet_user_errors()
-    with _RunBars() as bars:
-        progress.listen(bars.event)
-        try:
-            manifest = recycle(params)
-        finally:
-            progress.listen(None)
+    previous = signal.signal(signal.SIGINT, _interrupt)
+    try:
+        with _RunBars() as bars:
+            progress.listen(bars.event)
+            try:
+                manifest = recycle(params)
+            finally:
+                progress.listen(None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     print(run.text(manifest), file=sys.stderr)
     ev = manifest.get("evaluation", {})
     if ev.get("evaluated"):
@@ -361,6 +414,26 @@ def _recycle(args: argparse.Namespace) -> int:
 
         print(render_table(ev))
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C: the first asks the run to stop (the shard at work ends unmarked, the flow run
+    records it); a second stops the process at once (its Prefect server dies with it)."""
+    from reflectune import progress
+
+    if progress.stop.is_set():
+        os._exit(130)
+    progress.stop.set()
+    print("\nreflectune: stopping (Ctrl-C again to stop at once)", file=sys.stderr)
+
+
+def _prefect_api() -> None:
+    """The Prefect server the flow reports to: PREFECT_API_URL's, else one of this command's
+    own (reflectune.api_server), which ends with the command."""
+    if not os.environ.get("PREFECT_API_URL"):
+        from reflectune import api_server
+
+        os.environ["PREFECT_API_URL"] = api_server.start()
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -397,9 +470,21 @@ def _publish(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from reflectune import report
 
+    import json
+
     if not io.exists(io.join(args.dir, "manifest.json")):
         raise ReflectuneError(f"{args.dir}: no manifest.json: give the output folder of a finished recycle run")
-    print(report.write(args.dir, price_in=args.price_in, price_out=args.price_out))
+    try:
+        manifest = io.read_json(io.join(args.dir, "manifest.json"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ReflectuneError(f"{args.dir}/manifest.json is not valid JSON (cut short?): run the recycle command "
+                              "into this folder again to write it anew (finished shards are reused)") from None
+    missing = [name for name in ("decisions.parquet",) if not io.exists(io.join(args.dir, name))]
+    if missing or not isinstance(manifest, dict) or "counts" not in manifest:
+        what = f"{', '.join(missing)} is missing" if missing else "manifest.json is not a run's manifest"
+        raise ReflectuneError(f"{args.dir}: {what}: the run did not finish there; run the recycle command into "
+                              "this folder again (finished shards are reused)")
+    print(report.write(args.dir, manifest, price_in=args.price_in, price_out=args.price_out))
     return 0
 
 
@@ -500,19 +585,27 @@ class _RunBars:
 
 
 class _progress:
-    """A tqdm bar on stderr driven by `advance(n, total)` callbacks."""
+    """A tqdm bar on stderr driven by `advance(n, total, tokens=0)` callbacks: n units done of
+    a total that may grow (retries), and new tokens for a tokens/s figure."""
 
     def __init__(self, label: str, unit: str = "tok"):
         self.label = label
         self.unit = unit
         self.bar = None
+        self.tokens = 0
 
-    def __enter__(self) -> Callable[[int, int], None]:
-        def advance(n: int, total: int) -> None:
+    def __enter__(self) -> Callable[..., None]:
+        def advance(n: float, total: int, tokens: int = 0) -> None:
             if self.bar is None:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=total, desc=self.label, unit=self.unit, unit_scale=True, file=sys.stderr)
+            if total != self.bar.total:
+                self.bar.total = total
+            if tokens:
+                self.tokens += tokens
+                elapsed = self.bar.format_dict["elapsed"] or 1e-9
+                self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
             self.bar.update(n)
 
         return advance

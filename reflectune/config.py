@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from reflectune.engines import STUDENT_ENGINES, TEACHER_ENGINES
 from reflectune.models import DEFAULT_MODEL
 from reflectune.reflection import CONSTRAINED, RETRY_TEMPERATURE
+from reflectune.secrets import has_userinfo
 from reflectune.selection import IFD_ONLY, METHODS, MODES
 from reflectune.templates import TEMPLATES
 
@@ -200,6 +201,14 @@ class RecycleParams(_Config):
     def _check(self) -> "RecycleParams":
         problems = []
         t = self.teacher
+        for name, url in (("dataset", self.dataset), ("output", self.output), ("teacher.base_url", t.base_url),
+                          ("evaluation.judge_base_url", self.evaluation.judge_base_url),
+                          ("evaluation.test_set", self.evaluation.test_set)):
+            if has_userinfo(url):
+                problems.append(f"{name} carries a user name or password in its URL: give the URL without them, and "
+                                "the credentials in the environment (teacher.api_key_env for an API key, "
+                                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3) or a Prefect Secret block "
+                                "(teacher.api_key_block); a URL is recorded in the run's outputs")
         if t.budget_usd is not None and not (t.price_input_per_m or t.price_output_per_m):
             problems.append(f"teacher.budget_usd is {t.budget_usd} but no price is set: give teacher.price_input_per_m "
                             "and teacher.price_output_per_m (your provider's dollars per million tokens)")

@@ -2,7 +2,11 @@
 
 
 class ReflectuneError(Exception):
-    """Base class: the message names what is wrong and how to fix it."""
+    """Base class: the message names what is wrong and how to fix it. Such an error is a fact
+    about the input, the settings or the run, not a passing failure: a task that fails with
+    one is not retried, unless the error says it may be (`retryable`)."""
+
+    retryable = False
 
 
 class InputFileError(ReflectuneError):
@@ -28,21 +32,25 @@ def missing_extra(package: str, extra: str, why: str) -> MissingExtraError:
 
 
 class SettingError(ReflectuneError):
-    """A setting names something that does not exist where the run looks for it; retrying the
-    same run cannot mend it."""
+    """A setting names something that does not exist where the run looks for it."""
 
-    retryable = False
+
+class Interrupted(ReflectuneError):
+    """The user asked the run to stop (Ctrl-C): the shard at work ends without a done marker."""
 
 
 class ShardFailedError(ReflectuneError):
-    """A stage could not finish a shard: an engine, endpoint or storage failure, not a row's content."""
+    """A stage could not finish a shard: an engine, endpoint or storage failure, not a row's
+    content. Retried when its cause may pass."""
+
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class BudgetExceededError(ReflectuneError):
     """The teacher's next request could pass the run's budget: nothing more is sent. A retry
     cannot mend it; a rerun with a larger budget goes on where it stopped."""
-
-    retryable = False
 
 
 RESUME = ("Nothing of this shard was marked done: once the cause is fixed, rerun the same command (or Retry the "
@@ -50,6 +58,16 @@ RESUME = ("Nothing of this shard was marked done: once the cause is fixed, rerun
 
 
 def shard_failed(stage: str, shard: str, cause: BaseException) -> ReflectuneError:
-    if isinstance(cause, (ShardFailedError, BudgetExceededError, SettingError)):
+    """The error a shard task fails with: the cause itself where it already says what to do and
+    no retry can mend it; else the cause with how to resume, retried where it may pass."""
+    if isinstance(cause, ShardFailedError) or (isinstance(cause, ReflectuneError) and not cause.retryable):
         return cause
-    return ShardFailedError(f"the {stage} stage failed on shard {shard}: {type(cause).__name__}: {cause}. {RESUME}")
+    from reflectune import progress
+
+    if progress.stop.is_set():  # an engine cut off by the user's Ctrl-C: not a failure to retry
+        return Interrupted(progress.INTERRUPTED)
+    from reflectune.secrets import redact
+
+    return ShardFailedError(f"the {stage} stage failed on shard {shard}: {type(cause).__name__}: {redact(str(cause))}. "
+                            f"{RESUME}",
+                            retryable=getattr(cause, "retryable", True))

@@ -72,6 +72,8 @@ def load(uri: str, column_map: dict[str, str] | None = None, limit: int | None =
     column_map = column_map or {}
     raw = _read(uri, column_map)
     rows, where = raw.rows, raw.where
+    if not rows:
+        raise InputFileError(f"{uri}: the file holds no rows: give a file with at least one instruction-response pair")
     if limit is not None:
         rows, where = rows[:limit], where[:limit]
 
@@ -126,13 +128,25 @@ def _validate(row: Any, column_map: dict[str, str]) -> tuple[dict[str, str], lis
         elif value is None:
             problems.append(f"{label} is null: give it a text value or drop the row")
         elif not isinstance(value, str):
-            problems.append(f"{label} is a {type(value).__name__}, not a string: store it as text")
-        elif name in REQUIRED and not value.strip():
+            problems.append(f"{label} is {_a(type(value).__name__)}, not a string: store it as text")
+        elif name in REQUIRED and not visible(value):
             what = "an instruction" if name == "instruction" else "a response"
             problems.append(f"{label} is empty: write {what} or drop the row")
         else:
             pair[name] = value
     return pair, problems
+
+
+def visible(text: str) -> bool:
+    """Whether a text has a character that shows: not only spaces, line breaks or invisible
+    format characters (zero-width space, byte order mark, soft hyphen)."""
+    import unicodedata
+
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Cc", "Zs") for ch in text)
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
 
 
 def _dump(row: Any) -> str:
@@ -145,10 +159,7 @@ def _read(uri: str, column_map: dict[str, str]) -> _Raw:
         return _read_parquet(uri, column_map)
     if not lower.endswith((".json", ".jsonl", ".ndjson")):
         raise InputFileError(f"{uri}: unknown file type: give a .json (array), .jsonl or .parquet file")
-    try:
-        data = io.read_bytes(uri)
-    except FileNotFoundError:
-        raise InputFileError(f"{uri}: no such file: check the path") from None
+    data = _bytes(uri)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -158,14 +169,33 @@ def _read(uri: str, column_map: dict[str, str]) -> _Raw:
             "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`)"
         ) from None
     stripped = text.lstrip()
+    if not stripped:
+        return _Raw([])
     if lower.endswith(".json") and stripped.startswith("["):
         return _read_json_array(uri, text)
+    if lower.endswith(".json") and "\n" in stripped.rstrip():
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON Lines, read below
+        if isinstance(whole, dict):
+            raise InputFileError(f"{uri}: the file holds one JSON object; expected an array of objects "
+                                 "([{...}, ...]) or JSON Lines (one object per line): wrap the object in [ ]")
     if lower.endswith(".json") and not stripped.startswith("{"):
         raise InputFileError(
             f"{uri}: line 1: expected a JSON array of objects ('[{{...}}, ...]') or JSON Lines: "
             "convert the file to one of those forms"
         )
     return _read_jsonl(uri, text)
+
+
+def _bytes(uri: str) -> bytes:
+    try:
+        return io.read_bytes(uri)
+    except FileNotFoundError:
+        raise InputFileError(f"{uri}: no such file: check the path") from None
+    except IsADirectoryError:
+        raise InputFileError(f"{uri}: is a folder, not a file: give the data file inside it") from None
 
 
 def _read_json_array(uri: str, text: str) -> _Raw:
@@ -182,7 +212,8 @@ def _read_json_array(uri: str, text: str) -> _Raw:
 
 def _read_jsonl(uri: str, text: str) -> _Raw:
     rows, where = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # lines end at \n alone: U+2028, U+2029 and U+0085 are characters a JSON string may hold
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -197,12 +228,11 @@ def _read_jsonl(uri: str, text: str) -> _Raw:
 
 
 def _read_parquet(uri: str, column_map: dict[str, str]) -> _Raw:
-    fs, path = io.filesystem(uri)
+    import io as _io
+
+    data = _bytes(uri)
     try:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
-    except FileNotFoundError:
-        raise InputFileError(f"{uri}: no such file: check the path") from None
+        table = pq.read_table(_io.BytesIO(data))
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise InputFileError(f"{uri}: not a readable Parquet file ({exc}): re-export it as Parquet") from None
     wanted = {name: column_map.get(name, name) for name in FIELDS}

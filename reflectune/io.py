@@ -16,23 +16,27 @@ import fsspec
 import polars as pl
 
 
-def storage_options(uri: str) -> dict[str, Any]:
+def storage_options(uri: str, quick: bool = False) -> dict[str, Any]:
     """Options for remote filesystems, from the environment only (never from parameters that
     could end up in logs). s3: AWS_* credentials are read by botocore itself; an endpoint for
-    S3-compatible stores comes from AWS_ENDPOINT_URL or REFLECTUNE_S3_ENDPOINT_URL."""
+    S3-compatible stores comes from AWS_ENDPOINT_URL or REFLECTUNE_S3_ENDPOINT_URL. `quick`:
+    a check before a run, which answers in seconds rather than retrying."""
     if uri.startswith(("s3://", "s3a://")):
         endpoint = os.environ.get("REFLECTUNE_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
         # a stalled connection is dropped and retried rather than waited on forever
         opts: dict[str, Any] = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 120,
                                                   "retries": {"max_attempts": 5, "mode": "standard"}}}
+        if quick:
+            opts = {"config_kwargs": {"connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 1}},
+                    "skip_instance_cache": True}
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
         return opts
     return {}
 
 
-def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
+def filesystem(uri: str, quick: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri, quick))
     return fs, path
 
 

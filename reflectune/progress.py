@@ -1,14 +1,31 @@
-"""A plain hook for progress: stages and flows report, a front end (the CLI's bar) listens.
+"""A plain hook for progress: stages and flows report, a front end (the CLI's bar) listens;
+and the user's wish to stop, which the work checks.
 
 Kept out of Prefect so the library reports progress the same way wherever it runs.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
+from reflectune.errors import Interrupted
+
 _listener: Callable[[str, dict[str, Any]], None] | None = None
+# set by a front end when the user asks to stop (the CLI's Ctrl-C): work in progress checks it
+# between batches and requests, and ends its shard without a done marker
+stop = threading.Event()
+
+
+def check() -> None:
+    """Raise Interrupted where the user asked to stop."""
+    if stop.is_set():
+        raise Interrupted(INTERRUPTED)
+
+
+INTERRUPTED = ("interrupted: finished shards are kept; to resume, run the same command again (only unfinished "
+               "shards run)")
 
 
 def listen(callback: Callable[[str, dict[str, Any]], None] | None) -> None:
@@ -46,4 +63,4 @@ class Meter:
         return min(99.0, 100.0 * self.done / self.total)
 
     def line(self) -> str:
-        return f"{self.done} of {self.total} {self.unit}, {self.rate:,.0f} tok/s"
+        return f"{self.done:.0f} of {self.total} {self.unit}, {self.rate:,.0f} tok/s"

@@ -92,8 +92,11 @@ def reflect(
     sampling: Sampling = Sampling(),
     retry_sampling: Sampling | None = None,
     progress: Callable[[int, int], None] | None = None,
+    plan: Callable[[int], None] | None = None,
 ) -> pl.DataFrame:
-    """Variant rows (records.VARIANT) for `records` (records.RECORD), ordered by source and variant."""
+    """Variant rows (records.VARIANT) for `records` (records.RECORD), ordered by source and
+    variant. `progress(generations, new_tokens)` as generations are written; `plan(total)` with
+    the generations planned, again whenever retries add to them."""
     if kind not in KINDS:
         raise ValueError(f"unknown reflection kind '{kind}': choose one of {', '.join(KINDS)}")
     if sampling.constrained not in CONSTRAINED:
@@ -106,12 +109,20 @@ def reflect(
         phase1 += [_Job(b, "ins", []) for b in bases]
     if kind in ("response", "both"):
         phase1 += [_Job(b, "res", []) for b in bases]
-    _run(phase1, teacher, sampling, retry_sampling, progress)
+    planned = [len(phase1) + (len(bases) if kind == "both" else 0)]
+
+    def more(n: int) -> None:
+        planned[0] += n
+        if plan:
+            plan(planned[0])
+
+    more(0)
+    _run(phase1, teacher, sampling, retry_sampling, progress, more)
 
     phase2 = []
     if kind == "both":
         phase2 = [_Job(_as_base(job.result), "ins_res", []) for job in phase1 if job.variant == "ins"]
-        _run(phase2, teacher, sampling, retry_sampling, progress)
+        _run(phase2, teacher, sampling, retry_sampling, progress, more)
 
     rows = [job.result for job in phase1 + phase2]
     rows.sort(key=lambda r: (r["source_index"], VARIANTS.index(r["variant"])))
@@ -149,11 +160,13 @@ def _as_base(row: dict) -> dict[str, str]:
 
 
 def _run(jobs: list[_Job], teacher: TeacherEngine, sampling: Sampling, retry: Sampling,
-         progress: Callable[[int], None] | None) -> None:
+         progress: Callable[[int, int], None] | None, more: Callable[[int], None]) -> None:
     pending = jobs
     for attempt, params in enumerate((sampling, retry)):
         if not pending:
             return
+        if attempt:  # the retries were not in the plan
+            more(len(pending))
         chats = [_chat(job) for job in pending]
         wanted = None
         if params.constrained != "off":

@@ -55,10 +55,17 @@ class ShardResult:
 
 # -- intake and sharding -----------------------------------------------------------------------
 
+# what says "this folder is a finished run": written last, removed when a run starts writing
+FINISHED = ("manifest.json", "README.md", "report.html")
+
+
 def shard_dataset(params: RecycleParams) -> dict[str, Any]:
-    """Validate the input, write the shards and the rejected rows; return the intake summary."""
+    """Validate the input, write the shards and the rejected rows; return the intake summary.
+    A run that starts writing first takes back what said an earlier run had finished here."""
     data = intake.load(params.dataset, intake.parse_column_map(params.column_map), params.limit)
     out = params.output
+    for name in FINISHED:
+        io.remove(io.join(out, name))
     shards = []
     for index, start in enumerate(range(0, data.valid.height, params.shard_size)):
         part = data.valid.slice(start, params.shard_size)
@@ -168,7 +175,8 @@ def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any, jo
                   progress: Callable[[int, int], None] | None = None) -> ShardResult:
     """The shard's ins, res and ins_res variants, written to `target`. Requests the journal at
     `journal_at` holds are replayed, the rest sent under the budget and journaled as they
-    return. `progress(generations, new_tokens)` is called as generations finish."""
+    return. `progress(generations, new_tokens, total=None)` is called as generations finish,
+    and with the total when retries add to it."""
     start = time.perf_counter()
     records = read(shard.uri, RECORD, "teacher")
     sampling, retry = teacher_sampling(cfg)
@@ -178,7 +186,8 @@ def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any, jo
     usage = dict(vars(engine.usage)) if hasattr(engine, "usage") else {}
     finished = False
     try:
-        variants = reflection.reflect(records, teacher, "both", sampling, retry, progress)
+        variants = reflection.reflect(records, teacher, "both", sampling, retry, progress,
+                                      plan=(lambda total: progress(0, 0, total)) if progress else None)
         finished = True
     finally:
         kept.close(merge=finished)

@@ -1,8 +1,11 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -245,3 +248,77 @@ def test_a_dotted_override_reaches_the_flow(prefect_api, tmp_path):
     assert manifest["shards"] == 2 and manifest["counts"]["valid_rows"] == 6
     assert 0 < manifest["counts"]["selected_rows"] <= 3  # the top half by IFD, of those with IFD < 1
     assert "6 input rows: 6 valid" in done.stderr and "Method cherry: teacher none" in done.stderr
+
+
+def _recycle_until_scored(tmp_path, out, log):
+    """`reflectune recycle` in a session of its own (as a terminal runs it), once it has
+    scored a shard; the command's own Prefect server (no PREFECT_API_URL)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.Popen([sys.executable, "-m", "reflectune.cli", "recycle", str(SAMPLE), "--out", str(out),
+                             "--method", "cherry", "--no-train", "--shard-size", "3", "--limit", "15",
+                             "student.max_length=512"],
+                            cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list((out / "scores").glob("*.parquet.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_in_seconds_with_one_line_and_the_rerun_resumes(tmp_path):
+    import psutil
+
+    out = tmp_path / "out"
+    with open(tmp_path / "log", "w") as log:
+        proc = _recycle_until_scored(tmp_path, out, log)
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends it
+        start = time.monotonic()
+        code = proc.wait(60)
+    assert code == 130 and time.monotonic() - start < 15
+    err = (tmp_path / "log").read_text()
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("reflectune: interrupted: finished shards are kept; to resume, run the "
+                                            "same command again (only unfinished shards run)")
+    time.sleep(1)
+    assert not [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+    scored = len(list((out / "scores").glob("*.parquet.json")))
+    assert 0 < scored < 5 and not (out / "manifest.json").exists()
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    again = subprocess.run([sys.executable, "-m", "reflectune.cli", "recycle", str(SAMPLE), "--out", str(out),
+                            "--method", "cherry", "--no-train", "--shard-size", "3", "--limit", "15",
+                            "student.max_length=512"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(r["reused"] for r in manifest["shard_results"]) >= scored
+
+
+@pytest.mark.slow
+def test_a_killed_command_leaves_no_process_behind(tmp_path):
+    import psutil
+
+    with open(tmp_path / "log", "w") as log:
+        proc = _recycle_until_scored(tmp_path, tmp_path / "out", log)
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        assert kids  # its Prefect server at least
+        proc.kill()  # SIGKILL to the command alone
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [k.cmdline() for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_report_on_an_unfinished_or_damaged_folder_says_what_to_do(tmp_path, capsys):
+    from reflectune.cli import main
+
+    (tmp_path / "manifest.json").write_text('{"status": "complete", "counts": {}}')
+    assert main(["report", str(tmp_path)]) == 2
+    assert "decisions.parquet is missing: the run did not finish there" in capsys.readouterr().err
+    (tmp_path / "manifest.json").write_text('{"status": "compl')
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json is not valid JSON (cut short?)" in err and "Traceback" not in err

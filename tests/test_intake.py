@@ -74,7 +74,7 @@ def test_bad_rows_are_rejected_with_reasons_and_counts_reconcile(tmp_path):
     assert data.valid["source_index"].to_list() == [0, 9]
     reasons = dict(zip(data.rejected["source_index"].to_list(), data.rejected["reason"].to_list()))
     assert "line 2" in reasons[1] and "field 'output' is missing" in reasons[1]
-    assert "field 'instruction' is a int, not a string" in reasons[2]
+    assert "field 'instruction' is an int, not a string" in reasons[2]
     assert "field 'instruction' is empty" in reasons[3]
     assert "field 'output' is empty" in reasons[4]
     assert "not an object" in reasons[5]
@@ -130,3 +130,42 @@ def test_parquet_without_the_columns_names_them_and_the_fix(tmp_path):
 def test_limit_keeps_the_first_rows():
     data = intake.load(str(SAMPLE), limit=5)
     assert data.input_rows == 5 and data.valid.height == 5
+
+
+@pytest.mark.parametrize("name,content", [("empty.jsonl", ""), ("blank.jsonl", "  \n\n \t\n"), ("empty.json", ""),
+                                          ("empty-array.json", "[]")])
+def test_an_empty_dataset_is_refused_the_same_way_in_every_form(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(InputFileError, match=r"holds no rows: give a file with at least one"):
+        intake.load(str(path))
+    empty = tmp_path / "empty.parquet"
+    pl.DataFrame(schema={"instruction": pl.String, "output": pl.String}).write_parquet(empty)
+    with pytest.raises(InputFileError, match=r"holds no rows"):
+        intake.load(str(empty))
+
+
+def test_unicode_line_separators_inside_strings_are_characters_not_line_ends(tmp_path):
+    rows = [{"instruction": "Join\u2028these\u2029lines\u0085now", "output": "Done\u2028."}, GOOD[0]]
+    path = tmp_path / "sep.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    data = intake.load(str(path))
+    assert data.valid["instruction"].to_list() == [rows[0]["instruction"], GOOD[0]["instruction"]]
+
+
+def test_a_folder_a_single_object_and_invisible_text_are_named(tmp_path):
+    folder = tmp_path / "x.jsonl"
+    folder.mkdir()
+    with pytest.raises(InputFileError, match=r"x.jsonl: is a folder, not a file"):
+        intake.load(str(folder))
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps(GOOD[0], indent=2))
+    with pytest.raises(InputFileError, match=r"holds one JSON object; expected an array .* wrap the object in \[ \]"):
+        intake.load(str(single))
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"instruction": "\u200b", "output": "x"}, {"instruction": 3, "output": "y"},
+                                               {"instruction": "\ufeff \u00ad", "output": "z"}, GOOD[0]])
+    data = intake.load(path)
+    reasons = data.rejected["reason"].to_list()
+    assert data.valid.height == 1 and len(reasons) == 3
+    assert "line 1: field 'instruction' is empty" in reasons[0] and "line 3: field 'instruction' is empty" in reasons[2]
+    assert "is an int, not a string" in reasons[1]

@@ -1,6 +1,8 @@
 """Teacher reflection with the packaged model (transformers): prompts, variants, fallbacks,
 retries, and generation held to the output format."""
 
+import pytest
+
 from reflectune import prompts
 from reflectune.records import VARIANT, check_columns
 from reflectune.reflection import Sampling, reflect
@@ -130,3 +132,18 @@ def _first_fields(row, cut_off):
     fields = parse(row["raw_text"][0], wanted, cut_off=cut_off).fields
     # an ins variant stands on its new answer
     return "new_answer" in fields if row["variant"] == "ins" else bool(fields)
+
+
+def test_progress_moves_with_the_tokens_and_the_plan_grows_with_retries(teacher, reflection_records):
+    calls = []
+    chats = [prompts.response_reflection(r["instruction"], r["input"], r["output"])
+             for r in reflection_records.to_dicts()]
+    gens = teacher.generate(chats, Sampling(max_new_tokens=24), progress=lambda n, tokens: calls.append((n, tokens)))
+    # one batch of three, yet progress every decoding step: the bar moves before the batch ends
+    assert len(calls) >= 10 and all(0 < n < 1 for n, _ in calls[:-1])
+    assert sum(n for n, _ in calls) == pytest.approx(3) and sum(t for _, t in calls) == sum(g.completion_tokens for g in gens)
+
+    planned = []
+    variants = reflect(reflection_records, teacher, "response", Sampling(max_new_tokens=8), plan=planned.append)
+    retried = int((variants["raw_text"].list.len() > 1).sum())
+    assert planned[0] == reflection_records.height and planned[-1] == reflection_records.height + retried

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from reflectune import models
+from reflectune import progress as progress_hook
 from reflectune.scoring import TokenSequence
 
 
@@ -94,6 +95,7 @@ class TransformersScorer:
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].ids), reverse=True)
         with torch.inference_mode():
             for batch in _pack(order, sequences, self.max_batch_tokens, SHAPE_STEP if self._shapes else 1):
+                progress_hook.check()
                 means = self._batch_nll([sequences[i] for i in batch])
                 for i, value in zip(batch, means):
                     out[i] = value
@@ -211,6 +213,7 @@ class TransformersTeacher:
             torch.manual_seed(sampling.seed)
         with torch.inference_mode():
             for start in range(0, len(runnable), self.batch_size):
+                progress_hook.check()
                 batch = runnable[start : start + self.batch_size]
                 if admit is not None:
                     for i in batch:
@@ -225,12 +228,14 @@ class TransformersTeacher:
                 grammars = None
                 if sampling.constrained != "off" and formats is not None:
                     grammars = [self._grammar(fit(formats[i], params.max_new_tokens)) for i in batch]
-                for i, gen in zip(batch, self._generate_batch([encoded[i] for i in batch], params, grammars)):
+                steps = _Steps(len(batch), params.max_new_tokens, progress)
+                for i, gen in zip(batch, self._generate_batch([encoded[i] for i in batch], params, grammars, steps)):
                     out[i] = gen
                     if done:
                         done(i, gen)
                 if progress:
-                    progress(len(batch), sum(out[i].completion_tokens for i in batch))
+                    # what the steps did not report: the batch's generations, its real token count
+                    progress(len(batch) - steps.generations, sum(out[i].completion_tokens for i in batch) - steps.tokens)
         return out
 
     def _grammar(self, fmt):
@@ -244,7 +249,7 @@ class TransformersTeacher:
             self._compiler = xgr.GrammarCompiler(info)
         return self._compiler.compile_regex(fmt.regex if fmt is not None else r"[\s\S]*")
 
-    def _generate_batch(self, encoded, sampling, grammars=None):
+    def _generate_batch(self, encoded, sampling, grammars=None, steps=None):
         import torch
 
         from reflectune.reflection import Generation
@@ -272,8 +277,10 @@ class TransformersTeacher:
             top_k=None,
             repetition_penalty=sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None,
             logits_processor=processors or None,
+            stopping_criteria=[steps or _Steps(len(encoded), sampling.max_new_tokens, None)],
             pad_token_id=self._pad,
         )[:, width:].tolist()
+        progress_hook.check()  # a batch cut short by the user's Ctrl-C is not a result
         results = []
         for ids, new in zip(encoded, generated):
             stop = next((k for k, t in enumerate(new) if t in self._eos), None)
@@ -289,6 +296,25 @@ class TransformersTeacher:
 
     def close(self) -> None:
         self.model = None
+
+
+class _Steps:
+    """A stopping criterion called at every decoding step: it reports progress in fractions of
+    the batch's generations (a bar moves with the tokens written, not once a batch), and stops
+    every row once the user asked the run to stop."""
+
+    def __init__(self, rows: int, max_new_tokens: int, progress: Callable[[float, int], None] | None):
+        self.rows, self.share, self.progress = rows, rows / max(max_new_tokens, 1), progress
+        self.generations, self.tokens = 0.0, 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        if self.progress is not None and self.generations + self.share < self.rows:
+            self.generations += self.share
+            self.tokens += self.rows
+            self.progress(self.share, self.rows)
+        return torch.full((input_ids.shape[0],), progress_hook.stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def render_chat(tokenizer, chat) -> str:

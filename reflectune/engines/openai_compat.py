@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 
 from reflectune.engines.pacing import Pacer
 from reflectune.formats import CHARS_PER_TOKEN
+from reflectune import progress as progress_hook
+from reflectune import secrets
 from reflectune.errors import ReflectuneError
 
 RETRYABLE = {408, 409, 429}
@@ -43,7 +45,9 @@ class TeacherFatalError(ReflectuneError):
 
 
 class TeacherUnavailableError(ReflectuneError):
-    """The endpoint did not answer a request within its retries."""
+    """The endpoint did not answer a request within its retries: it may be back later."""
+
+    retryable = True
 
 
 def endpoint(base_url: str | None) -> str:
@@ -94,6 +98,7 @@ class OpenAITeacher:
         self.base_url = base_url
         # local servers (vllm serve without --api-key) accept any key
         self._api_key = api_key or os.environ.get(api_key_env) or "no-key"
+        secrets.register(self._api_key)
         self.concurrency = concurrency
         self.timeout = timeout
         self.max_retries = max_retries
@@ -162,6 +167,7 @@ class OpenAITeacher:
 
         async def one(i, chat, fmt):
             async with semaphore:
+                progress_hook.check()  # the user's Ctrl-C: nothing more is sent
                 if refused:
                     return Generation(error=NOT_SENT)
                 if fmt is not None and self.constraint is None:
@@ -274,7 +280,7 @@ class OpenAITeacher:
                 self.pacer.release(ticket, raw.http_response.status_code, raw.headers,
                                    (prompt, completion) if usage else None)
                 self.usage.add(prompt_tokens=prompt, completion_tokens=completion)
-                return Generation(text=choice.message.content or "", prompt_tokens=prompt,
+                return Generation(text=secrets.redact(choice.message.content or ""), prompt_tokens=prompt,
                                   completion_tokens=completion, finish_reason=choice.finish_reason,
                                   constrained=way or "none")
             if attempt < self.max_retries:
@@ -331,5 +337,6 @@ def _retry_after(headers: Any) -> float | None:
 
 
 def _brief(exc: Exception) -> str:
+    """An error's message as it may be recorded: an endpoint may echo credentials in it."""
     message = getattr(exc, "message", None) or str(exc)
-    return message[:300]
+    return secrets.redact(message)[:300]

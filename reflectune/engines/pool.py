@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from reflectune import progress
+
 _held: dict[str, Any] = {}
 load_seconds: list[float] = []  # one entry per engine loaded in this process, for accounting
 _lock = threading.Lock()
@@ -46,6 +48,7 @@ def get(role: str, engine: str, spec: str, **options: Any) -> Any:
             if json.loads(old)[1] != spec:
                 _close(_held.pop(old))
         loader = load_student if role == "student" else load_teacher
+        progress.check()
         start = time.perf_counter()
         _held[key] = loader(engine, spec, **options)
         load_seconds.append(time.perf_counter() - start)

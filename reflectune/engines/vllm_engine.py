@@ -14,6 +14,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from reflectune import models
+from reflectune import progress as progress_hook
 from reflectune.errors import ReflectuneError, missing_extra
 
 
@@ -358,6 +359,7 @@ class VLLMEngine:
         uncached = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
         out: list[float] = []
         for start in range(0, len(sequences), self.block):
+            progress_hook.check()
             block = list(sequences[start : start + self.block])
             values = self._score(block, cached)
             redo = [k for k, v in enumerate(values) if v is None]
@@ -457,6 +459,7 @@ class VLLMEngine:
             engine.add_request(f"reflectune-{self._requests}", prompt, params)
         try:
             while engine.has_unfinished_requests():
+                progress_hook.check()
                 for output in engine.step():
                     if output.finished:
                         finished(ids[output.request_id], output)

@@ -1,0 +1,121 @@
+"""The Prefect API of one command run, where no PREFECT_API_URL names a server.
+
+Prefect's own temporary server is started in the command's process group with the database
+under PREFECT_HOME: a terminal's Ctrl-C stops it before the flow can record anything, a killed
+command leaves it running, and runs at once share (and lock) one SQLite file. This one has a
+database of its own in a fresh folder, runs in a session of its own (Ctrl-C reaches only the
+command, which stops the server last), dies with the command even when the command is killed
+(Linux's parent-death signal), waits up to STARTUP_SECONDS for a slow machine and is started
+again once before the command gives up with a message that says what to set.
+
+Prefect is not imported here: the server is started as a process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from reflectune.errors import ReflectuneError
+
+STARTUP_SECONDS = 180.0
+PR_SET_PDEATHSIG = 1
+
+
+class ServerStartError(ReflectuneError):
+    """The temporary Prefect server did not start."""
+
+
+def start(startup_seconds: float = STARTUP_SECONDS) -> str:
+    """Start a Prefect API for this process and return its URL. It is stopped when the process
+    exits, after Prefect has sent the logs and events it holds (they go to this server)."""
+    home = Path(tempfile.mkdtemp(prefix="reflectune-prefect-"))
+    for attempt in (1, 2):
+        port = _free_port()
+        proc = _start(home, port)
+        url = f"http://127.0.0.1:{port}/api"
+        if _wait(proc, f"{url}/health", startup_seconds):
+            # atexit runs after Prefect's own exit hooks, which drain its log and event queues
+            atexit.register(_end, proc, home)
+            return url
+        stop(proc)
+    log = (home / "server.log").read_text(errors="replace").strip()
+    shutil.rmtree(home, ignore_errors=True)
+    raise ServerStartError(
+        f"the temporary Prefect server did not answer within {startup_seconds:.0f} s, twice (its log ends: "
+        f"{log[-600:] or 'empty'}). Start one with `prefect server start` and set "
+        "PREFECT_API_URL=http://127.0.0.1:4200/api, or run again on a less busy machine")
+
+
+def _end(proc: subprocess.Popen, home: Path) -> None:
+    stop(proc)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _start(home: Path, port: int) -> subprocess.Popen:
+    prefect_dir = Path(importlib.util.find_spec("prefect").submodule_search_locations[0]).parent
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    parent = os.getpid()
+    with open(home / "server.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: _detach(parent))
+
+
+def _detach(parent: int) -> None:
+    """In the server's process before it starts: a session of its own, and death with the
+    command."""
+    os.setsid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the command stops the server itself
+        return
+    if os.getppid() != parent:  # the command died before the signal was set
+        os._exit(1)
+
+
+def _wait(proc: subprocess.Popen, health: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(health, timeout=5) as answer:
+                if answer.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,105 @@
+"""One run at a time per output folder.
+
+Two runs into one folder would both do all the work (each sees the other's shards unfinished)
+and interleave their outputs. A run holds its folder with a small file naming its host,
+process and start, refreshed every HEARTBEAT seconds; a second run reads it and stops with a
+message naming the holder. A holder that died is taken over: on the same host when its
+process is gone, from another host when its heartbeat is older than STALE seconds. The same
+file works on local disks and object stores (no atomic create there: a run reads its claim
+back after a moment, and the later writer of two claims at one instant wins).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+from reflectune import io
+from reflectune.errors import ReflectuneError
+
+NAME = ".reflectune-lock.json"
+HEARTBEAT = 30.0
+STALE = 120.0
+
+
+class OutputInUse(ReflectuneError):
+    """Another run holds the output folder."""
+
+
+@contextmanager
+def hold(folder: str) -> Iterator[None]:
+    uri = io.join(folder, NAME)
+    claim = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+             "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "beat": time.time()}
+    held = _read(uri)
+    if held and held.get("token") != claim["token"] and _alive(held):
+        raise _in_use(folder, held)
+    io.write_json(claim, uri)
+    time.sleep(0.2)  # a claim written at the same moment by another run: the later one stands
+    held = _read(uri)
+    if held and held.get("token") != claim["token"]:
+        raise _in_use(folder, held)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT):
+            try:
+                if (_read(uri) or {}).get("token") == claim["token"]:
+                    io.write_json(claim | {"beat": time.time()}, uri)
+            except Exception:  # storage hiccup: the next beat tries again
+                pass
+
+    thread = threading.Thread(target=beat, name="output-lock", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+        try:
+            if (_read(uri) or {}).get("token") == claim["token"]:
+                io.remove(uri)
+        except Exception:  # left behind, it is taken over as a dead holder's
+            pass
+
+
+def _read(uri: str) -> dict[str, Any] | None:
+    try:
+        held = io.read_json(uri)
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):  # cut short: nobody's claim
+        return None
+    return held if isinstance(held, dict) else None
+
+
+def _alive(held: dict[str, Any]) -> bool:
+    if held.get("host") == socket.gethostname():
+        pid = held.get("pid")
+        if not isinstance(pid, int):
+            return False
+        if pid == os.getpid():  # an earlier run of this very process that did not let go
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's live process
+            return True
+        return True
+    return time.time() - float(held.get("beat", 0)) < STALE
+
+
+def _in_use(folder: str, held: dict[str, Any]) -> OutputInUse:
+    return OutputInUse(
+        f"output {folder} is in use by another run (host {held.get('host')}, process {held.get('pid')}, since "
+        f"{held.get('since')}): wait for it to end, or write to another folder. A run that died is taken over "
+        f"(on another host {STALE:.0f} s after its last heartbeat)")
