@@ -582,6 +582,8 @@ class _RunBars:
         for bar in (self.work, self.shards):
             if bar is not None:
                 bar.close()
+        if self.work is not None or self.shards is not None:
+            sys.stderr.write("\n")  # what follows starts on a line of its own
 
 
 class _progress:

@@ -43,7 +43,7 @@ def hold(folder: str) -> Iterator[None]:
     if held and held.get("token") != claim["token"] and _alive(held):
         raise _in_use(folder, held)
     io.write_json(claim, uri)
-    time.sleep(0.2)  # a claim written at the same moment by another run: the later one stands
+    time.sleep(0.05)  # a claim written at the same moment by another run: the later one stands
     held = _read(uri)
     if held and held.get("token") != claim["token"]:
         raise _in_use(folder, held)

@@ -77,9 +77,9 @@ class TransformersScorer:
         self.max_batch_tokens = max_batch_tokens or (2048 if self.device.type == "cpu" else 32768)
         # On CPU, oneDNN compiles and keeps kernels for every input shape it meets: batches of
         # any width made the process grow by ~35 MB a shard (1.4 GB after 16 shards of 128
-        # pairs). Widths rounded up to a multiple of SHAPE_STEP, and rows to the full count for
-        # the width or a power of two, keep the shapes, and so that memory, bounded; padding
-        # changes no score.
+        # pairs). Widths rounded up to a multiple of SHAPE_STEP, rows to the full count for the
+        # width or a power of two, and the head's rows to a power of two keep the shapes, and so
+        # that memory, bounded; padding changes no score.
         self._shapes = self.device.type == "cpu"
         # positions past the trained context give meaningless scores
         self.max_sequence = getattr(self.model.config, "max_position_embeddings", None)
@@ -129,8 +129,8 @@ class TransformersScorer:
         for start in range(0, picked.shape[0], 2048):  # bound the [labels x vocab] logits
             chunk = picked[start : start + 2048]
             n = chunk.shape[0]
-            if self._shapes:  # the head's input too takes one of a few shapes
-                chunk = torch.nn.functional.pad(chunk, (0, 0, 0, -(-n // 128) * 128 - n))
+            if self._shapes:  # the head's input too takes one of a few shapes: a power of two rows
+                chunk = torch.nn.functional.pad(chunk, (0, 0, 0, max(16, 1 << (n - 1).bit_length()) - n))
             logits = self._head(chunk)[:n].float()
             if self._softcap:
                 logits = torch.tanh(logits / self._softcap) * self._softcap

@@ -89,8 +89,8 @@ def run(emulator, n, concurrency=16):
 
 @pytest.mark.parametrize("style", ["openai", "anthropic"])
 def test_pacing_by_headers_stays_under_the_limits_and_near_them(style):
-    # 80 requests and 24,000 tokens per 2 s (2,400 and 720,000 a minute): tokens bind
-    window, rpm, tpm = 2.0, 80, 24000
+    # 120 requests and 36,000 tokens per 2 s (3,600 and 1.08M a minute): tokens bind
+    window, rpm, tpm = 2.0, 120, 36000
     with Emulator(rpm=rpm, tpm=tpm, window=window, headers=style, latency=0.05) as emulator:
         engine, stats = run(emulator, 300)
         utilisation = emulator.utilisation()
@@ -101,7 +101,7 @@ def test_pacing_by_headers_stays_under_the_limits_and_near_them(style):
 
 
 def test_without_headers_the_429s_alone_pace_the_requests():
-    with Emulator(rpm=60, window=2.0, headers="none", latency=0.02) as emulator:
+    with Emulator(rpm=100, window=2.0, headers="none", latency=0.02) as emulator:
         engine, stats = run(emulator, 500)
     refused = stats["statuses"].get("429", 0)
     assert refused <= 0.05 * stats["answered"], stats

@@ -81,6 +81,10 @@ def test_deployments_are_on_the_server_with_their_pools(cluster):
     assert schedule.schedule.cron == "0 3 * * *" and schedule.active
     assert schedule.parameters["params"]["dataset"] == str(cluster.watch)
     assert len(automations) == 1 and automations[0].trigger.within == timedelta(seconds=90)
+    # only GPU batch runs are crashed by it: the orchestrating run's late heartbeat is left alone
+    related = automations[0].trigger.match_related
+    related = related[0] if isinstance(related, list) else related
+    assert dict(related) == {"prefect.resource.role": "flow", "prefect.resource.name": "reflectune-gpu-batch"}
 
 
 def _fingerprint(folder: Path) -> dict[str, str]:
