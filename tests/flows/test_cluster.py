@@ -84,7 +84,7 @@ def test_deployments_are_on_the_server_with_their_pools(cluster):
     # only GPU batch runs are crashed by it: the orchestrating run's late heartbeat is left alone
     related = automations[0].trigger.match_related
     related = related[0] if isinstance(related, list) else related
-    assert dict(related) == {"prefect.resource.role": "flow", "prefect.resource.name": "reflectune-gpu-batch"}
+    assert dict(getattr(related, "root", related)) == {"prefect.resource.role": "flow", "prefect.resource.name": "reflectune-gpu-batch"}
 
 
 def _fingerprint(folder: Path) -> dict[str, str]:
