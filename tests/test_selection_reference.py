@@ -18,7 +18,9 @@ from reflectune.stages import long_table
 
 from .conftest import SAMPLE
 
-# pairs with an input, beside the sample's own eight
+# The first 18 pairs of the sample (4 with an input) and six more pairs with an input: every
+# kind of teacher text below occurs, with and without input.
+SAMPLE_ROWS = 18
 WITH_INPUT = [
     ("Translate the sentence into French.", "The library opens at nine.", "La bibliothèque ouvre à neuf heures."),
     ("Summarize the text in one sentence.", "Bees pollinate crops, and their decline threatens harvests worldwide.",
@@ -35,7 +37,7 @@ WITH_INPUT = [
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     path = tmp_path_factory.mktemp("reference") / "pairs.jsonl"
-    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines() if line.strip()][:SAMPLE_ROWS]
     rows += [{"instruction": i, "input": x, "output": o} for i, x, o in WITH_INPUT]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return intake.load(str(path)).valid
@@ -113,7 +115,7 @@ def test_exact_scoring_selects_the_released_codes_variant_for_every_sample(recor
     model, tok = student_fp32.model, student_fp32.tokenizer
     memo = {}
     want = [oracle_choice(model, tok, i, row, memo) for i, row in enumerate(records.iter_rows(named=True))]
-    assert len(got) == len(want) == records.height == 47
+    assert len(got) == len(want) == records.height == SAMPLE_ROWS + len(WITH_INPUT)
     mismatches = [(i, g, w) for i, (g, w) in enumerate(zip(got, want)) if g != w]
     assert not mismatches, mismatches
     # a check that can fail: both rules pick rewrites of both kinds, and drop samples
