@@ -18,6 +18,9 @@ from reflectune.harness import Cluster, api, write_rows
 from ..conftest import ROOT, SAMPLE
 
 CHROMIUM = os.environ.get("REFLECTUNE_CHROMIUM", "/usr/bin/chromium")
+# the GPU batch runs beat every 10 s and are Crashed 30 s after a missed beat: the killed
+# worker's run is found in 40 s rather than the deployment file's 90
+HEARTBEAT, GRACE = 10, 30
 FAST = {"teacher": {"max_new_tokens": 8}, "selection": {"mode": "paper"}, "training": {"enabled": False}}
 
 
@@ -25,7 +28,7 @@ FAST = {"teacher": {"max_new_tokens": 8}, "selection": {"mode": "paper"}, "train
 def cluster(prefect_server, tmp_path_factory):
     c = Cluster(prefect_server, tmp_path_factory.mktemp("cluster"), ROOT)
     try:
-        assert "work pools created: reflectune, gpu" in c.deploy("--grace", "60")
+        assert "work pools created: reflectune, gpu" in c.deploy(heartbeat=HEARTBEAT, grace=GRACE)
         yield c
     finally:
         c.stop()
@@ -71,6 +74,7 @@ def test_deployments_are_on_the_server_with_their_pools(cluster):
         names = {(d.name, d.work_pool_name) for d in client.read_deployments()}
         recycle = client.read_deployment_by_name("reflectune-recycle/recycle")
         rerecycle = client.read_deployment_by_name("reflectune-rerecycle/re-recycle")
+        gpu = client.read_deployment_by_name("reflectune-gpu-batch/gpu")
         automations = client.read_automations_by_name("reflectune: crash runs whose heartbeats stopped")
     assert {("recycle", "reflectune"), ("re-recycle", "reflectune"), ("gpu", "gpu")} <= names
     # the UI form comes from the parameter model: descriptions and defaults
@@ -80,7 +84,9 @@ def test_deployments_are_on_the_server_with_their_pools(cluster):
     [schedule] = rerecycle.schedules
     assert schedule.schedule.cron == "0 3 * * *" and schedule.active
     assert schedule.parameters["params"]["dataset"] == str(cluster.watch)
-    assert len(automations) == 1 and automations[0].trigger.within == timedelta(seconds=90)
+    # the GPU batch runs beat as often as the automation expects (the file's 30 s, here the test's)
+    assert gpu.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT)
+    assert len(automations) == 1 and automations[0].trigger.within == timedelta(seconds=HEARTBEAT + GRACE)
     # only GPU batch runs are crashed by it: the orchestrating run's late heartbeat is left alone
     related = automations[0].trigger.match_related
     related = related[0] if isinstance(related, list) else related

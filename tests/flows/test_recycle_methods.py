@@ -19,13 +19,33 @@ def _scores(out):
     return pl.concat([pl.read_parquet(p) for p in sorted((out / "scores").glob("*.parquet"))])
 
 
+@pytest.fixture(scope="module")
+def small_scorer(tmp_path_factory):
+    """A smaller model than the student, as Superfiltering scores with: the packaged student's
+    first 10 of its 30 layers, with its embeddings, head and tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reflectune.models import resolve
+
+    path = tmp_path_factory.mktemp("small-scorer")
+    model = AutoModelForCausalLM.from_pretrained(resolve(MODEL), dtype=torch.float32)
+    model.model.layers = model.model.layers[:10]
+    model.config.num_hidden_layers = 10
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(resolve(MODEL)).save_pretrained(path)
+    return str(path)
+
+
 @pytest.mark.parametrize("method", ["cherry", "superfilter"])
-def test_a_method_without_a_teacher_loads_none_and_keeps_the_top_ifd(prefect_api, tmp_path, method):
+def test_a_method_without_a_teacher_loads_none_and_keeps_the_top_ifd(prefect_api, tmp_path, method, small_scorer):
     from flows.recycle import recycle
 
     out = tmp_path / "out"
+    # cherry scores with the student; superfilter with a smaller model
+    scorer = MODEL if method == "cherry" else small_scorer
     params = RecycleParams(dataset=str(SAMPLE), output=str(out), shard_size=16, training=NO_TRAIN,
-                           selection={"method": method, "budget": 0.2, "scorer": MODEL},
+                           selection={"method": method, "budget": 0.2, "scorer": scorer},
                            license="apache-2.0" if method == "cherry" else None)
     loads = len(pool.load_seconds)
     manifest = recycle(params)
@@ -35,6 +55,7 @@ def test_a_method_without_a_teacher_loads_none_and_keeps_the_top_ifd(prefect_api
     assert manifest["token_usage"] == {"generations": 0, "prompt_tokens": 0, "completion_tokens": 0}
     assert {r["stage"] for r in manifest["shard_results"]} == {"student"} and not (out / "variants").exists()
     assert manifest["scorer"] == stages.model_identity(params.scorer)
+    assert (manifest["scorer"] == manifest["student"]) == (method == "cherry")
 
     # an independent computation of the rule on the same scores: IFD < 1, top 20% of all by IFD
     scores = _scores(out)
@@ -90,10 +111,10 @@ def test_reflection_keeps_every_recycled_pair(prefect_api, tmp_path):
     from flows.recycle import recycle
 
     out = tmp_path / "out"
-    params = RecycleParams(dataset=str(SAMPLE), output=str(out), limit=6, shard_size=3, training=NO_TRAIN,
+    params = RecycleParams(dataset=str(SAMPLE), output=str(out), limit=4, shard_size=2, training=NO_TRAIN,
                            teacher={"max_new_tokens": 16}, selection={"method": "reflection"})
     manifest = recycle(params)
-    assert manifest["counts"]["selected_rows"] == manifest["counts"]["valid_rows"] == 6
+    assert manifest["counts"]["selected_rows"] == manifest["counts"]["valid_rows"] == 4
     assert manifest["token_usage"]["completion_tokens"] > 0
     selected = pl.read_parquet(out / "selected.parquet").sort("source_index")
     variants = pl.concat([pl.read_parquet(p) for p in sorted((out / "variants").glob("*.parquet"))])
@@ -101,6 +122,6 @@ def test_reflection_keeps_every_recycled_pair(prefect_api, tmp_path):
     assert set(selected["variant"]) == {"ins_res"}
     assert selected["output"].to_list() == recycled["output"].to_list()
     assert selected["instruction"].to_list() == recycled["instruction"].to_list()
-    assert manifest["counts"]["per_branch"] == {"ins_res_kept": 6}
+    assert manifest["counts"]["per_branch"] == {"ins_res_kept": 4}
     assert "the same as the source dataset" in (out / "README.md").read_text()
     assert "@article{li2023reflection" in (out / "README.md").read_text()
