@@ -296,9 +296,10 @@ def test_ctrl_c_stops_in_seconds_with_one_line_and_the_rerun_resumes(prefect_api
 
     # the same command again, in this process (on the test's Prefect API)
     from flows.recycle import recycle
-    from reflectune.cli import _parser, recycle_params
+    from reflectune.cli import _dotted, _parser, recycle_params
 
-    manifest = recycle(recycle_params(_parser().parse_args(["recycle", str(SAMPLE), "--out", str(out), *SMALL_RUN])))
+    argv = _dotted(["recycle", str(SAMPLE), "--out", str(out), *SMALL_RUN])
+    manifest = recycle(recycle_params(_parser().parse_args(argv)))
     assert json.loads((out / "manifest.json").read_text())["counts"] == manifest["counts"]
     assert sum(r["reused"] for r in manifest["shard_results"]) >= scored
 
