@@ -231,27 +231,10 @@ def test_every_parameter_is_reachable_from_the_command_line(tmp_path):
     assert "selection.budget" in str(err.value) and "shard_size" in str(err.value)
 
 
-def test_a_dotted_override_reaches_the_flow(prefect_api, tmp_path):
-    from prefect.settings import PREFECT_API_URL
-
-    out = tmp_path / "out"
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    done = subprocess.run([sys.executable, "-m", "reflectune.cli", "recycle", str(SAMPLE), "--out", str(out),
-                           "limit=6", "shard_size=3", "selection.method=cherry", "selection.budget=0.5",
-                           "training.enabled=false", "student.max_length=256"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    given = manifest["parameters"]
-    assert (given["limit"], given["shard_size"], given["selection"]["method"], given["selection"]["budget"],
-            given["training"]["enabled"], given["student"]["max_length"]) == (6, 3, "cherry", 0.5, False, 256)
-    assert manifest["shards"] == 2 and manifest["counts"]["valid_rows"] == 6
-    assert 0 < manifest["counts"]["selected_rows"] <= 3  # the top half by IFD, of those with IFD < 1
-    assert "6 input rows: 6 valid" in done.stderr and "Method cherry: teacher none" in done.stderr
-
-
-# a few shards of the cherry method: the command's own Prefect server, the scorer, no teacher
-SMALL_RUN = ["--method", "cherry", "--no-train", "--shard-size", "2", "--limit", "6", "student.max_length=256"]
+# a few shards of the cherry method: the command's own Prefect server, the scorer, no teacher;
+# settings given both ways, as flags and as dotted names
+SMALL_RUN = ["selection.method=cherry", "--no-train", "shard_size=2", "--limit", "6", "student.max_length=256",
+             "selection.budget=0.5"]
 
 
 def _recycle(out, log):
@@ -301,6 +284,11 @@ def test_ctrl_c_stops_in_seconds_with_one_line_and_the_rerun_resumes(prefect_api
     argv = _dotted(["recycle", str(SAMPLE), "--out", str(out), *SMALL_RUN])
     manifest = recycle(recycle_params(_parser().parse_args(argv)))
     assert json.loads((out / "manifest.json").read_text())["counts"] == manifest["counts"]
+    # the dotted names reached the flow
+    given = manifest["parameters"]
+    assert (given["limit"], given["shard_size"], given["selection"]["method"], given["selection"]["budget"],
+            given["training"]["enabled"], given["student"]["max_length"]) == (6, 2, "cherry", 0.5, False, 256)
+    assert 0 < manifest["counts"]["selected_rows"] <= 3  # the top half by IFD, of those with IFD < 1
     assert sum(r["reused"] for r in manifest["shard_results"]) >= scored
 
 

@@ -107,9 +107,10 @@ def test_scheduled_rerecycling_takes_only_new_rows(cluster):
     root = cluster.rerecycle_out
     with api(cluster) as client:
         dep = client.read_deployment_by_name("reflectune-rerecycle/re-recycle")
-        # a short interval for the test, with few runs queued ahead so they do not pile up
+        # a short interval for the test (a run that finds the previous one still running ends at
+        # once), with few runs queued ahead so they do not pile up
         [schedule] = client.create_deployment_schedules(dep.id, [DeploymentScheduleCreate(
-            schedule=IntervalSchedule(interval=timedelta(seconds=20)), active=True, max_scheduled_runs=2,
+            schedule=IntervalSchedule(interval=timedelta(seconds=10)), active=True, max_scheduled_runs=2,
             parameters={"params": params})])
         try:
             def batches() -> list[Path]:

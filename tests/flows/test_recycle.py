@@ -227,6 +227,7 @@ def test_a_run_whose_teacher_is_down_fails_then_resumes(prefect_api, vllm_server
     finally:
         proxy.close()
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 input rows: 2 valid" in done.stderr and "Method selective (released rule): teacher openai:smollm2@" in done.stderr
     assert "pass" in proxy.log
     variants = pl.concat([pl.read_parquet(p) for p in out.glob("variants/*.parquet")])
     assert variants.height == 6 and variants["completion_tokens"].min() > 0
