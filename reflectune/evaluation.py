@@ -1,4 +1,4 @@
-"""Did the student get better? Pairwise judging and held-out loss (METHOD.md).
+"""Did the student get better? Pairwise judging and held-out loss (docs/method.md).
 
 Both models answer every test instruction in the template they were trained with. A judge
 scores the two answers 1-10 twice, once in each order, so a judge that favours the first (or
@@ -77,7 +77,7 @@ def order_verdict(scores: tuple[float, float] | None, a_first: bool) -> str:
 
 
 def combine(first: str, second: str) -> str:
-    """The outcome of both orders (METHOD.md)."""
+    """The outcome of both orders (docs/method.md)."""
     pair = {first, second}
     if pair <= {"win", "tie"} and "win" in pair:
         return "win"

@@ -1,4 +1,4 @@
-"""Teacher prompts: instruction reflection and response reflection (METHOD.md).
+"""Teacher prompts: instruction reflection and response reflection (docs/method.md).
 
 Each prompt is a system + user chat: the system message holds the whole task (criteria and
 output format) and is the same for every pair, the user message holds the pair. A constant

@@ -38,7 +38,7 @@ REJECTED: dict[str, pl.DataType] = {
     "raw": pl.String,
 }
 
-# A teacher variant of a sample (METHOD.md: ins, res, ins_res), with everything the teacher
+# A teacher variant of a sample (docs/method.md: ins, res, ins_res), with everything the teacher
 # wrote: the raw text of every attempt, how parsing went, and what it cost.
 VARIANTS = ("orig", "ins", "res", "ins_res")
 PARSE_STATUSES = ("ok", "degenerate", "partial", "fallback")
@@ -58,7 +58,7 @@ VARIANT: dict[str, pl.DataType] = RECORD | {
     "completion_tokens": pl.Int64,
 }
 
-# Student scores of one pair (METHOD.md: losses are mean token NLL, PPL = exp(loss)).
+# Student scores of one pair (docs/method.md: losses are mean token NLL, PPL = exp(loss)).
 SCORE_COLUMNS = [
     "loss_q_direct",
     "loss_a_direct",

@@ -1,4 +1,4 @@
-"""Teacher reflection: from original pairs to the variants ins, res and ins_res (METHOD.md).
+"""Teacher reflection: from original pairs to the variants ins, res and ins_res (docs/method.md).
 
 Phase 1 asks the teacher for the instruction reflection (ins) and the response reflection of
 the original (res) together; phase 2 asks for the response reflection of each new pair

@@ -1,4 +1,4 @@
-"""Student scores: IFD and reversed-IFD of every pair (METHOD.md, "Student scores").
+"""Student scores: IFD and reversed-IFD of every pair (docs/method.md, "Student scores").
 
 This module decides *what* is scored: the four token sequences of a pair, their label spans
 and the reference truncation rules; and how the four mean losses become PPL, IFD and r-IFD.

@@ -1,5 +1,5 @@
 """Selection: the student keeps, per original sample, at most one of its four variants
-(METHOD.md, "Selection"), then an optional budget keeps the top fraction by IFD.
+(docs/method.md, "Selection"), then an optional budget keeps the top fraction by IFD.
 
 Every valid sample gets a decision: the branch it took, the variant chosen (or none), and
 the reason. Comparisons are strict and NaN fails every comparison, so a sample whose scores

@@ -13,7 +13,7 @@ from reflectune import oracle
 
 from .conftest import MODEL, ROOT
 
-# METHOD.md: win/win, win/tie, tie/win = win; win/lose, lose/win, tie/tie = tie; else loss
+# docs/method.md: win/win, win/tie, tie/win = win; win/lose, lose/win, tie/tie = tie; else loss
 EXPECTED = {
     ("win", "win"): "win", ("win", "tie"): "win", ("tie", "win"): "win",
     ("win", "lose"): "tie", ("lose", "win"): "tie", ("tie", "tie"): "tie",

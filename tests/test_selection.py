@@ -1,4 +1,4 @@
-"""The selection rule of METHOD.md, branch by branch, with ties, NaN and the budget."""
+"""The selection rule of docs/method.md, branch by branch, with ties, NaN and the budget."""
 
 import math
 

@@ -255,16 +255,13 @@ class FailsMidShardOnce:
 
 
 def test_a_scorer_failing_mid_shard_is_retried_and_changes_nothing(prefect_api, tmp_path, monkeypatch):
-    import shutil
-
     import reflectune.engines as engines
     from flows.recycle import recycle
 
-    common = dict(dataset=dataset(tmp_path), limit=4, shard_size=2, teacher={"max_new_tokens": 8},
+    # the cherry method: no teacher, so only scoring can differ
+    common = dict(dataset=dataset(tmp_path), limit=4, shard_size=2, selection={"method": "cherry", "budget": 0.5},
                   training={"enabled": False}, execution={"retries": 1, "retry_delay_seconds": 0})
     calm = recycle(RecycleParams(output=str(tmp_path / "calm"), **common))
-    # the disturbed run starts from the same teacher variants, so only scoring can differ
-    shutil.copytree(tmp_path / "calm" / "variants", tmp_path / "disturbed" / "variants")
     state = {"failed": False}
     real = engines.load_student
     monkeypatch.setattr(engines, "load_student", lambda *a, **kw: FailsMidShardOnce(real(*a, **kw), state))
