@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from reflectune import intake, io, preflight
+from reflectune import intake, io, preflight, records
 from reflectune.config import RecycleParams, StudentConfig, TeacherConfig, config_fields
 from reflectune.errors import Interrupted, ReflectuneError
 from reflectune.secrets import redact
@@ -202,7 +202,8 @@ def _models_prepare(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from reflectune import scoring
     from reflectune.config import VLLMConfig
-    from reflectune.engines import load_student, student_options
+    from reflectune.engine_options import student_options
+    from reflectune.engines import load_student
 
     cfg, data = _one_stage(StudentConfig, args)
     engine = load_student(cfg.engine, cfg.model, **student_options(cfg, VLLMConfig(), device=args.device))
@@ -239,18 +240,19 @@ def _one_stage(model: type[BaseModel], args: argparse.Namespace) -> tuple[Any, i
 
 def _write(table: Any, data: intake.Intake, out: str) -> str | None:
     """The stage's output, and the rejected input rows beside it; returns where those went."""
-    io.write_table(table, out)
+    records.write(table, out)
     if not data.rejected.height:
         return None
     rejected = _beside(out, "rejected")
-    io.write_table(data.rejected, rejected)
+    records.write(data.rejected, rejected)
     return rejected
 
 
 def _reflect(args: argparse.Namespace) -> int:
     from reflectune import reflection, stages
     from reflectune.config import VLLMConfig
-    from reflectune.engines import load_teacher, teacher_options
+    from reflectune.engine_options import teacher_options
+    from reflectune.engines import load_teacher
 
     cfg, data = _one_stage(TeacherConfig, args)
     if cfg.api_key_block:  # a Prefect block: the flow's tasks read it, this command does not talk to Prefect
@@ -501,7 +503,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                                  judge_base_url=args.base_url, judge_api_key_env=args.api_key_env,
                                  max_new_tokens=args.max_new_tokens, engine=args.engine)
     if args.out:
-        io.write_table(pl.DataFrame(result.rows), args.out)
+        records.write(pl.DataFrame(result.rows), args.out)
         io.write_json(result.summary, os.path.splitext(args.out)[0] + ".json")
     print(evaluation.render_table(result.summary))
     return 0

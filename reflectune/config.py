@@ -6,8 +6,6 @@ with these descriptions and defaults, and the parameters are validated before a 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -22,10 +20,6 @@ from reflectune.templates import TEMPLATES
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-    def digest(self) -> str:
-        """A short hash of the settings, part of output names and cache keys."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:10]
 
 
 class TeacherConfig(_Config):

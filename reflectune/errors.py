@@ -55,19 +55,3 @@ class BudgetExceededError(ReflectuneError):
 
 RESUME = ("Nothing of this shard was marked done: once the cause is fixed, rerun the same command (or Retry the "
           "flow run in the Prefect UI); finished shards are reused and only unfinished ones run again")
-
-
-def shard_failed(stage: str, shard: str, cause: BaseException) -> ReflectuneError:
-    """The error a shard task fails with: the cause itself where it already says what to do and
-    no retry can mend it; else the cause with how to resume, retried where it may pass."""
-    if isinstance(cause, ShardFailedError) or (isinstance(cause, ReflectuneError) and not cause.retryable):
-        return cause
-    from reflectune import progress
-
-    if progress.stop.is_set():  # an engine cut off by the user's Ctrl-C: not a failure to retry
-        return Interrupted(progress.INTERRUPTED)
-    from reflectune.secrets import redact
-
-    return ShardFailedError(f"the {stage} stage failed on shard {shard}: {type(cause).__name__}: {redact(str(cause))}. "
-                            f"{RESUME}",
-                            retryable=getattr(cause, "retryable", True))

@@ -84,14 +84,12 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
 
 
-def write_table(df: pl.DataFrame, uri: str) -> None:
-    """Write by extension: .parquet, .jsonl or .json (an array of objects)."""
+def write_table(df: pl.DataFrame, uri: str, metadata: dict[str, str] | None = None) -> None:
+    """Write by extension: .parquet (with `metadata` in its footer), .jsonl or .json (an array
+    of objects). The project's tables are written by records.write, which stamps their schema."""
     buf = io.BytesIO()
     if uri.endswith(".parquet"):
-        from reflectune.records import SCHEMA_KEY, SCHEMA_VERSION
-
-        # the schema version travels with the file: a reader of another version refuses it
-        df.write_parquet(buf, metadata={SCHEMA_KEY: str(SCHEMA_VERSION)})
+        df.write_parquet(buf, metadata=metadata)
     elif uri.endswith(".jsonl"):
         df.write_ndjson(buf)
     elif uri.endswith(".json"):

@@ -30,7 +30,7 @@ from typing import Any
 
 import polars as pl
 
-from reflectune import io
+from reflectune import io, records
 from reflectune.errors import BudgetExceededError
 from reflectune.records import JOURNAL
 from reflectune.reflection import NOT_SENT, Generation
@@ -186,7 +186,7 @@ class Journal:
             self._seq += 1
             uri = io.join(self.root, self._name("part", self._seq, rows))
             try:
-                io.write_table(pl.DataFrame(rows, schema=JOURNAL), uri)
+                records.write(pl.DataFrame(rows, schema=JOURNAL), uri)
             except BaseException:
                 with self._lock:  # kept for the next try
                     self._pending[:0] = rows
@@ -202,7 +202,7 @@ class Journal:
             self._thread.join(30)
         self.flush()
         if merge and self._parts:
-            io.write_table(pl.DataFrame(self._kept, schema=JOURNAL),
+            records.write(pl.DataFrame(self._kept, schema=JOURNAL),
                            io.join(self.root, self._name("merged", 0, self._kept)))
             for uri in self._parts:
                 io.remove(uri)

@@ -13,6 +13,7 @@ import json
 
 import polars as pl
 
+from reflectune import io
 from reflectune.errors import SchemaError
 
 # Written into every Parquet file's metadata under SCHEMA_KEY; a file of another version is
@@ -135,8 +136,10 @@ def check_columns(df: pl.DataFrame, required: dict[str, pl.DataType], stage: str
         )
 
 
-def empty(schema: dict[str, pl.DataType]) -> pl.DataFrame:
-    return pl.DataFrame(schema=schema)
+def write(df: pl.DataFrame, uri: str) -> None:
+    """Write a table by its extension (reflectune.io.write_table); a Parquet file carries the
+    schema version, so a reader of another version refuses it."""
+    io.write_table(df, uri, {SCHEMA_KEY: str(SCHEMA_VERSION)} if uri.endswith(".parquet") else None)
 
 
 def read(uri: str, schema: dict[str, pl.DataType], stage: str) -> pl.DataFrame:
@@ -145,8 +148,6 @@ def read(uri: str, schema: dict[str, pl.DataType], stage: str) -> pl.DataFrame:
     import io as _io
 
     import pyarrow.parquet as pq
-
-    from reflectune import io
 
     data = io.read_bytes(uri)
     metadata = pq.read_metadata(_io.BytesIO(data)).metadata or {}
@@ -161,8 +162,6 @@ def read(uri: str, schema: dict[str, pl.DataType], stage: str) -> pl.DataFrame:
                else "rerun the stage that writes it (or write to a new output folder)")
         raise SchemaError(f"{stage}: {uri} was written with schema v{version}, this Reflectune reads "
                           f"v{SCHEMA_VERSION}: {fix}.")
-    import polars as pl
-
     df = pl.read_parquet(_io.BytesIO(data))
     check_columns(df, schema, stage, uri)
     return df

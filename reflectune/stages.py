@@ -23,7 +23,7 @@ import polars as pl
 from reflectune import intake, io, journal, prompts, reflection, scoring, selection
 from reflectune.config import RecycleParams, StudentConfig, TeacherConfig
 from reflectune.records import (DECISION, PARSE_STATUSES, RECORD, REJECTED, SCORED, SELECTED, VARIANT, VARIANTS,
-                                check_columns, read)
+                                check_columns, read, write)
 
 TEACHER_FIELDS = ("model", "engine", "base_url", "max_new_tokens", "temperature", "top_p", "retry_temperature", "seed",
                   "repetition_penalty", "constrained")
@@ -72,9 +72,9 @@ def shard_dataset(params: RecycleParams) -> dict[str, Any]:
         uri = io.join(out, "shards", f"part-{index:05d}.parquet")
         content = _hash(part["sample_id"].to_list())
         if not _same_shard(uri, content):
-            io.write_table(part, uri)
+            write(part, uri)
         shards.append(Shard(index, uri, part.height, content))
-    io.write_table(data.rejected, io.join(out, "intake", "rejected.parquet"))
+    write(data.rejected, io.join(out, "intake", "rejected.parquet"))
     summary = {"source": params.dataset, **data.counts, "shards": [asdict(s) for s in shards]}
     io.write_json(summary, io.join(out, "intake", "summary.json"))
     return summary
@@ -192,7 +192,7 @@ def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any, jo
     finally:
         kept.close(merge=finished)
     check_columns(variants, VARIANT, "teacher output")
-    io.write_table(variants, target)
+    write(variants, target)
     status = variants.group_by("parse_status").len()
     http = {}
     if usage:  # an API engine: its HTTP attempts and 429s during this shard
@@ -227,7 +227,7 @@ def student_shard(shard: Shard, variants_at: str | None, target: str, cfg: Stude
     counts: dict[str, int] = {}
     scored = scoring.score_table(table, engine, cfg.template, cfg.max_length, advance, cfg.input_join, counts)
     check_columns(scored, SCORED, "student output")
-    io.write_table(scored, target)
+    write(scored, target)
     return _finish(ShardResult(shard.name, "student", target, records.height, False, time.perf_counter() - start, {
         "sequences": counts.get("sequences", 0),
         "sequences_scored": counts.get("sequences_scored", 0),
@@ -267,11 +267,11 @@ def select_and_write(params: RecycleParams, score_uris: list[str], intake_summar
         prompt_version=pl.col("variant").replace_strict(prompt_version, return_dtype=pl.String),
     )
     check_columns(selected, SELECTED, "selection output")
-    io.write_table(decisions, io.join(out, "decisions.parquet"))
-    io.write_table(selected, io.join(out, "selected.parquet"))
-    io.write_table(selected.select("instruction", "input", "output"), io.join(out, "selected.jsonl"))
+    write(decisions, io.join(out, "decisions.parquet"))
+    write(selected, io.join(out, "selected.parquet"))
+    write(selected.select("instruction", "input", "output"), io.join(out, "selected.jsonl"))
     rejected = read(io.join(out, "intake", "rejected.parquet"), REJECTED, "selection")
-    io.write_table(rejected, io.join(out, "rejected.parquet"))
+    write(rejected, io.join(out, "rejected.parquet"))
     branches = decisions.group_by("branch", "selected").len() if decisions.height else pl.DataFrame()
     per_branch = {f"{b}_{'kept' if s else 'dropped'}": int(n) for b, s, n in branches.iter_rows()} if branches.height else {}
     return {

@@ -18,7 +18,7 @@ from typing import Any
 
 import polars as pl
 
-from reflectune import intake, io
+from reflectune import intake, io, records
 from reflectune.errors import InputFileError
 
 SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet")
@@ -86,5 +86,5 @@ def record(root: str, batch: Batch) -> int:
     added = pl.DataFrame({"key": batch.keys, "source": batch.sources, "batch": [batch.name] * len(batch.keys),
                           "added_at": [now] * len(batch.keys)}, schema=LEDGER)
     ledger = pl.concat([read_ledger(root), added]).unique("key", keep="first", maintain_order=True)
-    io.write_table(ledger, io.join(root, "ledger.parquet"))
+    records.write(ledger, io.join(root, "ledger.parquet"))
     return ledger.height

@@ -70,7 +70,7 @@ def evaluate_students(params: RecycleParams) -> dict[str, Any]:
                                  template=params.student.template, judge_engine=ev.judge_engine,
                                  judge_base_url=ev.judge_base_url, max_new_tokens=ev.max_new_tokens,
                                  max_length=params.student.max_length)
-    io.write_table(pl.DataFrame(result.rows), io.join(out, "evaluation.parquet"))
+    records.write(pl.DataFrame(result.rows), io.join(out, "evaluation.parquet"))
     summary = {"evaluated": True, **result.summary, "baseline_training": metrics}
     io.write_json(summary, io.join(out, "evaluation.json"))
     get_run_logger().info("%s", evaluation.render_table(summary))

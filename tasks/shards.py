@@ -16,8 +16,22 @@ from prefect import get_run_logger, task
 
 from reflectune import progress, stages
 from reflectune.config import RecycleParams, TeacherConfig
-from reflectune.engines import pool, student_options, teacher_options
-from reflectune.errors import SettingError, shard_failed
+from reflectune.engine_options import student_options, teacher_options
+from reflectune.engines import pool
+from reflectune.errors import RESUME, Interrupted, ReflectuneError, SettingError, ShardFailedError
+from reflectune.secrets import redact
+
+
+def shard_failed(stage: str, shard: str, cause: BaseException) -> ReflectuneError:
+    """The error a shard task fails with: the cause itself where it already says what to do and
+    no retry can mend it; else the cause with how to resume, retried where it may pass."""
+    if isinstance(cause, ShardFailedError) or (isinstance(cause, ReflectuneError) and not cause.retryable):
+        return cause
+    if progress.stop.is_set():  # an engine cut off by the user's Ctrl-C: not a failure to retry
+        return Interrupted(progress.INTERRUPTED)
+    return ShardFailedError(f"the {stage} stage failed on shard {shard}: {type(cause).__name__}: {redact(str(cause))}. "
+                            f"{RESUME}",
+                            retryable=getattr(cause, "retryable", True))
 
 
 def _api_key(cfg: TeacherConfig) -> str | None:

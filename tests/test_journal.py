@@ -12,7 +12,7 @@ import time
 import polars as pl
 import pytest
 
-from reflectune import intake, io, journal, stages
+from reflectune import intake, journal, records, stages
 from reflectune.config import TeacherConfig
 from reflectune.emulator import Emulator
 from reflectune.engines.openai_compat import OpenAITeacher
@@ -47,7 +47,7 @@ def write_shards(tmp_path, size, limit=None):
     for index, start in enumerate(range(0, data.height, size)):
         part = data.slice(start, size)
         uri = str(tmp_path / "shards" / f"size{size}-{index}.parquet")
-        io.write_table(part, uri)
+        records.write(part, uri)
         shards.append(stages.Shard(index, uri, part.height, f"c{size}-{index}"))
     return shards
 

@@ -4,9 +4,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from reflectune import io
 from reflectune.errors import SchemaError
-from reflectune.records import DECISION, SCHEMA_KEY, SCHEMA_VERSION, SCORED, SELECTED, read
+from reflectune.records import DECISION, SCHEMA_KEY, SCHEMA_VERSION, SCORED, SELECTED, read, write
 
 
 def _selected(n=2):
@@ -23,17 +22,17 @@ def _write_with_version(df, path, version):
 
 def test_a_written_table_carries_its_version_and_reads_back(tmp_path):
     uri = str(tmp_path / "selected.parquet")
-    io.write_table(_selected(), uri)
+    write(_selected(), uri)
     assert pq.read_metadata(uri).metadata[SCHEMA_KEY.encode()] == str(SCHEMA_VERSION).encode()
     assert read(uri, SELECTED, "training").equals(_selected())
 
 
 def test_a_missing_or_renamed_column_is_refused_naming_file_and_column(tmp_path):
     uri = str(tmp_path / "selected.parquet")
-    io.write_table(_selected().drop("branch"), uri)
+    write(_selected().drop("branch"), uri)
     with pytest.raises(SchemaError, match=r"training: .*selected\.parquet.*column 'branch' is missing"):
         read(uri, SELECTED, "training")
-    io.write_table(_selected().rename({"ifd_ppl": "ifd"}), uri)
+    write(_selected().rename({"ifd_ppl": "ifd"}), uri)
     with pytest.raises(SchemaError, match=r"column 'ifd_ppl' is missing"):
         read(uri, SELECTED, "training")
 
@@ -65,10 +64,10 @@ def test_the_student_stage_refuses_variants_with_a_renamed_column(tmp_path):
     records = pl.DataFrame({"sample_id": ["a"], "source_index": [0], "instruction": ["Say hi."], "input": [""],
                             "output": ["Hi."]}, schema=RECORD)
     shard = tmp_path / "part-00000.parquet"
-    io.write_table(records, str(shard))
+    write(records, str(shard))
     variants = pl.DataFrame(schema=VARIANT).rename({"parse_status": "status"})
     at = tmp_path / "variants.parquet"
-    io.write_table(variants, str(at))
+    write(variants, str(at))
     with pytest.raises(SchemaError, match=r"student: .*variants\.parquet.*column 'parse_status' is missing"):
         stages.student_shard(stages.Shard(0, str(shard), 1, "x"), str(at), str(tmp_path / "scores.parquet"),
                              StudentConfig(), engine=None)

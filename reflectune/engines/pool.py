@@ -5,8 +5,7 @@ value, so a global there would be a fresh copy per task). Asking for an engine w
 model closes the ones held first, so a worker never holds two different models at once (a
 teacher and a student of the same model may both stay). A vLLM engine is keyed without its
 role: the teacher and the student of one model get the same engine when their options agree,
-which `engines.teacher_options` and `engines.student_options` make sure of. An engine whose
-work raised is closed and dropped, so a retry starts from a fresh one; `close_all` shuts
+which reflectune.engine_options makes sure of. An engine whose work raised is closed and dropped, so a retry starts from a fresh one; `close_all` shuts
 engines down explicitly (vLLM's engine processes do not end cleanly at exit otherwise).
 """
 
