@@ -65,7 +65,9 @@ browser:
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 	@test -x $(CHROMIUM) || { echo "Chromium is missing at $(CHROMIUM): install it (apt-get install chromium) or set CHROMIUM=PATH"; exit 1; }
 
+# The layers' contracts first (pyproject.toml's [tool.importlinter]): seconds, before the suite.
 test: setup browser
+	$(BIN)/lint-imports
 	REFLECTUNE_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q --durations=12 tests
 
 # Only the tests not marked slow (no servers, vLLM, training or flow runs): a few minutes.
