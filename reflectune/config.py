@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from reflectune.engines import STUDENT_ENGINES, TEACHER_ENGINES
 from reflectune.models import DEFAULT_MODEL
-from reflectune.reflection import CONSTRAINED, RETRY_TEMPERATURE
+from reflectune.reflection import CONSTRAINED, MAX_NEW_TOKENS, RETRY_TEMPERATURE
 from reflectune.secrets import has_userinfo
 from reflectune.selection import IFD_ONLY, METHODS, MODES
 from reflectune.templates import TEMPLATES
@@ -33,7 +33,7 @@ class TeacherConfig(_Config):
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
     api_key_block: str | None = Field(None, description="openai: name of a Prefect Secret block holding the API "
                                       "key; used instead of the environment when set.")
-    max_new_tokens: int = Field(2048, ge=1, description="Generation limit per request, as the reference: each "
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="Generation limit per request, as the reference: each "
                                 "request gets at most this and at most the teacher's context minus its prompt "
                                 "(vllm and transformers engines; an openai endpoint applies its own limit).")
     temperature: float = Field(0.0, ge=0, description="First attempt's temperature; 0 is greedy, as the reference.")

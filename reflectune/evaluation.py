@@ -157,7 +157,7 @@ def answer(engine: Any, tests: list[dict[str, str]], template: str, sampling: Sa
     """Each test instruction answered in `template`, as the student was trained; the chat
     template goes through the engine's chat path."""
     if template == "chat":
-        chats = [[{"role": "user", "content": templates.question(t["instruction"], t["input"], "newline")}] for t in tests]
+        chats = [[{"role": "user", "content": templates.user_turn(t["instruction"], t["input"])}] for t in tests]
         gens = engine.generate(chats, sampling)
     else:
         prompts = [templates.render(template, t["instruction"], t["input"]) for t in tests]

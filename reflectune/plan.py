@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reflectune import intake, prompts, scoring
+from reflectune.reflection import MAX_NEW_TOKENS
 
 # Tokens/s measured on the reference CPU host (2 cores, fp32) with SmolLM2-135M; scaled to
 # other models by parameter count. GPU rows follow the README's H100 estimates (bf16):
@@ -40,7 +41,7 @@ class Stage:
 
 def plan(uri: str, tokenizer: Any, *, column_map: dict[str, str] | None = None, limit: int | None = None,
          shard_size: int = 512, teacher_engine: str = "transformers", student_engine: str = "transformers",
-         template: str = "vicuna", max_length: int = 2048, max_new_tokens: int = 1024, epochs: float = 3.0,
+         template: str = "vicuna", max_length: int = 2048, max_new_tokens: int = MAX_NEW_TOKENS, epochs: float = 3.0,
          device: str = "cpu", teacher_params: float = PACKAGED_PARAMS, student_params: float = PACKAGED_PARAMS,
          analysis_tokens: int = 150, throughput: dict[str, float] | None = None, price_input_per_m: float = 0.0,
          price_output_per_m: float = 0.0, budget_tokens: int | None = None,

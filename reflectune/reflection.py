@@ -26,13 +26,15 @@ from reflectune.records import RECORD, VARIANT, VARIANTS
 
 KINDS = ("instruction", "response", "both")
 CONSTRAINED = ("auto", "on", "off")
+# new tokens a teacher request may write, as the reference allows (teacher.max_new_tokens)
+MAX_NEW_TOKENS = 2048
 
 
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
-    max_new_tokens: int = 1024
+    max_new_tokens: int = MAX_NEW_TOKENS
     seed: int | None = None
     repetition_penalty: float = 1.0
     # auto: enforce the output format where the engine can; on: fail where it cannot; off: never

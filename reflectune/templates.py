@@ -46,14 +46,19 @@ def check_template(name: str) -> None:
         raise ValueError(f"unknown template '{name}': choose one of {', '.join(TEMPLATES)}")
 
 
+def user_turn(instruction: str, input: str = "") -> str:
+    """The user's message of the `chat` template: the instruction, and the input after a blank
+    line. Scoring, training and evaluation all say it this way."""
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
 def render(name: str, instruction: str, input: str = "", tokenizer: Any = None) -> str:
     """P(x): the prompt text that precedes the response."""
     if name == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'chat' needs a student whose tokenizer has a chat template")
-        content = f"{instruction}\n\n{input}" if input else instruction
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": user_turn(instruction, input)}], add_generation_prompt=True, tokenize=False
         )
     check_template(name)
     plain, with_input = TEXT_TEMPLATES[name]

@@ -27,8 +27,7 @@ def examples(pairs: pl.DataFrame, template: str) -> list[dict[str, Any]]:
     rows = []
     for r in pairs.iter_rows(named=True):
         if template == "chat":
-            content = f"{r['instruction']}\n\n{r['input']}" if r["input"] else r["instruction"]
-            rows.append({"prompt": [{"role": "user", "content": content}],
+            rows.append({"prompt": [{"role": "user", "content": templates.user_turn(r["instruction"], r["input"])}],
                          "completion": [{"role": "assistant", "content": r["output"]}]})
         else:
             rows.append({"prompt": templates.render(template, r["instruction"], r["input"]), "completion": r["output"]})

@@ -17,3 +17,15 @@ def test_a_run_that_starts_writing_takes_back_the_finished_marks(tmp_path):
     assert len(summary["shards"]) == 2
     assert not [name for name in stages.FINISHED if (out / name).exists()]
     assert (out / "selected.jsonl").exists()
+
+
+def test_the_teacher_token_limit_has_one_default():
+    import inspect
+
+    from reflectune import plan
+    from reflectune.config import TeacherConfig
+    from reflectune.reflection import MAX_NEW_TOKENS, Sampling
+
+    defaults = {Sampling().max_new_tokens, TeacherConfig().max_new_tokens,
+                inspect.signature(plan.plan).parameters["max_new_tokens"].default}
+    assert defaults == {MAX_NEW_TOKENS} == {2048}
