@@ -217,8 +217,10 @@ def _gpu_batch(params: RecycleParams, stage: str, batch: list[dict[str, Any]], i
                               f"workers died. {RESUME}")
     if stage in ("train", "evaluate"):
         from reflectune import io
+        from reflectune.run_folder import RunFolder
 
-        return [io.read_json(io.join(params.output, "training.json" if stage == "train" else "evaluation.json"))]
+        folder = RunFolder(params.output)
+        return [io.read_json(folder.training if stage == "train" else folder.evaluation)]
     results = []
     for shard in batch:
         s = stages.Shard(**shard)

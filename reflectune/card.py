@@ -16,6 +16,7 @@ from typing import Any
 
 import polars as pl
 
+from reflectune import run_folder
 from reflectune.records import PARSE_STATUSES, VARIANTS
 
 METHOD_NAMES = {
@@ -56,7 +57,7 @@ CITATIONS = {
 # the papers a method rests on: IFD (Cherry LLM) is part of every method here but reflection
 CITE = {"selective": ("selective", "cherry"), "reflection": ("reflection",), "cherry": ("cherry",),
         "superfilter": ("superfilter", "cherry")}
-CONFIGS = (("default", "selected.parquet"), ("decisions", "decisions.parquet"), ("rejected", "rejected.parquet"))
+CONFIGS = (("default", run_folder.SELECTED), ("decisions", run_folder.DECISIONS), ("rejected", run_folder.REJECTED))
 
 
 def render(manifest: dict[str, Any], decisions: pl.DataFrame) -> str:
@@ -200,11 +201,6 @@ def _evaluation(ev: dict[str, Any]) -> list[str]:
             f"{loss(ev.get('heldout_loss_baseline'))} |", ""]
 
 
-# what a published dataset holds: the card, the data, and the run's account of itself
-PUBLISHED = ("README.md", "selected.parquet", "selected.jsonl", "decisions.parquet", "rejected.parquet",
-             "manifest.json", "report.html")
-
-
 def publish(folder: str, repo: str, token_env: str = "HF_TOKEN", private: bool = False) -> str:
     """Push a finished run's folder to the hub as dataset `repo`; its URL. Fails with a message
     that says what to do when the folder is not a finished run or the hub cannot be reached."""
@@ -212,7 +208,7 @@ def publish(folder: str, repo: str, token_env: str = "HF_TOKEN", private: bool =
 
     if "://" in folder and not folder.startswith("file://"):
         raise ReflectuneError(f"publish reads a local folder; {folder} is remote: copy it here first")
-    missing = [name for name in ("README.md", "selected.parquet", "manifest.json")
+    missing = [name for name in (run_folder.CARD, run_folder.SELECTED, run_folder.MANIFEST)
                if not os.path.exists(os.path.join(folder, name))]
     if missing:
         raise ReflectuneError(f"{folder} is not a finished run's output ({', '.join(missing)} missing): the card "
@@ -222,7 +218,7 @@ def publish(folder: str, repo: str, token_env: str = "HF_TOKEN", private: bool =
     api = HfApi(token=os.environ.get(token_env) or None)
     try:
         api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
-        api.upload_folder(folder_path=folder, repo_id=repo, repo_type="dataset", allow_patterns=list(PUBLISHED),
+        api.upload_folder(folder_path=folder, repo_id=repo, repo_type="dataset", allow_patterns=list(run_folder.PUBLISHED),
                           commit_message="Dataset written by Reflectune")
     except Exception as exc:  # no network, no token, no rights: all end here with the same advice
         cause = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__

@@ -474,16 +474,19 @@ def _report(args: argparse.Namespace) -> int:
 
     import json
 
-    if not io.exists(io.join(args.dir, "manifest.json")):
-        raise ReflectuneError(f"{args.dir}: no manifest.json: give the output folder of a finished recycle run")
+    from reflectune import run_folder
+
+    folder = run_folder.RunFolder(args.dir)
+    if not io.exists(folder.manifest):
+        raise ReflectuneError(f"{args.dir}: no {run_folder.MANIFEST}: give the output folder of a finished recycle run")
     try:
-        manifest = io.read_json(io.join(args.dir, "manifest.json"))
+        manifest = io.read_json(folder.manifest)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ReflectuneError(f"{args.dir}/manifest.json is not valid JSON (cut short?): run the recycle command "
+        raise ReflectuneError(f"{folder.manifest} is not valid JSON (cut short?): run the recycle command "
                               "into this folder again to write it anew (finished shards are reused)") from None
-    missing = [name for name in ("decisions.parquet",) if not io.exists(io.join(args.dir, name))]
+    missing = [run_folder.DECISIONS] if not io.exists(folder.decisions) else []
     if missing or not isinstance(manifest, dict) or "counts" not in manifest:
-        what = f"{', '.join(missing)} is missing" if missing else "manifest.json is not a run's manifest"
+        what = f"{', '.join(missing)} is missing" if missing else f"{run_folder.MANIFEST} is not a run's manifest"
         raise ReflectuneError(f"{args.dir}: {what}: the run did not finish there; run the recycle command into "
                               "this folder again (finished shards are reused)")
     print(report.write(args.dir, manifest, price_in=args.price_in, price_out=args.price_out))

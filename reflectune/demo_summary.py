@@ -8,10 +8,11 @@ import sys
 import polars as pl
 
 from reflectune import io
+from reflectune.run_folder import RunFolder
 
 
 def main(out: str) -> None:
-    decisions = io.read_parquet(io.join(out, "decisions.parquet"))
+    decisions = io.read_parquet(RunFolder(out).decisions)
     with pl.Config(tbl_rows=10, fmt_str_lengths=48, tbl_width_chars=160):
         print(decisions.select("source_index", "orig_instruction", "orig_ifd_ppl", "orig_rifd_ppl", "branch", "chosen")
               .head(10))

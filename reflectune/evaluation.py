@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reflectune import formats, io, templates
+from reflectune import formats, io, records, templates, training
+from reflectune.config import RecycleParams
 from reflectune.errors import InputFileError
 from reflectune.reflection import Sampling
+from reflectune.run_folder import RunFolder
 
 BUNDLED_TEST_SET = Path(__file__).resolve().parent / "data" / "test_set.jsonl"
 JUDGE_VERSION = "pairwise-judge/v2"
@@ -249,3 +251,28 @@ def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, s
         judge_engine_.close()
     return Result(models.model_id(model), models.model_id(baseline), getattr(judge_engine_, "teacher_id", judge_spec),
                   rows, losses["model"], losses["baseline"])
+
+
+def evaluate_run(params: RecycleParams) -> dict[str, Any]:
+    """A run's evaluation: a baseline student trained with
+    the same settings on as many original pairs as were selected, sampled with the
+    evaluation's seed; both students answer the test set and the judge compares them in both
+    orders. The verdicts and the summary are written to the run folder."""
+    import polars as pl
+
+    ev, out = params.evaluation, RunFolder(params.output)
+    selected = records.read(out.selected, records.SELECTED, "evaluation")
+    originals = records.read(out.decisions, records.DECISION, "evaluation").select(
+        instruction="orig_instruction", input="orig_input", output="orig_output")
+    budget = originals.sample(n=min(selected.height, originals.height), seed=ev.seed, shuffle=True)
+    metrics = training.train(budget, params.student, params.training, out.baseline_model)
+    if not metrics.get("trained"):
+        return {"evaluated": False, "reason": f"baseline not trained: {metrics.get('reason')}"}
+    tests = load_test_set(ev.test_set)[: ev.limit]
+    result = evaluate(out.model, out.baseline_model, ev.judge, tests, template=params.student.template,
+                      judge_engine=ev.judge_engine, judge_base_url=ev.judge_base_url,
+                      max_new_tokens=ev.max_new_tokens, max_length=params.student.max_length)
+    records.write(pl.DataFrame(result.rows), out.evaluation_table)
+    summary = {"evaluated": True, **result.summary, "baseline_training": metrics}
+    io.write_json(summary, out.evaluation)
+    return summary

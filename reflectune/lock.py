@@ -22,10 +22,10 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
-from reflectune import io
+from reflectune import io, run_folder
 from reflectune.errors import ReflectuneError
 
-NAME = ".reflectune-lock.json"
+NAME = run_folder.LOCK
 HEARTBEAT = 30.0
 STALE = 120.0
 
@@ -36,7 +36,7 @@ class OutputInUse(ReflectuneError):
 
 @contextmanager
 def hold(folder: str) -> Iterator[None]:
-    uri = io.join(folder, NAME)
+    uri = run_folder.RunFolder(folder).lock
     claim = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
              "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "beat": time.time()}
     held = _read(uri)

@@ -14,6 +14,7 @@ import polars as pl
 from reflectune import io
 from reflectune import manifest as run
 from reflectune.records import VARIANTS
+from reflectune.run_folder import RunFolder
 
 COLOURS = {"orig": "#4c78a8", "ins": "#f58518", "res": "#54a24b", "ins_res": "#b279a2"}
 LIMIT = 2.0  # IFD and r-IFD axes run 0..2; larger values are drawn at the edge
@@ -22,11 +23,12 @@ LIMIT = 2.0  # IFD and r-IFD axes run 0..2; larger values are drawn at the edge
 def write(out: str, manifest: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None,
           price_in: float = 0.0, price_out: float = 0.0) -> str:
     """Build the report from the outputs in `out` and write `out/report.html`; returns its URI."""
-    manifest = manifest or io.read_json(io.join(out, "manifest.json"))
-    if evaluation is None and io.exists(io.join(out, "evaluation.json")):
-        evaluation = io.read_json(io.join(out, "evaluation.json"))
-    decisions = io.read_parquet(io.join(out, "decisions.parquet"))
-    uri = io.join(out, "report.html")
+    folder = RunFolder(out)
+    manifest = manifest or io.read_json(folder.manifest)
+    if evaluation is None and io.exists(folder.evaluation):
+        evaluation = io.read_json(folder.evaluation)
+    decisions = io.read_parquet(folder.decisions)
+    uri = folder.report
     io.write_bytes(uri, render(decisions, manifest, evaluation, price_in, price_out).encode("utf-8"))
     return uri
 

@@ -24,6 +24,7 @@ from reflectune import intake, io, journal, prompts, reflection, scoring, select
 from reflectune.config import RecycleParams, StudentConfig, TeacherConfig
 from reflectune.records import (DECISION, PARSE_STATUSES, RECORD, REJECTED, SCORED, SELECTED, VARIANT, VARIANTS,
                                 check_columns, read, write)
+from reflectune.run_folder import FINISHED, RunFolder, shard_name
 
 TEACHER_FIELDS = ("model", "engine", "base_url", "max_new_tokens", "temperature", "top_p", "retry_temperature", "seed",
                   "repetition_penalty", "constrained")
@@ -39,7 +40,7 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return f"part-{self.index:05d}"
+        return shard_name(self.index)
 
 
 @dataclass
@@ -55,28 +56,24 @@ class ShardResult:
 
 # -- intake and sharding -----------------------------------------------------------------------
 
-# what says "this folder is a finished run": written last, removed when a run starts writing
-FINISHED = ("manifest.json", "README.md", "report.html")
-
-
 def shard_dataset(params: RecycleParams) -> dict[str, Any]:
     """Validate the input, write the shards and the rejected rows; return the intake summary.
     A run that starts writing first takes back what said an earlier run had finished here."""
     data = intake.load(params.dataset, intake.parse_column_map(params.column_map), params.limit)
-    out = params.output
+    out = RunFolder(params.output)
     for name in FINISHED:
-        io.remove(io.join(out, name))
+        io.remove(out.file(name))
     shards = []
     for index, start in enumerate(range(0, data.valid.height, params.shard_size)):
         part = data.valid.slice(start, params.shard_size)
-        uri = io.join(out, "shards", f"part-{index:05d}.parquet")
+        uri = out.shard(index)
         content = _hash(part["sample_id"].to_list())
         if not _same_shard(uri, content):
             write(part, uri)
         shards.append(Shard(index, uri, part.height, content))
-    write(data.rejected, io.join(out, "intake", "rejected.parquet"))
+    write(data.rejected, out.intake_rejected)
     summary = {"source": params.dataset, **data.counts, "shards": [asdict(s) for s in shards]}
-    io.write_json(summary, io.join(out, "intake", "summary.json"))
+    io.write_json(summary, out.intake_summary)
     return summary
 
 
@@ -124,9 +121,9 @@ def target(params: RecycleParams, shard: Shard, stage: str) -> str:
     # methods without a teacher score the originals alone
     teacher = teacher_key(shard, params.teacher) if params.selection.uses_teacher else "no-teacher"
     if stage == "teacher":
-        return io.join(params.output, "variants", f"{shard.name}.{teacher}.parquet")
+        return RunFolder(params.output).variants(shard.name, teacher)
     if stage == "student":
-        return io.join(params.output, "scores", f"{shard.name}.{student_key(shard, params.scorer, teacher)}.parquet")
+        return RunFolder(params.output).scores(shard.name, student_key(shard, params.scorer, teacher))
     raise ValueError(f"unknown shard stage '{stage}': choose one of {', '.join(SHARD_STAGES)}")
 
 
@@ -162,7 +159,7 @@ def teacher_sampling(cfg: TeacherConfig) -> tuple[reflection.Sampling, reflectio
 
 def journal_root(params: RecycleParams) -> str:
     """The run's request journal: every teacher generation that returned (reflectune.journal)."""
-    return io.join(params.output, "journal")
+    return RunFolder(params.output).journal
 
 
 def teacher_budget(cfg: TeacherConfig) -> journal.Budget | None:
@@ -250,7 +247,7 @@ def long_table(records: pl.DataFrame, variants: pl.DataFrame) -> pl.DataFrame:
 
 def select_and_write(params: RecycleParams, score_uris: list[str], intake_summary: dict[str, Any],
                      teacher_id: str, student_id: str) -> dict[str, Any]:
-    out = params.output
+    folder = RunFolder(params.output)
     sel = params.selection
     if score_uris:
         scored = pl.concat([read(u, SCORED, "selection") for u in score_uris])
@@ -267,11 +264,10 @@ def select_and_write(params: RecycleParams, score_uris: list[str], intake_summar
         prompt_version=pl.col("variant").replace_strict(prompt_version, return_dtype=pl.String),
     )
     check_columns(selected, SELECTED, "selection output")
-    write(decisions, io.join(out, "decisions.parquet"))
-    write(selected, io.join(out, "selected.parquet"))
-    write(selected.select("instruction", "input", "output"), io.join(out, "selected.jsonl"))
-    rejected = read(io.join(out, "intake", "rejected.parquet"), REJECTED, "selection")
-    write(rejected, io.join(out, "rejected.parquet"))
+    write(decisions, folder.decisions)
+    write(selected, folder.selected)
+    write(selected.select("instruction", "input", "output"), folder.selected_jsonl)
+    write(read(folder.intake_rejected, REJECTED, "selection"), folder.rejected)
     branches = decisions.group_by("branch", "selected").len() if decisions.height else pl.DataFrame()
     per_branch = {f"{b}_{'kept' if s else 'dropped'}": int(n) for b, s, n in branches.iter_rows()} if branches.height else {}
     return {

@@ -19,6 +19,7 @@ from typing import Any
 import polars as pl
 
 from reflectune import intake, io, records
+from reflectune.run_folder import RecyclingRoot
 from reflectune.errors import InputFileError
 
 SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet")
@@ -51,7 +52,7 @@ def row_key(row: Any) -> str:
 
 
 def read_ledger(root: str) -> pl.DataFrame:
-    uri = io.join(root, "ledger.parquet")
+    uri = RecyclingRoot(root).ledger
     return io.read_parquet(uri) if io.exists(uri) else pl.DataFrame(schema=LEDGER)
 
 
@@ -73,11 +74,11 @@ def new_batch(location: str, root: str, column_map: dict[str, str] | None = None
     if not rows:
         return None
     name = "batch-" + hashlib.sha256("".join(sorted(keys)).encode()).hexdigest()[:12]
-    batch_input = io.join(root, "inputs", f"{name}.jsonl")
+    batch_input = RecyclingRoot(root).batch_input(name)
     if not io.exists(batch_input):
         text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
         io.write_bytes(batch_input, text.encode("utf-8"))
-    return Batch(name, batch_input, io.join(root, "runs", name), keys, sources, len(files), skipped)
+    return Batch(name, batch_input, RecyclingRoot(root).run(name), keys, sources, len(files), skipped)
 
 
 def record(root: str, batch: Batch) -> int:
@@ -86,5 +87,5 @@ def record(root: str, batch: Batch) -> int:
     added = pl.DataFrame({"key": batch.keys, "source": batch.sources, "batch": [batch.name] * len(batch.keys),
                           "added_at": [now] * len(batch.keys)}, schema=LEDGER)
     ledger = pl.concat([read_ledger(root), added]).unique("key", keep="first", maintain_order=True)
-    records.write(ledger, io.join(root, "ledger.parquet"))
+    records.write(ledger, RecyclingRoot(root).ledger)
     return ledger.height
