@@ -39,20 +39,19 @@ def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
 
 
 def _pipeline(params: RecycleParams) -> dict[str, Any]:
+    """The paper's pipeline: intake, reflect, score, select, train, evaluate, record."""
     log = get_run_logger()
     started = time.perf_counter()
     loads_before = len(pool.load_seconds)
-    # every step reads or writes the output location (maybe S3): each retries on its own
-    summary = with_retries(intake_and_shard, params)(params)
+    place = _Placement(params)
+
+    summary = place.here(intake_and_shard)(params)
     progress.check()
     shards = summary["shards"]
-    tracker = _Tracker(len(_stages(params)) * len(shards))
 
+    # the teacher reflects on every shard, the student scores every shard's variants
     try:
-        if params.execution.mode == "cluster":
-            results = _run_cluster(params, shards, tracker)
-        else:
-            results = _run_local(params, shards, tracker)
+        results = place.shard_stages(shards, _Tracker(len(_stages(params)) * len(shards)))
     except BudgetExceededError as exc:
         raise _budget_stop(params, shards, exc) from None
     pool.close_all()  # the student engine is not needed past this point
@@ -60,22 +59,16 @@ def _pipeline(params: RecycleParams) -> dict[str, Any]:
     student_results = sorted((r for r in results if r["stage"] == "student"), key=lambda r: r["shard"])
     teacher_id = stages.model_identity(params.teacher) if params.selection.uses_teacher else None
     student_id = stages.model_identity(params.student)
-    counts = with_retries(select_and_write, params)(params, [r["uri"] for r in student_results], summary,
-                                                    teacher_id, student_id)
+    counts = place.here(select_and_write)(params, [r["uri"] for r in student_results], summary, teacher_id,
+                                          student_id)
 
     train_metrics: dict[str, Any] = {"trained": False, "reason": "training disabled"}
     if params.training.enabled:
-        if params.execution.mode == "cluster":
-            train_metrics = _gpu_batch(params, "train", [], 0)[0]
-        else:
-            train_metrics = with_retries(train_student, params)(params)
+        train_metrics = place.on_gpu("train", train_student)
 
     evaluation: dict[str, Any] = {"evaluated": False, "reason": "evaluation disabled"}
     if params.evaluation.enabled and train_metrics.get("trained"):
-        if params.execution.mode == "cluster":
-            evaluation = _gpu_batch(params, "evaluate", [], 0)[0]
-        else:
-            evaluation = with_retries(evaluate_students, params)(params)
+        evaluation = place.on_gpu("evaluate", evaluate_students)
 
     manifest = run.build(params, results, counts, train_metrics, evaluation, teacher=teacher_id, student=student_id,
                          scorer=stages.model_identity(params.scorer),
@@ -83,13 +76,39 @@ def _pipeline(params: RecycleParams) -> dict[str, Any]:
                          engine_load_seconds=sum(pool.load_seconds[loads_before:]),
                          seconds=time.perf_counter() - started,
                          journal=journal.spend(stages.journal_root(params)))
-    manifest["report"] = with_retries(write_report, params)(params, manifest)
-    manifest["card"] = with_retries(write_card, params)(params, manifest)
-    with_retries(write_manifest, params)(params, manifest)
+    manifest["report"] = place.here(write_report)(params, manifest)
+    manifest["card"] = place.here(write_card)(params, manifest)
+    place.here(write_manifest)(params, manifest)  # last: its presence means the run finished
     _artifacts(params, manifest)
     log.info("recycled %s -> %s: %d of %d valid samples selected", params.dataset, params.output,
              counts["selected_rows"], counts["valid_rows"])
     return manifest
+
+
+class _Placement:
+    """Where each step runs, and its retries: decided here, once. Local mode runs everything in
+    this process (the shard tasks a bounded number at a time). Cluster mode runs the shard
+    stages, training and evaluation as GPU batch runs on the GPU work pool, and the rest here.
+    Every step reads or writes the output location (maybe S3), so each retries on its own."""
+
+    def __init__(self, params: RecycleParams):
+        self.params = params
+        self.cluster = params.execution.mode == "cluster"
+
+    def here(self, task_fn):
+        """`task_fn` in this process, with the run's retries."""
+        return with_retries(task_fn, self.params)
+
+    def shard_stages(self, shards: list[dict[str, Any]], tracker: _Tracker) -> list[dict[str, Any]]:
+        if self.cluster:
+            return _run_cluster(self.params, shards, tracker)
+        return _run_local(self.params, shards, tracker)
+
+    def on_gpu(self, step: str, task_fn) -> dict[str, Any]:
+        """A whole-run step that needs the device (training, evaluation): its result."""
+        if self.cluster:
+            return _gpu_batch(self.params, step, [], 0)[0]
+        return self.here(task_fn)(self.params)
 
 
 def _budget_stop(params: RecycleParams, shards: list[dict[str, Any]], exc: BudgetExceededError) -> BudgetExceededError:
