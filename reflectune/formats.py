@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from reflectune.variants import REFLECTIONS
+
 # Characters per token assumed when sizing fields from a token budget: English prose runs at
 # about 4; 3.5 leaves room for code and numbers.
 CHARS_PER_TOKEN = 3.5
@@ -46,7 +48,7 @@ class OutputFormat:
 MARKERS = {"new_instruction": "New Instruction", "new_answer": "New Answer", "better_answer": "Better Answer"}
 # share of the character budget: (analysis, each field in order)
 SHARES = {"ins": (0.25, (0.2, 0.5)), "res": (0.3, (0.65,))}
-FIELDS = {"ins": ("new_instruction", "new_answer"), "res": ("better_answer",)}
+FIELDS = REFLECTIONS
 
 
 def teacher_format(kind: str, max_new_tokens: int) -> OutputFormat:

@@ -13,7 +13,7 @@ import json
 
 import polars as pl
 
-from reflectune import io
+from reflectune import io, variants
 from reflectune.errors import SchemaError
 
 # Written into every Parquet file's metadata under SCHEMA_KEY; a file of another version is
@@ -41,7 +41,7 @@ REJECTED: dict[str, pl.DataType] = {
 
 # A teacher variant of a sample (docs/method.md: ins, res, ins_res), with everything the teacher
 # wrote: the raw text of every attempt, how parsing went, and what it cost.
-VARIANTS = ("orig", "ins", "res", "ins_res")
+VARIANTS = variants.NAMES
 PARSE_STATUSES = ("ok", "degenerate", "partial", "fallback")
 VARIANT: dict[str, pl.DataType] = RECORD | {
     "variant": pl.String,

@@ -23,6 +23,7 @@ import polars as pl
 
 from reflectune import formats, parsing, prompts
 from reflectune.records import RECORD, VARIANT, VARIANTS
+from reflectune.variants import BY_NAME
 
 KINDS = ("instruction", "response", "both")
 CONSTRAINED = ("auto", "on", "off")
@@ -172,7 +173,7 @@ def _run(jobs: list[_Job], teacher: TeacherEngine, sampling: Sampling, retry: Sa
         chats = [_chat(job) for job in pending]
         wanted = None
         if params.constrained != "off":
-            wanted = [formats.teacher_format("ins" if job.variant == "ins" else "res", params.max_new_tokens)
+            wanted = [formats.teacher_format(BY_NAME[job.variant].reflection, params.max_new_tokens)
                       for job in pending]
         generations = teacher.generate(chats, params, progress, wanted)
         failed = []
@@ -198,18 +199,18 @@ def _usable(job: _Job, parsed: parsing.Parsed) -> bool:
 
 def _chat(job: _Job) -> prompts.Messages:
     b = job.base
-    if job.variant == "ins":
+    if BY_NAME[job.variant].reflection == "ins":
         return prompts.instruction_reflection(b["instruction"], b["input"], b["output"])
     return prompts.response_reflection(b["instruction"], b["input"], b["output"])
 
 
 def _parse(job: _Job, gen: Generation) -> parsing.Parsed:
-    wanted = ("new_instruction", "new_answer") if job.variant == "ins" else ("better_answer",)
+    wanted = BY_NAME[job.variant].fields
     if gen.error is not None:
         return parsing.Parsed(problems={name: f"request failed: {gen.error}" for name in wanted})
     text = gen.text
     if gen.constrained == "json_schema":  # the fields came back as JSON: read them as marked text
-        text = formats.from_json(text, formats.teacher_format("ins" if job.variant == "ins" else "res", 1)) or text
+        text = formats.from_json(text, formats.teacher_format(BY_NAME[job.variant].reflection, 1)) or text
     return parsing.parse(text, wanted, cut_off=gen.finish_reason == "length")
 
 
@@ -239,11 +240,10 @@ def _finish(job: _Job, parsed: parsing.Parsed, teacher_id: str) -> dict:
             "input": "" if instruction is not None else b["input"],
             "output": output if output is not None else b["output"],
         }
-        version = prompts.INSTRUCTION_VERSION
     else:
         output = parsed.fields.get("better_answer")
         fields = {"instruction": b["instruction"], "input": b["input"], "output": output if output is not None else b["output"]}
-        version = prompts.RESPONSE_VERSION
+    version = BY_NAME[job.variant].prompt_version
     for name in parsed.cut:
         parsed.problems[name] = "cut off at the token limit, kept as written"
     if not parsed.problems:

@@ -25,6 +25,7 @@ from reflectune.config import RecycleParams, StudentConfig, TeacherConfig
 from reflectune.records import (DECISION, PARSE_STATUSES, RECORD, REJECTED, SCORED, SELECTED, VARIANT, VARIANTS,
                                 check_columns, read, write)
 from reflectune.run_folder import FINISHED, RunFolder, shard_name
+from reflectune.variants import BY_NAME
 
 TEACHER_FIELDS = ("model", "engine", "base_url", "max_new_tokens", "temperature", "top_p", "retry_temperature", "seed",
                   "repetition_penalty", "constrained")
@@ -256,8 +257,7 @@ def select_and_write(params: RecycleParams, score_uris: list[str], intake_summar
         decisions = pl.DataFrame(schema=DECISION)
     check_columns(decisions, DECISION, "selection output")
     chosen = selection.selected_rows(decisions)
-    prompt_version = {"ins": prompts.INSTRUCTION_VERSION, "ins_res": prompts.RESPONSE_VERSION,
-                      "res": prompts.RESPONSE_VERSION, "orig": None}
+    prompt_version = {name: v.prompt_version for name, v in BY_NAME.items()}
     selected = chosen.with_columns(
         teacher=pl.when(pl.col("variant") == "orig").then(None).otherwise(pl.lit(teacher_id, pl.String)),
         student=pl.lit(student_id),
