@@ -63,11 +63,12 @@ def _end(proc: subprocess.Popen, home: Path) -> None:
     shutil.rmtree(home, ignore_errors=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Terminate a server process; kill it if it has not ended after `grace` seconds."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(10)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

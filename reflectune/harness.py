@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from reflectune import api_server
+
 BIN = Path(sys.executable).parent
 
 
@@ -58,12 +60,7 @@ def prefect_server(home: Path) -> Iterator[dict]:
             wait_http(f"{url}/health", 120)
             yield {"url": url, "ui": f"http://127.0.0.1:{port}", "home": home, "log": home / "server.log"}
         finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            api_server.stop(proc, grace=20)
 
 
 class Cluster:
