@@ -84,29 +84,17 @@ class Cluster:
         return done.stdout + done.stderr
 
     def deploy(self, heartbeat: int | None = None, grace: int | None = None) -> str:
-        """`reflectune cluster setup`, every deployment of deployments/prefect.yaml, an
-        orchestrator worker on the reflectune pool and two workers on the GPU pool. A
-        `heartbeat` other than the deployment file's is set on the GPU deployment (a test that
-        waits for a crash waits less). Returns what the setup printed."""
+        """`reflectune cluster setup` (its heartbeat and grace when given), every deployment of
+        deployments/prefect.yaml, an orchestrator worker on the reflectune pool and two
+        workers on the GPU pool. Returns what the setup printed."""
         setup = [*(["--heartbeat", str(heartbeat)] if heartbeat else []), *(["--grace", str(grace)] if grace else [])]
         out = self.command(str(BIN / "reflectune"), "cluster", "setup", *setup)
         self.command(str(BIN / "prefect"), "--no-prompt", "deploy", "--all",
                      "--prefect-file", "deployments/prefect.yaml")
-        if heartbeat:
-            self._heartbeat(heartbeat)
         self.start_worker("orchestrator", "reflectune", 4)
         self.start_worker("gpu-a", "gpu", 1)
         self.start_worker("gpu-b", "gpu", 1)
         return out
-
-    def _heartbeat(self, seconds: int) -> None:
-        from prefect.client.schemas.actions import DeploymentUpdate
-
-        with api(self) as client:
-            dep = client.read_deployment_by_name("reflectune-gpu-batch/gpu")
-            variables = dict(dep.job_variables or {})
-            variables["env"] = {**variables.get("env", {}), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(seconds)}
-            client.update_deployment(dep.id, DeploymentUpdate(job_variables=variables))
 
     def start_worker(self, name: str, pool: str, limit: int) -> None:
         log = open(self.root / f"worker-{name}.log", "a")

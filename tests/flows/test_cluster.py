@@ -18,9 +18,9 @@ from reflectune.harness import Cluster, api, write_rows
 from ..conftest import ROOT, SAMPLE
 
 CHROMIUM = os.environ.get("REFLECTUNE_CHROMIUM", "/usr/bin/chromium")
-# the GPU batch runs beat every 10 s and are Crashed 30 s after a missed beat: the killed
-# worker's run is found in 40 s rather than the deployment file's 90
-HEARTBEAT, GRACE = 10, 30
+# the GPU batch runs beat every 30 s (the deployment file's, Prefect's least) and are Crashed
+# 30 s after a missed beat: the killed worker's run is found in 60 s rather than the default 90
+HEARTBEAT, GRACE = 30, 30
 FAST = {"teacher": {"max_new_tokens": 8}, "selection": {"mode": "paper"}, "training": {"enabled": False}}
 
 
@@ -84,7 +84,7 @@ def test_deployments_are_on_the_server_with_their_pools(cluster):
     [schedule] = rerecycle.schedules
     assert schedule.schedule.cron == "0 3 * * *" and schedule.active
     assert schedule.parameters["params"]["dataset"] == str(cluster.watch)
-    # the GPU batch runs beat as often as the automation expects (the file's 30 s, here the test's)
+    # the GPU batch runs beat as often as the automation expects
     assert gpu.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT)
     assert len(automations) == 1 and automations[0].trigger.within == timedelta(seconds=HEARTBEAT + GRACE)
     # only GPU batch runs are crashed by it: the orchestrating run's late heartbeat is left alone
