@@ -7,12 +7,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
 
 from reflectune import intake, io, preflight, records
+from reflectune.cli_options import (RECYCLE_HELP, RECYCLE_SECTION_SHORTCUTS, RECYCLE_SHORTCUTS, _config,
+                                    _config_options, _default, _dotted, recycle_params)
+from reflectune.cli_progress import _progress, _RunBars
 from reflectune.config import RecycleParams, StudentConfig, TeacherConfig, config_fields
 from reflectune.errors import Interrupted, ReflectuneError
 from reflectune.secrets import redact
@@ -20,32 +22,6 @@ from reflectune.engines import STUDENT_ENGINES, TEACHER_ENGINES
 from reflectune.models import DEFAULT_MODEL
 from reflectune.reflection import KINDS
 from reflectune.templates import DEFAULT_TEMPLATE, TEMPLATES
-
-
-RECYCLE_HELP = """The whole pipeline as the Prefect flow `reflectune-recycle`: every parameter of the flow's
-form is an option, by its dotted name (--selection.budget 0.05, or selection.budget=0.05), with
-the form's description; --params FILE.json gives many at once and options override it. The
-everyday ones have short names (--teacher for --teacher.model, --no-train for
---no-training.enabled). Rerunning with the same parameters resumes: finished shards are not
-redone."""
-
-# Everyday options' short names: each is another name of one RecycleParams field.
-RECYCLE_SHORTCUTS = {
-    "output": "out", "shard_size": "shard-size",
-    "teacher.engine": "teacher-engine", "teacher.base_url": "base-url", "teacher.api_key_env": "api-key-env",
-    "teacher.request_retries": "request-retries", "teacher.max_new_tokens": "max-new-tokens",
-    "teacher.constrained": "constrained",
-    "student.engine": "student-engine", "student.template": "template", "student.input_join": "input-join",
-    "selection.method": "method", "selection.budget": "budget", "selection.scorer": "scorer",
-    "training.enabled": "train", "training.epochs": "epochs", "training.learning_rate": "learning-rate",
-    "training.batch_size": "batch-size", "training.per_device_batch_size": "per-device-batch-size",
-    "training.max_length": "train-max-length", "training.lora": "lora",
-    "evaluation.enabled": "evaluate", "evaluation.judge": "judge", "evaluation.judge_engine": "judge-engine",
-    "evaluation.limit": "eval-limit", "evaluation.max_new_tokens": "eval-max-new-tokens",
-    "execution.mode": "mode", "execution.max_workers": "max-workers", "execution.retries": "retries",
-}
-# short names that are also a section's name: added after the section, which they replace
-RECYCLE_SECTION_SHORTCUTS = {"teacher.model": "teacher", "student.model": "student", "selection.mode": "selection"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,111 +258,6 @@ def _reflect(args: argparse.Namespace) -> int:
     return 0
 
 
-def recycle_params(args: argparse.Namespace) -> RecycleParams:
-    """RecycleParams from a JSON file (optional), overlaid with the options given."""
-    base = _params_file(args.params) if args.params else {}
-    given = _config_values(args)
-    if args.input:
-        given["dataset"] = args.input
-    if args.map:
-        given["column_map"] = intake.parse_column_map(args.map)
-    try:
-        return RecycleParams.model_validate(_merge(base, given))
-    except ValueError as exc:  # pydantic lists every problem at once
-        raise ReflectuneError(f"invalid recycle parameters:\n{problems(exc)}") from None
-
-
-def _params_file(uri: str) -> dict[str, Any]:
-    import json
-
-    try:
-        base = json.loads(io.read_bytes(uri))
-    except (FileNotFoundError, IsADirectoryError):
-        raise ReflectuneError(f"--params {uri}: no such file: give a JSON file of flow parameters") from None
-    except UnicodeDecodeError:
-        raise ReflectuneError(f"--params {uri}: not UTF-8 text: save it as a UTF-8 JSON file") from None
-    except json.JSONDecodeError as exc:
-        raise ReflectuneError(f"--params {uri}: line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg}): "
-                              "fix the file there") from None
-    if not isinstance(base, dict):
-        raise ReflectuneError(f"--params {uri}: the top level is a JSON {type(base).__name__}, expected an object "
-                              "of flow parameters ({\"dataset\": ..., \"teacher\": {...}})")
-    return base
-
-
-def problems(exc: ValueError) -> str:
-    """Every problem of a refused configuration, a line each, naming the setting: the values
-    given are not repeated (one may hold a secret)."""
-    from pydantic import ValidationError
-
-    if not isinstance(exc, ValidationError):
-        return str(exc)
-    lines = []
-    for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        lines.append(f"  {where}: {message}" if where else f"  {message}")
-    return "\n".join(lines)
-
-
-def _default(path: str) -> Any:
-    """A setting's one default: the configuration's (`training.epochs`)."""
-    return config_fields(RecycleParams)[path].get_default(call_default_factory=True)
-
-
-def _config_options(parser: argparse.ArgumentParser, model: type[BaseModel], shortcuts: dict[str, str],
-                    kebab: bool = False) -> Any:
-    """Add an option for every field of `model` (nested models as dotted names), with the
-    field's description as help, to `parser`; the returned source reads them back."""
-    from pydantic_settings import CliSettingsSource
-
-    return CliSettingsSource(model, root_parser=parser, cli_avoid_json=True, cli_implicit_flags=True,
-                             cli_kebab_case=kebab, cli_shortcuts=shortcuts, cli_exit_on_error=False)
-
-
-def _config(model: type[BaseModel], args: argparse.Namespace) -> Any:
-    try:
-        return model.model_validate(_config_values(args))
-    except ValueError as exc:
-        raise ReflectuneError(f"invalid options:\n{problems(exc)}") from None
-
-
-def _config_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The configuration fields given on the command line, nested as the model."""
-    from pydantic_settings import SettingsError
-
-    try:
-        return args.config(parsed_args=args)()
-    except SettingsError as exc:
-        raise ReflectuneError(str(exc)) from None
-
-
-def _merge(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in given.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _dotted(argv: list[str]) -> list[str]:
-    """`selection.budget=0.05` as `--selection.budget=0.05`: the recycle command takes overrides
-    in the form `key=value` too, where the key is a parameter's dotted name (a switch takes
-    true or false: `training.enabled=false` is `--no-training.enabled`)."""
-    if not argv or argv[0] != "recycle":
-        return argv
-    fields = config_fields(RecycleParams)
-    out = []
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        if not eq or key not in fields:
-            out.append(arg)
-        elif fields[key].annotation is bool and value.lower() in ("true", "false"):
-            out.append(f"--{key}" if value.lower() == "true" else f"--no-{key}")
-        else:
-            out.append(f"--{arg}")
-    return out
-
-
 def _recycle(args: argparse.Namespace) -> int:
     from reflectune import manifest as run
     from reflectune import progress
@@ -551,75 +422,6 @@ def _check_engine(engine: str) -> None:
 def _beside(uri: str, tag: str) -> str:
     stem, ext = os.path.splitext(uri)
     return f"{stem}.{tag}{ext}"
-
-
-class _RunBars:
-    """Two bars on stderr: shard tasks finished, and the work inside the shard running now
-    (generations or tokens, with tokens/s), so a slow run can be told from a stuck one."""
-
-    def __enter__(self) -> "_RunBars":
-        self.shards = self.work = None
-        self.current = None
-        return self
-
-    def event(self, name: str, info: dict) -> None:
-        from tqdm import tqdm
-
-        if name == "shard":
-            if self.shards is None:
-                self.shards = tqdm(total=info["total"], desc="shards", unit="task", file=sys.stderr, position=0)
-            self.shards.update(1)
-        elif name == "work":
-            which = (info["stage"], info["shard"])
-            if which != self.current:
-                if self.work is not None:
-                    self.work.close()
-                self.current = which
-                self.work = tqdm(total=info["total"], desc=f"{info['stage']} {info['shard']}", file=sys.stderr,
-                                 position=1, leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/"
-                                 "{total_fmt} " + info["unit"] + " [{elapsed}] {postfix}")
-            self.work.total = max(info["total"], info["done"])
-            self.work.n = info["done"]
-            self.work.set_postfix_str(f"{info['rate']:,.0f} tok/s", refresh=False)
-            self.work.refresh()
-
-    def __exit__(self, *exc: object) -> None:
-        for bar in (self.work, self.shards):
-            if bar is not None:
-                bar.close()
-        if self.work is not None or self.shards is not None:
-            sys.stderr.write("\n")  # what follows starts on a line of its own
-
-
-class _progress:
-    """A tqdm bar on stderr driven by `advance(n, total, tokens=0)` callbacks: n units done of
-    a total that may grow (retries), and new tokens for a tokens/s figure."""
-
-    def __init__(self, label: str, unit: str = "tok"):
-        self.label = label
-        self.unit = unit
-        self.bar = None
-        self.tokens = 0
-
-    def __enter__(self) -> Callable[..., None]:
-        def advance(n: float, total: int, tokens: int = 0) -> None:
-            if self.bar is None:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, desc=self.label, unit=self.unit, unit_scale=True, file=sys.stderr)
-            if total != self.bar.total:
-                self.bar.total = total
-            if tokens:
-                self.tokens += tokens
-                elapsed = self.bar.format_dict["elapsed"] or 1e-9
-                self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
-            self.bar.update(n)
-
-        return advance
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 if __name__ == "__main__":
