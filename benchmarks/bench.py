@@ -116,7 +116,7 @@ def bench_teacher(n: int) -> None:
     from reflectune import prompts
     from reflectune.engines.hf import TransformersTeacher
     from reflectune.engines.openai_compat import OpenAITeacher
-    from reflectune.engines.vllm_engine import Server
+    from reflectune.engines.vllm_serve import Server
     from reflectune.harness import free_port
     from reflectune.reflection import Sampling
 

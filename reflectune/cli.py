@@ -414,7 +414,7 @@ def _quiet_user_errors() -> None:
 def _check_engine(engine: str) -> None:
     """Fail before reading data or loading models when the engine's package is missing."""
     if engine == "vllm":
-        from reflectune.engines.vllm_engine import require_vllm
+        from reflectune.engines.vllm_args import require_vllm
 
         require_vllm("--engine vllm")
 

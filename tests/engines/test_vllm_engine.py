@@ -40,7 +40,7 @@ def test_scores_match_the_transformers_scorer(vllm_engine, student_fp32, sample_
 
 
 def test_the_engine_got_its_kv_cache_in_bytes(vllm_engine):
-    from reflectune.engines.vllm_engine import kv_cache_bytes, model_config
+    from reflectune.engines.vllm_args import kv_cache_bytes, model_config
 
     want = kv_cache_bytes(model_config(MODEL), "float32", vllm_engine.args.max_model_len, 8)
     assert vllm_engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == want
@@ -123,7 +123,7 @@ NODES = {8: 5.5, 10: 7.18, 24: 21.0, 128: 120.0}
 
 @pytest.mark.parametrize("total", NODES)
 def test_kv_cache_is_sized_in_bytes_whatever_the_node(total):
-    from reflectune.engines.vllm_engine import NodeMemory, check_fits, kv_bytes_per_token, kv_cache_bytes
+    from reflectune.engines.vllm_args import NodeMemory, check_fits, kv_bytes_per_token, kv_cache_bytes
 
     # keys and values, 30 layers, 3 KV heads of 64, 2 bytes each
     assert kv_bytes_per_token(SMOLLM2, "bfloat16") == 2 * 30 * 3 * 64 * 2 == 23_040
@@ -136,7 +136,7 @@ def test_kv_cache_is_sized_in_bytes_whatever_the_node(total):
 
 @pytest.mark.parametrize("total", NODES)
 def test_an_engine_that_cannot_fit_stops_with_the_figures_and_the_setting(total):
-    from reflectune.engines.vllm_engine import NodeMemory, VLLMMemoryError, check_fits, kv_cache_bytes
+    from reflectune.engines.vllm_args import NodeMemory, VLLMMemoryError, check_fits, kv_cache_bytes
 
     kv = kv_cache_bytes(LLAMA2_7B, "bfloat16", 4096, 8)  # 19.2 GiB
     node = NodeMemory(0, int(total * GIB), int(NODES[total] * GIB))
@@ -152,7 +152,7 @@ def test_an_engine_that_cannot_fit_stops_with_the_figures_and_the_setting(total)
 
 
 def test_node_memory_is_counted_as_vllm_counts_it():
-    from reflectune.engines.vllm_engine import parse_node_meminfo
+    from reflectune.engines.vllm_args import parse_node_meminfo
 
     info = parse_node_meminfo("Node 0 MemTotal:  10485760 kB\nNode 0 MemFree:  5242880 kB\n"
                               "Node 0 Active(file):  1048576 kB\nNode 0 Inactive(file):  1048576 kB\n"
@@ -162,7 +162,7 @@ def test_node_memory_is_counted_as_vllm_counts_it():
 
 
 def test_vllms_own_setting_wins_and_an_explicit_size_is_checked(monkeypatch):
-    from reflectune.engines.vllm_engine import EngineArgs, NodeMemory, VLLMMemoryError, cpu_kv_cache
+    from reflectune.engines.vllm_args import EngineArgs, NodeMemory, VLLMMemoryError, cpu_kv_cache
 
     small = NodeMemory(0, 4 * GIB, 2 * GIB)
     args = EngineArgs(dtype="bfloat16", max_model_len=4096, kv_cache_bytes=GIB // 2)
