@@ -107,10 +107,9 @@ def test_scheduled_rerecycling_takes_only_new_rows(cluster):
     root = cluster.rerecycle_out
     with api(cluster) as client:
         dep = client.read_deployment_by_name("reflectune-rerecycle/re-recycle")
-        # a short interval for the test (a run that finds the previous one still running ends at
-        # once), with few runs queued ahead so they do not pile up
+        # a short interval for the test, with few runs queued ahead so they do not pile up
         [schedule] = client.create_deployment_schedules(dep.id, [DeploymentScheduleCreate(
-            schedule=IntervalSchedule(interval=timedelta(seconds=10)), active=True, max_scheduled_runs=2,
+            schedule=IntervalSchedule(interval=timedelta(seconds=20)), active=True, max_scheduled_runs=2,
             parameters={"params": params})])
         try:
             def batches() -> list[Path]:
@@ -255,8 +254,10 @@ def test_a_run_started_from_the_ui_survives_a_killed_worker(cluster, tmp_path):
     assert (params["dataset"], params["output"], params["shard_size"]) == (str(data), str(out), 1)
     assert params["teacher"]["max_new_tokens"] == 8 and params["training"]["enabled"] is False
     assert crashed.state.type.value == "CRASHED"
-    # 2 teacher and 2 student batches, plus at least one relaunch of the crashed one
-    assert len([r for r in batches if r.state.is_completed()]) == 4 and len(batches) >= 5
+    # 2 teacher and 2 student batches, plus at least one relaunch of the crashed one (on a loaded
+    # machine a live batch whose heartbeat came late may be crashed and relaunched too: its shards
+    # are done once either way, as the outputs below show)
+    assert len([r for r in batches if r.state.is_completed()]) >= 4 and len(batches) >= 5
 
     manifest = json.loads((out / "manifest.json").read_text())
     c = manifest["counts"]
