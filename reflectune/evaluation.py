@@ -254,10 +254,9 @@ def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, s
 
 
 def evaluate_run(params: RecycleParams) -> dict[str, Any]:
-    """A run's evaluation: a baseline student trained with
-    the same settings on as many original pairs as were selected, sampled with the
-    evaluation's seed; both students answer the test set and the judge compares them in both
-    orders. The verdicts and the summary are written to the run folder."""
+    """A run's evaluation: a baseline student trained with the same settings on as many original
+    pairs as were selected (sampled with the evaluation's seed); both students answer the test
+    set and the judge compares them in both orders. Verdicts and summary go to the run folder."""
     import polars as pl
 
     ev, out = params.evaluation, RunFolder(params.output)

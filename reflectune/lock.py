@@ -25,7 +25,6 @@ from typing import Any
 from reflectune import io, run_folder
 from reflectune.errors import ReflectuneError
 
-NAME = run_folder.LOCK
 HEARTBEAT = 30.0
 STALE = 120.0
 
