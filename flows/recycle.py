@@ -30,7 +30,9 @@ from tasks.outputs import (evaluate_students, intake_and_shard, select_and_write
 from tasks.shards import student_shard, teacher_shard
 
 
-@flow(name="reflectune-recycle", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=False)
+# threads for tasks at once; the flow bounds each stage below it (execution.max_workers, or
+# teacher.concurrency shards waiting on a batch API)
+@flow(name="reflectune-recycle", task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=False)
 def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
     """Recycle an instruction dataset with Selective Reflection-Tuning."""
     # one run at a time writes an output folder
@@ -88,8 +90,10 @@ def _pipeline(params: RecycleParams) -> dict[str, Any]:
 class _Placement:
     """Where each step runs, and its retries: decided here, once. Local mode runs everything in
     this process (the shard tasks a bounded number at a time). Cluster mode runs the shard
-    stages, training and evaluation as GPU batch runs on the GPU work pool, and the rest here.
-    Every step reads or writes the output location (maybe S3), so each retries on its own."""
+    stages, training and evaluation as GPU batch runs on the GPU work pool, and the rest here;
+    a teacher behind a batch API loads nothing and may wait a day, so its shards run here too,
+    holding no GPU. Every step reads or writes the output location (maybe S3), so each retries
+    on its own."""
 
     def __init__(self, params: RecycleParams):
         self.params = params
@@ -100,9 +104,11 @@ class _Placement:
         return with_retries(task_fn, self.params)
 
     def shard_stages(self, shards: list[dict[str, Any]], tracker: _Tracker) -> list[dict[str, Any]]:
-        if self.cluster:
-            return _run_cluster(self.params, shards, tracker)
-        return _run_local(self.params, shards, tracker)
+        if not self.cluster:
+            return _run_local(self.params, shards, tracker)
+        batched = self.params.selection.uses_teacher and self.params.teacher.batched
+        results = _batch_api_teacher(self.params, shards, tracker) if batched else []
+        return results + _run_cluster(self.params, shards, tracker, skip_teacher=batched)
 
     def on_gpu(self, step: str, task_fn) -> dict[str, Any]:
         """A whole-run step that needs the device (training, evaluation): its result."""
@@ -146,6 +152,9 @@ def _run_local(params: RecycleParams, shards: list[dict[str, Any]], tracker: _Tr
     limit = params.execution.max_workers
     if not params.selection.uses_teacher:
         return _bounded(lambda s: student.submit(s, params), shards, limit, tracker)
+    if params.teacher.batched:  # every shard's batches wait at the provider at once, then the student scores
+        return (_batch_api_teacher(params, shards, tracker)
+                + _bounded(lambda s: student.submit(s, params), shards, limit, tracker))
     if params.same_model:
         # one model serves both roles: each shard's scoring follows its reflection
         results: list[dict[str, Any]] = []
@@ -158,6 +167,13 @@ def _run_local(params: RecycleParams, shards: list[dict[str, Any]], tracker: _Tr
     results = _bounded(lambda s: teacher.submit(s, params), shards, limit, tracker)
     pool.close_all()
     return results + _bounded(lambda s: student.submit(s, params), shards, limit, tracker)
+
+
+def _batch_api_teacher(params: RecycleParams, shards: list[dict[str, Any]], tracker: _Tracker) -> list[dict[str, Any]]:
+    """The teacher stage through a batch API, in this process: teacher.concurrency shards wait
+    on their batches at once."""
+    teacher = with_retries(teacher_shard, params)
+    return _bounded(lambda s: teacher.submit(s, params), shards, params.teacher.concurrency, tracker)
 
 
 def _windows(items: list, size: int) -> list[list]:
@@ -185,10 +201,11 @@ def _collect(futures: list[PrefectFuture], tracker: _Tracker) -> list[dict[str, 
     return out
 
 
-def _run_cluster(params: RecycleParams, shards: list[dict[str, Any]], tracker: _Tracker) -> list[dict[str, Any]]:
+def _run_cluster(params: RecycleParams, shards: list[dict[str, Any]], tracker: _Tracker,
+                 skip_teacher: bool = False) -> list[dict[str, Any]]:
     batches = _windows(shards, params.execution.shards_per_batch)
     results = []
-    for stage in _stages(params):
+    for stage in _stages(params)[1:] if skip_teacher else _stages(params):
         futures = [gpu_batch_run.submit(params, stage, batch, i) for i, batch in enumerate(batches)]
         for future in futures:
             for result in future.result():

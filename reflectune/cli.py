@@ -18,7 +18,7 @@ from reflectune.cli_progress import _progress, _RunBars
 from reflectune.config import RecycleParams, StudentConfig, TeacherConfig, config_fields
 from reflectune.errors import Interrupted, ReflectuneError
 from reflectune.secrets import redact
-from reflectune.engines import STUDENT_ENGINES, TEACHER_ENGINES
+from reflectune.engines import BATCH_ENGINES, STUDENT_ENGINES, TEACHER_ENGINES
 from reflectune.models import DEFAULT_MODEL
 from reflectune.reflection import KINDS
 from reflectune.templates import DEFAULT_TEMPLATE, TEMPLATES
@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     pl_.add_argument("--max-length", type=int, default=_default("student.max_length"))
     pl_.add_argument("--max-new-tokens", type=int, default=_default("teacher.max_new_tokens"))
     pl_.add_argument("--epochs", type=float, default=_default("training.epochs"))
-    for name in ("price_input_per_m", "price_output_per_m", "budget_tokens", "budget_usd"):
+    for name in ("price_input_per_m", "price_output_per_m", "batch_price_input_per_m", "batch_price_output_per_m",
+                 "budget_tokens", "budget_usd"):
         pl_.add_argument(f"--{name.replace('_', '-')}", type=int if name == "budget_tokens" else float,
                          default=_default(f"teacher.{name}"), help=config_fields(RecycleParams)[f"teacher.{name}"].description)
     for stage in ("teacher", "student", "train"):
@@ -328,9 +329,18 @@ def _plan(args: argparse.Namespace) -> int:
                        max_new_tokens=args.max_new_tokens, epochs=args.epochs, device=args.device,
                        teacher_params=sizes[0], student_params=sizes[1], throughput=given,
                        price_input_per_m=args.price_input_per_m, price_output_per_m=args.price_output_per_m,
-                       budget_tokens=args.budget_tokens, budget_usd=args.budget_usd)
+                       budget_tokens=args.budget_tokens, budget_usd=args.budget_usd,
+                       batch_prices=_batch_prices(args) if args.teacher_engine in BATCH_ENGINES else None)
     print(plan.render(result))
     return 0
+
+
+def _batch_prices(args: argparse.Namespace) -> tuple[float, float]:
+    """The batch API's prices for `plan`: as given, else half the online prices."""
+    cfg = TeacherConfig(engine=args.teacher_engine, price_input_per_m=args.price_input_per_m,
+                        price_output_per_m=args.price_output_per_m, batch_price_input_per_m=args.batch_price_input_per_m,
+                        batch_price_output_per_m=args.batch_price_output_per_m)
+    return cfg.prices
 
 
 def _publish(args: argparse.Namespace) -> int:

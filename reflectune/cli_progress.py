@@ -33,7 +33,8 @@ class _RunBars:
                                  "{total_fmt} " + info["unit"] + " [{elapsed}] {postfix}")
             self.work.total = max(info["total"], info["done"])
             self.work.n = info["done"]
-            self.work.set_postfix_str(f"{info['rate']:,.0f} tok/s", refresh=False)
+            note = f"; {info['note']}" if info.get("note") else ""
+            self.work.set_postfix_str(f"{info['rate']:,.0f} tok/s{note}", refresh=False)
             self.work.refresh()
 
     def __exit__(self, *exc: object) -> None:

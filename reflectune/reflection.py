@@ -49,7 +49,7 @@ class Generation:
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop", "length"
     error: str | None = None  # the request failed for this chat only
-    constrained: str = "none"  # how the format was enforced: regex, json_schema or none
+    constrained: str = "none"  # how the format was enforced: regex, json_schema, tool_use or none
 
 
 # the error of a generation that was never asked for: the budget refused it (reflectune.journal)
@@ -209,7 +209,7 @@ def _parse(job: _Job, gen: Generation) -> parsing.Parsed:
     if gen.error is not None:
         return parsing.Parsed(problems={name: f"request failed: {gen.error}" for name in wanted})
     text = gen.text
-    if gen.constrained == "json_schema":  # the fields came back as JSON: read them as marked text
+    if gen.constrained in ("json_schema", "tool_use"):  # the fields came back as JSON: read them as marked text
         text = formats.from_json(text, formats.teacher_format(BY_NAME[job.variant].reflection, 1)) or text
     return parsing.parse(text, wanted, cut_off=gen.finish_reason == "length")
 

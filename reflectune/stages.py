@@ -22,6 +22,8 @@ import polars as pl
 
 from reflectune import intake, io, journal, prompts, reflection, scoring, selection
 from reflectune.config import RecycleParams, StudentConfig, TeacherConfig
+from reflectune.engines import BATCH_ENGINES
+from reflectune.engines.batch_api import TALLY
 from reflectune.records import (DECISION, PARSE_STATUSES, RECORD, REJECTED, SCORED, SELECTED, VARIANT, VARIANTS,
                                 check_columns, read, write)
 from reflectune.run_folder import FINISHED, RunFolder, shard_name
@@ -94,6 +96,10 @@ def model_identity(cfg: TeacherConfig | StudentConfig) -> str:
         from reflectune.engines.openai_compat import teacher_id
 
         return teacher_id(cfg.model, cfg.base_url)
+    if cfg.engine in BATCH_ENGINES:
+        from reflectune.engines.batch_api import batch_teacher_id
+
+        return batch_teacher_id(cfg.engine, cfg.model, cfg.base_url)
     from reflectune.models import model_id
 
     return model_id(cfg.model)
@@ -166,7 +172,7 @@ def journal_root(params: RecycleParams) -> str:
 def teacher_budget(cfg: TeacherConfig) -> journal.Budget | None:
     if cfg.budget_tokens is None and cfg.budget_usd is None:
         return None
-    return journal.Budget(cfg.budget_tokens, cfg.budget_usd, cfg.price_input_per_m, cfg.price_output_per_m)
+    return journal.Budget(cfg.budget_tokens, cfg.budget_usd, *cfg.prices)
 
 
 def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any, journal_at: str,
@@ -181,7 +187,7 @@ def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any, jo
     rows = records["source_index"]
     kept = journal.Journal(journal_at, int(rows.min()), int(rows.max()))
     teacher = journal.JournaledTeacher(engine, kept, teacher_budget(cfg))
-    usage = dict(vars(engine.usage)) if hasattr(engine, "usage") else {}
+    usage = dict(vars(engine.usage)) if hasattr(engine, "usage") and hasattr(engine.usage, "rate_limited") else {}
     finished = False
     try:
         variants = reflection.reflect(records, teacher, "both", sampling, retry, progress,
@@ -203,6 +209,7 @@ def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any, jo
         "constrained": int(variants["constrained"].list.eval(pl.element() != "none").list.sum().sum()),
         **{f"parse_{s}": int(n) for s, n in status.iter_rows()},
         **spend_detail("sent", teacher.sent), **spend_detail("replayed", teacher.replayed), **http,
+        **({k: teacher.batches[k] for k in TALLY} if getattr(engine, "submits_batches", False) else {}),
     }))
 
 

@@ -17,7 +17,7 @@ from prefect import get_run_logger, task
 from reflectune import progress, stages
 from reflectune.config import RecycleParams, TeacherConfig
 from reflectune.engine_options import student_options, teacher_options
-from reflectune.engines import pool
+from reflectune.engines import API_ENGINES, pool
 from reflectune.errors import RESUME, Interrupted, ReflectuneError, SettingError, ShardFailedError
 from reflectune.secrets import redact
 
@@ -74,7 +74,7 @@ def _run(stage: str, shard: dict[str, Any], params: RecycleParams) -> dict[str, 
         if stage == "teacher":
             cfg = params.teacher
             options = teacher_options(cfg, params.vllm, params.scorer)
-            if cfg.engine == "openai":
+            if cfg.engine in API_ENGINES:
                 options["api_key"] = _api_key(cfg)
             with pool.using("teacher", cfg.engine, cfg.model, **options) as engine, \
                     _watched("teacher", s, 3 * s.rows, "generations") as advance:
@@ -108,16 +108,25 @@ def _watched(stage: str, shard: stages.Shard, total: int, unit: str):
     artifact = create_progress_artifact(0.0, key=key, description=f"{stage} {shard.name}: starting")
     stop = threading.Event()
 
-    def advance(done: int, tokens: int, total: int | None = None) -> None:
-        if total is not None:  # the student learns its total (tokens) when its sequences are built
+    notes = [""]
+
+    def advance(done: int, tokens: int, total: int | None = None, note: str | None = None) -> None:
+        """`total`: the student learns its total (tokens) when its sequences are built; `note`:
+        a batch API's lines done and failed per batch."""
+        if total is not None:
             meter.total = max(total, 1)
+        if note is not None:
+            notes[0] = note
         meter.add(done, tokens)
         progress.report("work", stage=stage, shard=shard.name, done=meter.done, total=meter.total, unit=unit,
-                        rate=meter.rate)
+                        rate=meter.rate, note=notes[0])
+
+    def line() -> str:
+        return meter.line() + (f"; {notes[0]}" if notes[0] else "")
 
     def refresh() -> None:
         while not stop.wait(3.0):
-            update_progress_artifact(artifact, meter.percent, description=f"{stage} {shard.name}: {meter.line()}")
+            update_progress_artifact(artifact, meter.percent, description=f"{stage} {shard.name}: {line()}")
 
     thread = threading.Thread(target=refresh, daemon=True)
     thread.start()
@@ -126,7 +135,7 @@ def _watched(stage: str, shard: stages.Shard, total: int, unit: str):
     finally:
         stop.set()
         thread.join(10)
-    update_progress_artifact(artifact, 100.0, description=f"{stage} {shard.name}: done, {meter.line()}")
+    update_progress_artifact(artifact, 100.0, description=f"{stage} {shard.name}: done, {line()}")
 
 
 @task(name="teacher-shard", tags=["reflectune", "teacher"], cache_result_in_memory=False)

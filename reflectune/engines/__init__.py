@@ -2,7 +2,7 @@
 
 Heavy imports (torch, transformers, vllm) happen inside the engine modules' functions, so
 every module imports on a CPU-only install without them. Choosing an engine is a plain
-if/elif: there are three.
+if/elif: there are five.
 """
 
 from __future__ import annotations
@@ -10,7 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 STUDENT_ENGINES = ("transformers", "vllm")
-TEACHER_ENGINES = ("transformers", "vllm", "openai")
+# engines that answer through a provider's batch API (reflectune.engines.batch_api)
+BATCH_ENGINES = ("openai-batch", "anthropic-batch")
+TEACHER_ENGINES = ("transformers", "vllm", "openai", *BATCH_ENGINES)
+# engines that are a remote API: no model loads here, a key is needed
+API_ENGINES = ("openai", *BATCH_ENGINES)
 
 
 def load_student(engine: str, spec: str, **options: Any) -> Any:
@@ -41,6 +45,10 @@ def load_teacher(engine: str, spec: str, **options: Any) -> Any:
         from reflectune.engines.openai_compat import OpenAITeacher
 
         return OpenAITeacher(spec, **options)
+    if engine in BATCH_ENGINES:
+        from reflectune.engines.batch_api import BatchTeacher
+
+        return BatchTeacher(spec, engine, **options)
     raise ValueError(f"unknown teacher engine '{engine}': choose one of {', '.join(TEACHER_ENGINES)}")
 
 

@@ -87,7 +87,7 @@ class OpenAITeacher:
         model: str,
         base_url: str | None = None,
         api_key: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str | None = None,
         concurrency: int = 16,
         timeout: float = 300.0,
         max_retries: int = 6,
@@ -97,7 +97,7 @@ class OpenAITeacher:
         self.model = model
         self.base_url = base_url
         # local servers (vllm serve without --api-key) accept any key
-        self._api_key = api_key or os.environ.get(api_key_env) or "no-key"
+        self._api_key = api_key or os.environ.get(api_key_env or "OPENAI_API_KEY") or "no-key"
         secrets.register(self._api_key)
         self.concurrency = concurrency
         self.timeout = timeout

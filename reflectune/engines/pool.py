@@ -16,7 +16,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from reflectune import progress
@@ -60,11 +60,23 @@ def using(role: str, engine: str, spec: str, **options: Any) -> Iterator[Any]:
     engine may be broken (a dead engine process, memory exhausted): it is closed and dropped."""
     with _in_use:
         held = get(role, engine, spec, **options)
-        try:
-            yield held
-        except BaseException:
-            discard(held)
-            raise
+        # an engine that is an API client (a batch API's) serves every thread at once
+        shared = getattr(held, "thread_safe", False)
+        with _released(_in_use) if shared else nullcontext():
+            try:
+                yield held
+            except BaseException:
+                discard(held)
+                raise
+
+
+@contextmanager
+def _released(lock: Any) -> Iterator[None]:
+    lock.release()
+    try:
+        yield
+    finally:
+        lock.acquire()
 
 
 def discard(engine: Any) -> None:
