@@ -361,7 +361,7 @@ class _OpenAIBatches:
         return {"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": body}
 
     def create(self, tag: str, lines: list[dict[str, Any]]) -> str:
-        data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+        data = openai_batch_file(lines)
         upload = _calling("the batch file upload", self.base_url,
                           lambda: self.client.files.create(file=(f"reflectune-{tag}.jsonl", data), purpose="batch"))
         batch = _calling("the batch creation", self.base_url, lambda: self.client.batches.create(
@@ -394,35 +394,44 @@ class _OpenAIBatches:
         return found.status in self.ENDED
 
     def results(self, batch: _Batch) -> dict[str, Outcome]:
-        from reflectune.reflection import Generation
-
         outcomes: dict[str, Outcome] = {}
         for file_id in batch.entry.get("files") or []:
-            if not file_id:
-                continue
-            text = _calling(f"the results of batch {batch.entry['id']}", self.base_url,
-                            lambda: self.client.files.content(file_id).text)
-            for raw in text.splitlines():
-                if not raw.strip():
-                    continue
-                line = json.loads(raw)
-                response = line.get("response") or {}
-                status = response.get("status_code")
-                body = response.get("body") or {}
-                if status == 200:
-                    choice = body["choices"][0]
-                    usage = body.get("usage") or {}
-                    outcomes[line["custom_id"]] = Outcome(Generation(
-                        text=secrets.redact(choice["message"].get("content") or ""),
-                        prompt_tokens=usage.get("prompt_tokens", 0),
-                        completion_tokens=usage.get("completion_tokens", 0),
-                        finish_reason=choice.get("finish_reason")))
-                elif status is not None and 400 <= status < 500 and status not in (408, 409, 429):
-                    message = (body.get("error") or {}).get("message", "")
-                    outcomes[line["custom_id"]] = Outcome(error=f"HTTP {status}: {secrets.redact(message)[:300]}")
-                else:  # expired, cancelled, 429 or 5xx: never answered
-                    outcomes[line["custom_id"]] = Outcome(error=RESEND)
+            if file_id:
+                outcomes |= read_openai_results(_calling(f"the results of batch {batch.entry['id']}", self.base_url,
+                                                         lambda: self.client.files.content(file_id).text))
         return outcomes
+
+
+def openai_batch_file(lines: list[dict[str, Any]]) -> bytes:
+    """An OpenAI batch input file: one request line per line of JSON."""
+    return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+
+
+def read_openai_results(text: str) -> dict[str, Outcome]:
+    """The outcomes in an OpenAI batch output or error file, by custom id."""
+    from reflectune.reflection import Generation
+
+    outcomes: dict[str, Outcome] = {}
+    for raw in text.splitlines():
+        if not raw.strip():
+            continue
+        line = json.loads(raw)
+        response = line.get("response") or {}
+        status = response.get("status_code")
+        body = response.get("body") or {}
+        if status == 200:
+            choice = body["choices"][0]
+            usage = body.get("usage") or {}
+            outcomes[line["custom_id"]] = Outcome(Generation(
+                text=secrets.redact(choice["message"].get("content") or ""),
+                prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0),
+                finish_reason=choice.get("finish_reason")))
+        elif status is not None and 400 <= status < 500 and status not in (408, 409, 429):
+            message = (body.get("error") or {}).get("message", "")
+            outcomes[line["custom_id"]] = Outcome(error=f"HTTP {status}: {secrets.redact(str(message))[:300]}")
+        else:  # expired, cancelled, 429 or 5xx: never answered
+            outcomes[line["custom_id"]] = Outcome(error=RESEND)
+    return outcomes
 
 
 # -- Anthropic: Message Batches ----------------------------------------------------------------

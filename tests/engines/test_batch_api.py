@@ -146,3 +146,51 @@ def test_an_interrupted_wait_leaves_the_batch_to_the_next_run_which_waits_for_it
     # the rerun created only the ins_res batch: nothing submitted twice
     assert stats["batches"] == {"anthropic": 2} and stats["batch_lines"] == stats["batch_lines_distinct"] == 18
     assert variants.height == 18 and (variants["parse_status"] == "ok").all()
+
+
+@pytest.mark.slow
+def test_the_openai_batch_file_runs_on_vllm_run_batch_and_its_output_is_read_back(tmp_path):
+    """No local server takes OpenAI's Files and Batches endpoints (`vllm serve` has neither), but
+    `vllm run-batch` executes the same batch file format with a real model: the lines the engine
+    writes (JSON-schema output form included) run there, and its output file is read back by
+    custom id with the reader of a provider's results."""
+    import subprocess
+    import sys
+
+    from reflectune import formats, prompts, reflection
+    from reflectune.engines.batch_api import _OpenAIBatches, openai_batch_file, read_openai_results
+    from reflectune.engines.vllm_args import engine_env
+    from reflectune.engines.vllm_serve import serve_command
+
+    from ..conftest import MODEL
+
+    sampling = reflection.Sampling(max_new_tokens=48, constrained="auto")
+    pairs = [("Name a primary colour.", "Red."), ("What is 2 + 2?", "4"), ("Say hello in French.", "Bonjour.")]
+    api = _OpenAIBatches("teacher", None, "no-key", 30.0)
+    lines = [api.line(f"key{i}", prompts.response_reflection(q, "", a), sampling,
+                      formats.teacher_format("res", sampling.max_new_tokens) if i else None)
+             for i, (q, a) in enumerate(pairs)]
+    (tmp_path / "in.jsonl").write_bytes(openai_batch_file(lines[::-1]))  # order is not what matches
+    serve = serve_command(MODEL, 0, "teacher")
+    options = serve[serve.index("--served-model-name"):]
+    for name in ("--host", "--port"):
+        at = options.index(name)
+        del options[at : at + 2]
+    engine_env()
+    done = subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(tmp_path / "in.jsonl"),
+                           "-o", str(tmp_path / "out.jsonl"), "--model", serve[serve.index("--model") + 1], *options],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcomes = read_openai_results((tmp_path / "out.jsonl").read_text())
+    assert sorted(outcomes) == ["key0", "key1", "key2"]
+    for key, outcome in outcomes.items():
+        gen = outcome.gen
+        assert outcome.error is None and gen.text and gen.prompt_tokens > 0 and 0 < gen.completion_tokens <= 48, key
+    # the lines with the output form came back in it: a JSON object of its fields (the small model
+    # pads it with whitespace, so it may be cut off at 48 tokens)
+    for key in ("key1", "key2"):
+        gen = outcomes[key].gen
+        assert gen.text.lstrip().startswith("{") and '"analysis"' in gen.text, gen
+        if gen.finish_reason == "stop":
+            assert set(json.loads(gen.text)) == {"analysis", "better_answer"}, gen
+    assert not outcomes["key0"].gen.text.lstrip().startswith("{")
