@@ -59,7 +59,7 @@ def _pipeline(params: RecycleParams) -> dict[str, Any]:
     pool.close_all()  # the student engine is not needed past this point
 
     student_results = sorted((r for r in results if r["stage"] == "student"), key=lambda r: r["shard"])
-    teacher_id = stages.model_identity(params.teacher) if params.selection.uses_teacher else None
+    teacher_id = stages.teacher_identity(params.teacher) if params.selection.uses_teacher else None
     student_id = stages.model_identity(params.student)
     counts = place.here(select_and_write)(params, [r["uri"] for r in student_results], summary, teacher_id,
                                           student_id)

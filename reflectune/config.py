@@ -83,7 +83,7 @@ class TeacherConfig(_Config):
                                           "checks.")
     batch_max_requests: int | None = Field(None, ge=1, description="Batch engines: requests per batch. Empty: the "
                                            "provider's limit (OpenAI 50,000; Anthropic 100,000).")
-    batch_max_bytes: int | None = Field(None, ge=1024, description="Batch engines: bytes per batch file (OpenAI) or "
+    batch_max_bytes: int | None = Field(None, ge=1, description="Batch engines: bytes per batch file (OpenAI) or "
                                         "creation request (Anthropic). Empty: the provider's limit (200 MB; 256 MB).")
     batch_resubmits: int = Field(3, ge=0, description="Batch engines: how often a line that expired, was cancelled "
                                  "or failed on the provider's side is submitted again, alone, in a later batch.")

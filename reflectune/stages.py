@@ -105,6 +105,16 @@ def model_identity(cfg: TeacherConfig | StudentConfig) -> str:
     return model_id(cfg.model)
 
 
+def teacher_identity(cfg: TeacherConfig) -> str:
+    """The teacher as every record names it, its variants' rows, `selected.parquet` and the
+    manifest alike: the engine's own id (a model's answers depend on the engine that runs it)."""
+    if cfg.engine in ("transformers", "vllm"):
+        from reflectune.models import model_id
+
+        return f"{cfg.engine}:{model_id(cfg.model)}"
+    return model_identity(cfg)
+
+
 def teacher_key(shard: Shard, cfg: TeacherConfig) -> str:
     settings = {k: getattr(cfg, k) for k in TEACHER_FIELDS} | {"id": model_identity(cfg)}
     return _hash(["teacher", shard.content, prompts.INSTRUCTION_VERSION, prompts.RESPONSE_VERSION, settings])

@@ -4,6 +4,7 @@ run completes, and the manifest gives tokens and cost at the batch price."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,4 +58,14 @@ def test_a_run_killed_while_batches_wait_is_finished_by_the_rerun_without_new_ba
     assert spend["journal"]["usd"] == round((stats["prompt_tokens"] * 1.0 + stats["completion_tokens"] * 4.0) / 1e6, 4)
     assert "at the batch price" in done.stdout + done.stderr
     assert manifest["counts"]["valid_rows"] == 8
+    # each shard's progress artifact ends with its last batch: lines done and failed
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        shown = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=[f"reflectune-teacher-part-0000{i}" for i in range(2)])))
+    # (other tests' runs write these keys too, without batches)
+    last = [a.description for a in shown if a.data == 100.0 and "batch" in a.description]
+    assert len(last) == 2 and all(re.search(r"batch \S+: completed, 4 of 4 done, 0 failed", d) for d in last), last
     assert "sk-batch-never-shown" not in json.dumps(manifest) + done.stdout + done.stderr

@@ -88,6 +88,10 @@ def test_the_whole_flow_on_a_few_rows(prefect_api, tmp_path):
     selected = pl.read_parquet(out / "selected.parquet")
     assert selected.height == c["selected_rows"]
     assert {"sample_id", "source_index", "variant", "teacher", "student", "prompt_version", *SCORE_COLUMNS} <= set(selected.columns)
+    # the teacher named one way everywhere: its variants' rows, the selection, the manifest
+    variants = pl.concat([pl.read_parquet(p) for p in (out / "variants").glob("*.parquet")])
+    assert set(variants["teacher"]) == {manifest["teacher"]} and set(selected["teacher"].drop_nulls()) <= {manifest["teacher"]}
+    assert manifest["teacher"].startswith("transformers:packaged:")
     lines = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     assert len(lines) == selected.height and all(set(line) == {"instruction", "input", "output"} for line in lines)
     rejected = pl.read_parquet(out / "rejected.parquet")
