@@ -294,7 +294,7 @@ def test_teacher_and_student_of_one_model_share_one_vllm_engine(prefect_api, tmp
                            training={"enabled": False})
     manifest = recycle(params)
     assert manifest["engine_loads"] == 1
-    assert manifest["teacher"] == manifest["student"] and manifest["token_usage"]["completion_tokens"] > 0
+    assert manifest["teacher"] == f"vllm:{manifest['student']}" and manifest["token_usage"]["completion_tokens"] > 0
     scores = pl.concat([pl.read_parquet(p) for p in (tmp_path / "out" / "scores").glob("*.parquet")])
     assert scores.height == 8 and scores["score_error"].null_count() == 8
 
