@@ -312,30 +312,49 @@ def test_set_name(uri: str | None) -> str:
     return "bundled" if uri is None else uri.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
 
 
-def evaluate_run(params: RecycleParams) -> dict[str, Any]:
-    """A run's evaluation: a student trained with the same settings on each baseline's original
-    pairs (written beside the run); the selected data's student and each baseline's answer every
-    test set, and the judge compares them in both orders. Verdicts, the table and the summary go
-    to the run folder."""
-    ev, out = params.evaluation, RunFolder(params.output)
+def train_baseline(params: RecycleParams, kind: str) -> dict[str, Any]:
+    """One baseline's student: its original pairs (written beside the run) and its training
+    with the run's settings, kept with a key of what determines it so a rerun, or the cluster's
+    evaluation run after the baselines' own GPU runs, reuses it. {"rows", "training"}."""
+    import hashlib
+
+    out = RunFolder(params.output)
     selected = records.read(out.selected, records.SELECTED, "evaluation")
+    key = hashlib.sha256(json.dumps([kind, selected["sample_id"].to_list(), params.student.model_dump(),
+                                     params.training.model_dump(), params.evaluation.seed]).encode()).hexdigest()[:16]
+    if io.exists(out.baseline_training(kind)) and io.exists(out.baseline_model(kind)):
+        kept = io.read_json(out.baseline_training(kind))
+        if kept.get("key") == key and kept["baseline"]["training"].get("trained"):
+            return kept["baseline"]
     decisions = records.read(out.decisions, records.DECISION, "evaluation")
     tokenizer = None
-    if "length" in ev.baseline_kinds:
+    if kind == "length":
         from transformers import AutoTokenizer
 
         from reflectune.models import resolve
 
         tokenizer = AutoTokenizer.from_pretrained(resolve(params.student.model))
+    pairs = baseline_pairs(kind, decisions, selected.height, tokenizer, params.evaluation.seed)
+    records.write(pairs, out.baseline_pairs(kind))
+    metrics = training.train(pairs.select("instruction", "input", "output"), params.student, params.training,
+                             out.baseline_model(kind))
+    result = {"rows": pairs.height, "training": metrics}
+    io.write_json({"key": key, "baseline": result}, out.baseline_training(kind))
+    return result
+
+
+def evaluate_run(params: RecycleParams) -> dict[str, Any]:
+    """A run's evaluation: a student trained with the same settings on each baseline's original
+    pairs (`train_baseline`; already trained ones are reused); the selected data's student and
+    each baseline's answer every test set, and the judge compares them in both orders. Verdicts,
+    the table and the summary go to the run folder."""
+    ev, out = params.evaluation, RunFolder(params.output)
     trained = {}
     for kind in ev.baseline_kinds:
-        pairs = baseline_pairs(kind, decisions, selected.height, tokenizer, ev.seed)
-        records.write(pairs, out.baseline_pairs(kind))
-        metrics = training.train(pairs.select("instruction", "input", "output"), params.student, params.training,
-                                 out.baseline_model(kind))
-        if not metrics.get("trained"):
-            return {"evaluated": False, "reason": f"the {kind} baseline was not trained: {metrics.get('reason')}"}
-        trained[kind] = {"rows": pairs.height, "training": metrics}
+        trained[kind] = train_baseline(params, kind)
+        if not trained[kind]["training"].get("trained"):
+            return {"evaluated": False,
+                    "reason": f"the {kind} baseline was not trained: {trained[kind]['training'].get('reason')}"}
     test_sets = {test_set_name(uri): load_test_set(uri)[: ev.limit] for uri in ev.test_set_uris}
     results = compare(out.model, {kind: out.baseline_model(kind) for kind in trained}, test_sets, ev.judge,
                       template=params.student.template, judge_engine=ev.judge_engine,

@@ -9,7 +9,7 @@ and nowhere else.
       journal/                                         every teacher generation that returned
       decisions.parquet, selected.parquet, selected.jsonl, rejected.parquet
       model/, training.json                            the trained student
-      baselines/KIND.parquet, baselines/KIND-model/        each baseline's pairs and its student
+      baselines/KIND.parquet, KIND-model/, KIND-training.json   each baseline's pairs, student, training
       evaluation.parquet, evaluation-table.parquet, evaluation.json   verdicts, the table, the summary
       README.md (the dataset card), report.html, manifest.json (written last)
       .reflectune-lock.json                            held while a run writes here
@@ -99,6 +99,9 @@ class RunFolder:
 
     def baseline_model(self, kind: str) -> str:
         return self._at(f"baselines/{kind}-model")
+
+    def baseline_training(self, kind: str) -> str:
+        return self._at(f"baselines/{kind}-training.json")
 
     @property
     def evaluation_summary_table(self) -> str:

@@ -153,6 +153,10 @@ def test_the_whole_flow_on_a_few_rows(prefect_api, tmp_path):
     assert sets["length"]["sample_id"].to_list() == [sid for *_, sid in lengths[: c["selected_rows"]]]
     cherry = select(decisions, method="cherry", budget=c["selected_rows"] / decisions.height)
     assert set(sets["ifd"]["sample_id"]) == set(cherry.filter(pl.col("selected"))["sample_id"])
+    # a trained baseline is reused (a rerun, or the cluster's evaluation after the baselines' own runs)
+    from reflectune import evaluation
+
+    assert evaluation.train_baseline(params, "random") == ev["baselines"]["random"]
     verdicts = pl.read_parquet(out / "evaluation.parquet")
     first = verdicts.filter((pl.col("baseline") == "random") & (pl.col("test_set") == "test_set"))
     assert verdicts.height == 6 and first["outcome"][0] == ["loss", "tie", "win"][int(ev["table"][0]["winning_score"])]
