@@ -26,9 +26,9 @@ $(STAMP): pyproject.toml infra/constraints-cpu.txt
 
 # The whole pipeline on the bundled sample, against Prefect's local API (or PREFECT_API_URL):
 # the packaged Qwen2.5 Coder 1.5B teacher on vLLM (CPU) with its output format enforced, the
-# packaged SmolLM2-135M student, the released selection rule, one epoch of training, and an
-# evaluation against a student trained on as many original pairs, judged by the same 1.5B
-# model on 20 bundled test instructions. Then the parse rates, the branches, how many
+# packaged SmolLM2-135M student, the released selection rule, two epochs of training, and an
+# evaluation against students trained on as many original pairs (a random sample; the longest
+# responses), judged by the same 1.5B model on 20 bundled test instructions. Then the parse rates, the branches, how many
 # selected samples are rewrites, and the evaluation.
 DEMO_OUT ?= out/demo
 DEMO_TEACHER ?= packaged:qwen2.5-coder-1.5b-instruct
@@ -43,8 +43,9 @@ $(DEMO_MODELS): $(STAMP)
 demo: setup $(DEMO_MODELS)
 	$(BIN)/reflectune recycle examples/sample.jsonl --out $(DEMO_OUT) --shard-size 8 --limit 32 \
 	  --teacher $(DEMO_TEACHER) --teacher-engine vllm --max-new-tokens 256 \
-	  --epochs 1 --batch-size 8 --per-device-batch-size 4 --learning-rate 1e-4 --train-max-length 512 \
-	  --evaluate --judge $(DEMO_TEACHER) --judge-engine vllm --eval-limit 20 --eval-max-new-tokens 48
+	  --epochs 2 --batch-size 8 --per-device-batch-size 4 --learning-rate 5e-5 --train-max-length 512 \
+	  --evaluate --judge $(DEMO_TEACHER) --judge-engine vllm --eval-limit 20 --eval-max-new-tokens 48 \
+	  --baselines random,length
 	$(BIN)/python -m reflectune.demo_summary $(DEMO_OUT)
 
 # The demo's two students answer the Vicuna test set (80 instructions, as the paper's authors
@@ -52,7 +53,7 @@ demo: setup $(DEMO_MODELS)
 VICUNA ?= ../shared/data/eval/vicuna_test_set.jsonl
 EVAL_JUDGE ?= packaged:qwen2.5-coder-1.5b-instruct
 eval-vicuna: setup $(DEMO_MODELS)
-	$(BIN)/reflectune evaluate --model $(DEMO_OUT)/model --baseline $(DEMO_OUT)/baseline-model \
+	$(BIN)/reflectune evaluate --model $(DEMO_OUT)/model --baseline $(DEMO_OUT)/baselines/random-model \
 	  --test-set $(VICUNA) --engine vllm --judge $(EVAL_JUDGE) --judge-engine vllm --max-new-tokens 256 \
 	  --out $(DEMO_OUT)/vicuna.jsonl
 

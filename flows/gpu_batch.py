@@ -12,7 +12,7 @@ from flows.cluster import GPU_BATCH_FLOW
 
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
-from tasks.outputs import evaluate_students, train_student
+from tasks.outputs import evaluate_students, train_baseline, train_student
 from tasks.shards import student_shard, teacher_shard
 
 
@@ -35,13 +35,15 @@ def retryable(task, task_run, state) -> bool:
 
 
 @flow(name=GPU_BATCH_FLOW, log_prints=False)
-def gpu_batch(stage: Literal["teacher", "student", "train", "evaluate"], shards: list[dict[str, Any]],
+def gpu_batch(stage: Literal["teacher", "student", "train", "baseline", "evaluate"], shards: list[dict[str, Any]],
               params: RecycleParams) -> list[dict[str, Any]]:
     try:
         if stage == "train":
             return [with_retries(train_student, params)(params)]
         if stage == "evaluate":
             return [with_retries(evaluate_students, params)(params)]
+        if stage == "baseline":  # one baseline's student: `shards` names it, [{"kind": KIND}]
+            return [with_retries(train_baseline, params)(params, shards[0]["kind"])]
         work = with_retries(teacher_shard if stage == "teacher" else student_shard, params)
         return [work(shard, params) for shard in shards]
     finally:

@@ -70,6 +70,7 @@ def _pipeline(params: RecycleParams) -> dict[str, Any]:
 
     evaluation: dict[str, Any] = {"evaluated": False, "reason": "evaluation disabled"}
     if params.evaluation.enabled and train_metrics.get("trained"):
+        place.baselines()
         evaluation = place.on_gpu("evaluate", evaluate_students)
 
     manifest = run.build(params, results, counts, train_metrics, evaluation, teacher=teacher_id, student=student_id,
@@ -109,6 +110,15 @@ class _Placement:
         batched = self.params.selection.uses_teacher and self.params.teacher.batched
         results = _batch_api_teacher(self.params, shards, tracker) if batched else []
         return results + _run_cluster(self.params, shards, tracker, skip_teacher=batched)
+
+    def baselines(self) -> None:
+        """In cluster mode, each baseline's student trains as its own GPU run, side by side where
+        workers allow; the evaluation then finds them trained. Locally the evaluation trains them."""
+        if self.cluster:
+            kinds = self.params.evaluation.baseline_kinds
+            futures = [gpu_batch_run.submit(self.params, "baseline", [{"kind": k}], i) for i, k in enumerate(kinds)]
+            for future in futures:
+                future.result()
 
     def on_gpu(self, step: str, task_fn) -> dict[str, Any]:
         """A whole-run step that needs the device (training, evaluation): its result."""
@@ -251,11 +261,13 @@ def _gpu_batch(params: RecycleParams, stage: str, batch: list[dict[str, Any]], i
     else:
         raise ReflectuneError(f"GPU batch {stage} #{index} crashed in {params.execution.retries + 1} attempts: its "
                               f"workers died. {RESUME}")
-    if stage in ("train", "evaluate"):
+    if stage in ("train", "baseline", "evaluate"):
         from reflectune import io
         from reflectune.run_folder import RunFolder
 
         folder = RunFolder(params.output)
+        if stage == "baseline":
+            return [io.read_json(folder.baseline_training(batch[0]["kind"]))["baseline"]]
         return [io.read_json(folder.training if stage == "train" else folder.evaluation)]
     results = []
     for shard in batch:

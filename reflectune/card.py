@@ -192,13 +192,14 @@ def _evaluation(ev: dict[str, Any]) -> list[str]:
         return f"{x:.3f}" if isinstance(x, float) and math.isfinite(x) else "n/a"
 
     return ["## Evaluation", "",
-            f"A student trained on this data against one trained on as many original pairs, judged by "
-            f"`{ev['judge']}` in both orders on {ev['n']} test instructions:", "",
-            "| wins | ties | losses | winning score | unparsed judgements | held-out loss (this / baseline) |",
-            "|---|---|---|---|---|---|",
-            f"| {ev['wins']} | {ev['ties']} | {ev['losses']} | {ev['winning_score']:.3f} | "
-            f"{ev['unparsed_judgements']} | {loss(ev.get('heldout_loss_model'))} / "
-            f"{loss(ev.get('heldout_loss_baseline'))} |", ""]
+            f"A student trained on this data against students trained on baseline sets of original pairs, judged by "
+            f"`{ev['judge']}` in both orders:", "",
+            "| baseline | test set | n | wins | ties | losses | winning score | unparsed judgements | "
+            "held-out loss (this / baseline) |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *[f"| {r['baseline']} | {r['test_set']} | {r['n']} | {r['wins']} | {r['ties']} | {r['losses']} | "
+              f"{r['winning_score']:.3f} | {r['unparsed_judgements']} | {loss(r.get('heldout_loss_model'))} / "
+              f"{loss(r.get('heldout_loss_baseline'))} |" for r in ev.get("table", [])], ""]
 
 
 def publish(folder: str, repo: str, token_env: str = "HF_TOKEN", private: bool = False) -> str:

@@ -123,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--price-out", type=float, default=0.0, help="teacher price per million completion tokens")
     rep.set_defaults(func=_report)
 
+    cmp = sub.add_parser("compare", help="the evaluations of finished runs on the same data side by side (e.g. "
+                         "selective, cherry and superfilter): a table, and with --html one page")
+    cmp.add_argument("dirs", nargs="+", metavar="DIR", help="recycle output folders that ran --evaluate")
+    cmp.add_argument("--html", help="also write the comparison as one HTML page to this file")
+    cmp.set_defaults(func=_compare)
+
     pub = sub.add_parser("publish", help="push a finished run's folder to a dataset hub (the card, the data, "
                          "the manifest and the report)")
     pub.add_argument("dir", help="a local recycle output folder")
@@ -341,6 +347,28 @@ def _batch_prices(args: argparse.Namespace) -> tuple[float, float]:
                         price_output_per_m=args.price_output_per_m, batch_price_input_per_m=args.batch_price_input_per_m,
                         batch_price_output_per_m=args.batch_price_output_per_m)
     return cfg.prices
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from reflectune import report, run_folder
+
+    runs = []
+    for d in args.dirs:
+        folder = run_folder.RunFolder(d)
+        try:
+            summary, manifest = io.read_json(folder.evaluation), io.read_json(folder.manifest)
+        except FileNotFoundError:
+            raise ReflectuneError(f"{d}: no finished evaluation ({run_folder.MANIFEST} or the evaluation's summary is "
+                                  "missing): give folders of finished runs with --evaluate") from None
+        if not summary.get("table"):
+            raise ReflectuneError(f"{d}: its evaluation has no table of baselines: run it again with --evaluate")
+        method = manifest.get("parameters", {}).get("selection", {}).get("method", "?")
+        runs.append((f"{d.rstrip('/').rsplit('/', 1)[-1]} ({method})", summary))
+    print(report.compare_text(runs))
+    if args.html:
+        io.write_bytes(args.html, report.compare_page(runs).encode("utf-8"))
+        print(f"wrote {args.html}")
+    return 0
 
 
 def _publish(args: argparse.Namespace) -> int:

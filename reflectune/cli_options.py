@@ -33,6 +33,7 @@ RECYCLE_SHORTCUTS = {
     "training.max_length": "train-max-length", "training.lora": "lora",
     "evaluation.enabled": "evaluate", "evaluation.judge": "judge", "evaluation.judge_engine": "judge-engine",
     "evaluation.limit": "eval-limit", "evaluation.max_new_tokens": "eval-max-new-tokens",
+    "evaluation.baselines": "baselines", "evaluation.test_sets": "test-sets",
     "execution.mode": "mode", "execution.max_workers": "max-workers", "execution.retries": "retries",
 }
 # short names that are also a section's name: added after the section, which they replace

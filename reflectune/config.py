@@ -17,6 +17,9 @@ from reflectune.secrets import has_userinfo
 from reflectune.selection import IFD_ONLY, METHODS, MODES
 from reflectune.templates import TEMPLATES
 
+# the evaluation's baselines (reflectune.evaluation.baseline_pairs)
+BASELINES = ("random", "length", "ifd", "full")
+
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -179,16 +182,38 @@ class TrainingConfig(_Config):
 
 
 class EvaluationConfig(_Config):
-    enabled: bool = Field(False, description="After training, train a second student on the original pairs with "
-                          "the same budget (as many rows as were selected) and judge the two against each other.")
-    test_set: str | None = Field(None, description="JSONL of test instructions (instruction, optional input and "
-                                 "reference output); empty uses the bundled 40.")
+    enabled: bool = Field(False, description="After training, train a student on each baseline set of original "
+                          "pairs with the same settings and judge the selected data's student against each.")
+    baselines: str = Field("random", description="Comma-separated baselines, each a student trained on original "
+                           "pairs: random (as many as were selected, sampled with the seed), length (as many, the "
+                           "longest responses in the student's tokens), ifd (as many, by Cherry's IFD rule on the "
+                           "run's own scores), full (every valid pair).")
+    test_sets: str | None = Field(None, description="Comma-separated test sets: JSONL or JSON of test instructions "
+                                  "(Vicuna, WizardLM, Koala, Self-instruct, LIMA as published, or instruction with "
+                                  "optional input and reference output); empty uses the bundled 40.")
     judge: str = Field(DEFAULT_MODEL, description="Judge model spec; for judge_engine openai the served model name.")
     judge_engine: Literal[TEACHER_ENGINES] = Field("transformers", description="Judge engine.")
     judge_base_url: str | None = Field(None, description="openai judge: the endpoint.")
     max_new_tokens: int = Field(1024, ge=1, description="Answer length limit of both students (the paper's evaluation: 1024).")
     limit: int | None = Field(None, ge=1, description="Only the first N test instructions.")
-    seed: int = Field(0, description="Seed of the sample of original pairs the baseline is trained on.")
+    seed: int = Field(0, description="Seed of the random baseline's sample of original pairs.")
+
+    @model_validator(mode="after")
+    def _known(self) -> "EvaluationConfig":
+        unknown = [k for k in self.baseline_kinds if k not in BASELINES]
+        if unknown or not self.baseline_kinds:
+            raise ValueError(f"evaluation.baselines '{self.baselines}': give one or more of {', '.join(BASELINES)}, "
+                             "separated by commas")
+        return self
+
+    @property
+    def baseline_kinds(self) -> list[str]:
+        return list(dict.fromkeys(k.strip() for k in self.baselines.split(",") if k.strip()))
+
+    @property
+    def test_set_uris(self) -> list[str | None]:
+        """The test sets' files; [None] for the bundled set."""
+        return [u.strip() for u in self.test_sets.split(",") if u.strip()] if self.test_sets else [None]
 
 
 class ExecutionConfig(_Config):
@@ -232,7 +257,7 @@ class RecycleParams(_Config):
         t = self.teacher
         for name, url in (("dataset", self.dataset), ("output", self.output), ("teacher.base_url", t.base_url),
                           ("evaluation.judge_base_url", self.evaluation.judge_base_url),
-                          ("evaluation.test_set", self.evaluation.test_set)):
+                          ("evaluation.test_sets", self.evaluation.test_sets)):
             if has_userinfo(url):
                 problems.append(f"{name} carries a user name or password in its URL: give the URL without them, and "
                                 "the credentials in the environment (teacher.api_key_env for an API key, "

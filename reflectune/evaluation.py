@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from reflectune import formats, io, records, templates, training
-from reflectune.config import RecycleParams
+from reflectune.config import BASELINES, RecycleParams
 from reflectune.errors import InputFileError
 from reflectune.reflection import Sampling
 from reflectune.run_folder import RunFolder
@@ -176,7 +178,8 @@ def judge(judge_engine: Any, tests: list[dict[str, str]], answers_a: list[str], 
     # the first line must be the two scores: enforced at decode time where the engine can
     fmt = formats.judge_format()
     gens = judge_engine.generate(chats, sampling, None, [fmt] * len(chats))
-    texts = [(formats.from_json(g.text, fmt) or g.text) if g.constrained == "json_schema" else g.text for g in gens]
+    texts = [(formats.from_json(g.text, fmt) or g.text) if g.constrained in ("json_schema", "tool_use") else g.text
+             for g in gens]
     n = len(tests)
     rows = []
     for i, test in enumerate(tests):
@@ -203,10 +206,23 @@ def heldout_loss(scorer: Any, tests: list[dict[str, str]], template: str, max_le
     return round(sum(losses) / len(losses), 4) if losses else None
 
 
-def render_table(summary: dict[str, Any]) -> str:
-    def loss(x):
-        return f"{x:.3f}" if isinstance(x, float) else "n/a"
+def _loss(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, float) else "n/a"
 
+
+def render_table(summary: dict[str, Any]) -> str:
+    """An evaluation as text: a run's table (one row per baseline and test set), or one pair's."""
+    if "table" in summary:
+        lines = [f"evaluation: {summary['model']} against each baseline, judge {summary['judge']} (both orders; "
+                 "winning score 1 = parity)",
+                 f"  {'baseline':<9} {'test set':<22} {'n':>4} {'wins':>5} {'ties':>5} {'losses':>6} {'score':>6}  "
+                 "held-out loss (model / baseline)"]
+        for r in summary["table"]:
+            lines.append(f"  {r['baseline']:<9} {r['test_set']:<22} {r['n']:>4} {r['wins']:>5} {r['ties']:>5} "
+                         f"{r['losses']:>6} {r['winning_score']:>6.3f}  {_loss(r['heldout_loss_model'])} / "
+                         f"{_loss(r['heldout_loss_baseline'])}")
+        return "\n".join(lines)
+    loss = _loss
     return "\n".join([
         f"evaluation: {summary['model']} vs {summary['baseline']} on {summary['n']} test instructions, "
         f"judge {summary['judge']} (both orders)",
@@ -217,61 +233,140 @@ def render_table(summary: dict[str, Any]) -> str:
     ])
 
 
-def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, str]], *, template: str = "vicuna",
-             judge_engine: str = "transformers", judge_base_url: str | None = None, judge_api_key_env: str | None = None,
-             max_new_tokens: int = 1024, judge_max_new_tokens: int = 32, max_length: int = 2048,
-             batch_size: int = 8, constrained: str = "auto", engine: str = "transformers") -> Result:
-    """Answers of both models (one loaded at a time, on `engine`: transformers or vllm), the
-    judge in both orders, held-out loss."""
+def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, str]], **options: Any) -> Result:
+    """One model against one baseline on one test set (`compare`'s options)."""
+    return compare(model, {"baseline": baseline}, {"test": tests}, judge_spec, **options)[("baseline", "test")]
+
+
+def compare(model: str, baselines: dict[str, str], test_sets: dict[str, list[dict[str, str]]], judge_spec: str, *,
+            template: str = "vicuna", judge_engine: str = "transformers", judge_base_url: str | None = None,
+            judge_api_key_env: str | None = None, max_new_tokens: int = 1024, judge_max_new_tokens: int = 32,
+            max_length: int = 2048, batch_size: int = 8, constrained: str = "auto",
+            engine: str = "transformers") -> dict[tuple[str, str], Result]:
+    """`model` against each baseline on each test set: every model answers every set (one model
+    loaded at a time, on `engine`: transformers or vllm), with its held-out loss; then one judge
+    compares each pair in both orders. Results by (baseline name, test set name)."""
     from reflectune import models
     from reflectune.engines import judge_options, load_teacher
     from reflectune.engines.hf import TransformersScorer, TransformersTeacher
 
     sampling = Sampling(0.0, 1.0, max_new_tokens, 0)
-    answers, losses = {}, {}
-    for name, spec in (("model", model), ("baseline", baseline)):
+    answers: dict[str, dict[str, list[str]]] = {}
+    losses: dict[str, dict[str, float | None]] = {}
+    for name, spec in {"model": model, **baselines}.items():
         if engine == "vllm":  # one engine answers and scores
             from reflectune.engines.vllm_engine import VLLMEngine
 
             writer = scorer = VLLMEngine(spec, max_model_len=max(max_length + 1, 4096))
         else:
             writer = TransformersTeacher(spec, batch_size=batch_size)
-        answers[name] = answer(writer, tests, template, sampling)
+        answers[name] = {set_name: answer(writer, tests, template, sampling) for set_name, tests in test_sets.items()}
         if engine != "vllm":
             writer.close()
             scorer = TransformersScorer(spec)
-        losses[name] = heldout_loss(scorer, tests, template, max_length)
+        losses[name] = {set_name: heldout_loss(scorer, tests, template, max_length) for set_name, tests in test_sets.items()}
         scorer.close()
     judge_engine_ = load_teacher(judge_engine, judge_spec,
                                  **judge_options(judge_engine, judge_base_url, judge_api_key_env, batch_size))
+    judging = Sampling(0.0, 1.0, judge_max_new_tokens, 0, constrained=constrained)
+    results = {}
     try:
-        rows = judge(judge_engine_, tests, answers["model"], answers["baseline"],
-                     Sampling(0.0, 1.0, judge_max_new_tokens, 0, constrained=constrained))
+        for name, spec in baselines.items():
+            for set_name, tests in test_sets.items():
+                rows = judge(judge_engine_, tests, answers["model"][set_name], answers[name][set_name], judging)
+                results[(name, set_name)] = Result(
+                    models.model_id(model), models.model_id(spec), getattr(judge_engine_, "teacher_id", judge_spec),
+                    rows, losses["model"][set_name], losses[name][set_name])
     finally:
         judge_engine_.close()
-    return Result(models.model_id(model), models.model_id(baseline), getattr(judge_engine_, "teacher_id", judge_spec),
-                  rows, losses["model"], losses["baseline"])
+    return results
+
+
+def baseline_pairs(kind: str, decisions: pl.DataFrame, n: int, tokenizer: Any = None, seed: int = 0) -> pl.DataFrame:
+    """The original pairs a baseline student trains on (records.BASELINE), from the run's
+    decisions: `random`, n pairs sampled with `seed`; `length`, the n with the longest
+    responses in the student's tokens (`tokenizer`); `ifd`, the n that Cherry's rule keeps on
+    the run's own scores (IFD < 1, highest first); `full`, every valid pair. Ties go to the
+    earlier source row. `rank_value` is what ranked them (tokens, IFD) where something did."""
+    originals = decisions.select("sample_id", "source_index", instruction="orig_instruction", input="orig_input",
+                                 output="orig_output", ifd="orig_ifd_ppl")
+    n = min(n, originals.height)
+    if kind == "random":
+        chosen = originals.sample(n=n, seed=seed, shuffle=True).with_columns(rank_value=pl.lit(None, pl.Float64))
+    elif kind == "length":
+        ids = tokenizer(originals["output"].to_list(), add_special_tokens=False)["input_ids"] if n else []
+        chosen = (originals.with_columns(rank_value=pl.Series([float(len(x)) for x in ids], dtype=pl.Float64))
+                  .sort(["rank_value", "source_index"], descending=[True, False]).head(n))
+    elif kind == "ifd":
+        chosen = (originals.filter(pl.col("ifd") < 1).with_columns(rank_value=pl.col("ifd"))
+                  .sort(["rank_value", "source_index"], descending=[True, False]).head(n))
+    elif kind == "full":
+        chosen = originals.with_columns(rank_value=pl.lit(None, pl.Float64))
+    else:
+        raise ValueError(f"unknown baseline '{kind}': choose one of {', '.join(BASELINES)}")
+    return chosen.with_columns(baseline=pl.lit(kind)).select(list(records.BASELINE))
+
+
+def test_set_name(uri: str | None) -> str:
+    """A test set's name in tables: its file's stem (vicuna_test_set), or `bundled`."""
+    return "bundled" if uri is None else uri.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
+
+
+def train_baseline(params: RecycleParams, kind: str) -> dict[str, Any]:
+    """One baseline's student: its original pairs (written beside the run) and its training
+    with the run's settings, kept with a key of what determines it so a rerun, or the cluster's
+    evaluation run after the baselines' own GPU runs, reuses it. {"rows", "training"}."""
+    import hashlib
+
+    out = RunFolder(params.output)
+    selected = records.read(out.selected, records.SELECTED, "evaluation")
+    key = hashlib.sha256(json.dumps([kind, selected["sample_id"].to_list(), params.student.model_dump(),
+                                     params.training.model_dump(), params.evaluation.seed]).encode()).hexdigest()[:16]
+    if io.exists(out.baseline_training(kind)) and io.exists(out.baseline_model(kind)):
+        kept = io.read_json(out.baseline_training(kind))
+        if kept.get("key") == key and kept["baseline"]["training"].get("trained"):
+            return kept["baseline"]
+    decisions = records.read(out.decisions, records.DECISION, "evaluation")
+    tokenizer = None
+    if kind == "length":
+        from transformers import AutoTokenizer
+
+        from reflectune.models import resolve
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve(params.student.model))
+    pairs = baseline_pairs(kind, decisions, selected.height, tokenizer, params.evaluation.seed)
+    records.write(pairs, out.baseline_pairs(kind))
+    metrics = training.train(pairs.select("instruction", "input", "output"), params.student, params.training,
+                             out.baseline_model(kind))
+    result = {"rows": pairs.height, "training": metrics}
+    io.write_json({"key": key, "baseline": result}, out.baseline_training(kind))
+    return result
 
 
 def evaluate_run(params: RecycleParams) -> dict[str, Any]:
-    """A run's evaluation: a baseline student trained with the same settings on as many original
-    pairs as were selected (sampled with the evaluation's seed); both students answer the test
-    set and the judge compares them in both orders. Verdicts and summary go to the run folder."""
-    import polars as pl
-
+    """A run's evaluation: a student trained with the same settings on each baseline's original
+    pairs (`train_baseline`; already trained ones are reused); the selected data's student and
+    each baseline's answer every test set, and the judge compares them in both orders. Verdicts,
+    the table and the summary go to the run folder."""
     ev, out = params.evaluation, RunFolder(params.output)
-    selected = records.read(out.selected, records.SELECTED, "evaluation")
-    originals = records.read(out.decisions, records.DECISION, "evaluation").select(
-        instruction="orig_instruction", input="orig_input", output="orig_output")
-    budget = originals.sample(n=min(selected.height, originals.height), seed=ev.seed, shuffle=True)
-    metrics = training.train(budget, params.student, params.training, out.baseline_model)
-    if not metrics.get("trained"):
-        return {"evaluated": False, "reason": f"baseline not trained: {metrics.get('reason')}"}
-    tests = load_test_set(ev.test_set)[: ev.limit]
-    result = evaluate(out.model, out.baseline_model, ev.judge, tests, template=params.student.template,
-                      judge_engine=ev.judge_engine, judge_base_url=ev.judge_base_url,
-                      max_new_tokens=ev.max_new_tokens, max_length=params.student.max_length)
-    records.write(pl.DataFrame(result.rows), out.evaluation_table)
-    summary = {"evaluated": True, **result.summary, "baseline_training": metrics}
+    trained = {}
+    for kind in ev.baseline_kinds:
+        trained[kind] = train_baseline(params, kind)
+        if not trained[kind]["training"].get("trained"):
+            return {"evaluated": False,
+                    "reason": f"the {kind} baseline was not trained: {trained[kind]['training'].get('reason')}"}
+    test_sets = {test_set_name(uri): load_test_set(uri)[: ev.limit] for uri in ev.test_set_uris}
+    results = compare(out.model, {kind: out.baseline_model(kind) for kind in trained}, test_sets, ev.judge,
+                      template=params.student.template, judge_engine=ev.judge_engine,
+                      judge_base_url=ev.judge_base_url, max_new_tokens=ev.max_new_tokens,
+                      max_length=params.student.max_length)
+    verdicts = [{"baseline": kind, "test_set": name, **row} for (kind, name), r in results.items() for row in r.rows]
+    table = [{"baseline": kind, "test_set": name, **{k: r.summary[k] for k in records.EVALUATION if k in r.summary}}
+             for (kind, name), r in results.items()]
+    records.write(pl.DataFrame(verdicts), out.evaluation_table)
+    records.write(pl.DataFrame(table, schema=records.EVALUATION), out.evaluation_summary_table)
+    first = next(iter(results.values()))
+    summary = {"evaluated": True, "model": first.model, "judge": first.judge, "judge_prompt": JUDGE_VERSION,
+               "table": table, "baselines": trained}
     io.write_json(summary, out.evaluation)
     return summary

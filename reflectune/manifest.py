@@ -112,11 +112,17 @@ def lines(manifest: dict[str, Any]) -> list[str]:
             f"{s} {n}/{total} ({n / total:.0%})" for s, n in statuses.items()))
     t = manifest.get("training", {})
     out.append(f"training: {t['rows']} rows, {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}"
+               + (f", by epoch {' -> '.join(f'{x:.3f}' for x in t['epoch_losses'])}" if t.get("epoch_losses") else "")
                if t.get("trained") else f"training: {t.get('reason', 'not run')}")
     ev = manifest.get("evaluation", {})
-    out.append(f"evaluation against a student trained on as many original pairs: {ev['wins']} wins, {ev['ties']} "
-               f"ties, {ev['losses']} losses, winning score {ev['winning_score']:.3f}"
-               if ev.get("evaluated") else f"evaluation: {ev.get('reason', 'not run')}")
+    if ev.get("evaluated"):
+        out += [f"{k} baseline: {b['rows']} original pairs, training loss by epoch "
+                f"{' -> '.join(f'{x:.3f}' for x in b['training'].get('epoch_losses', []))}"
+                for k, b in ev.get("baselines", {}).items()]
+        out += [f"evaluation against the {r['baseline']} baseline on {r['test_set']}: {r['wins']} wins, {r['ties']} "
+                f"ties, {r['losses']} losses, winning score {r['winning_score']:.3f}" for r in ev.get("table", [])]
+    else:
+        out.append(f"evaluation: {ev.get('reason', 'not run')}")
     if manifest.get("report"):
         out.append(f"report: {manifest['report']}")
     return out

@@ -15,8 +15,8 @@ from reflectune.errors import InputFileError
 def check(params: RecycleParams) -> None:
     """Raise InputFileError naming every problem found."""
     found = [_input(params.dataset, "dataset"), _output(params.output)]
-    if params.evaluation.enabled and params.evaluation.test_set:
-        found.append(_input(params.evaluation.test_set, "evaluation.test_set"))
+    if params.evaluation.enabled and params.evaluation.test_sets:
+        found += [_input(uri, "evaluation.test_sets") for uri in params.evaluation.test_set_uris]
     problems = [p for p in found if p]
     if problems:
         raise InputFileError(problems[0] if len(problems) == 1 else

@@ -102,6 +102,20 @@ SELECTED: dict[str, pl.DataType] = {
 } | {name: pl.Float64 for name in SCORE_COLUMNS} | {"teacher": pl.String, "student": pl.String, "prompt_version": pl.String}
 
 
+# The original pairs a baseline student trains on (reflectune.evaluation.baseline_pairs).
+BASELINE: dict[str, pl.DataType] = {
+    "sample_id": pl.String, "source_index": pl.Int64, "instruction": pl.String, "input": pl.String,
+    "output": pl.String, "baseline": pl.String, "rank_value": pl.Float64,
+}
+
+# The evaluation's table: the selected data's student against each baseline on each test set.
+EVALUATION: dict[str, pl.DataType] = {
+    "baseline": pl.String, "test_set": pl.String, "n": pl.Int64, "wins": pl.Int64, "ties": pl.Int64,
+    "losses": pl.Int64, "winning_score": pl.Float64, "unparsed_judgements": pl.Int64,
+    "heldout_loss_model": pl.Float64, "heldout_loss_baseline": pl.Float64,
+}
+
+
 # The request journal (reflectune.journal): a teacher generation that returned, by request key.
 JOURNAL: dict[str, pl.DataType] = {
     "key": pl.String,

@@ -54,13 +54,15 @@ def render(decisions: pl.DataFrame, manifest: dict[str, Any], evaluation: dict[s
     if evaluation:
         parts += ["<h2>Evaluation</h2>", _evaluation(evaluation)]
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>Reflectune report</title><style>"
-        "body{font-family:system-ui,sans-serif;margin:2rem;max-width:1200px;color:#222}"
-        "table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;"
-        "vertical-align:top;text-align:left}svg{background:#fff;border:1px solid #ddd;margin:.3rem}"
-        ".pair{max-width:32rem;white-space:pre-wrap;font-size:.85rem}</style></head><body>"
-        + "\n".join(parts) + "</body></html>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Reflectune report</title><style>{STYLE}</style>"
+        "</head><body>" + "\n".join(parts) + "</body></html>"
     )
+
+
+STYLE = ("body{font-family:system-ui,sans-serif;margin:2rem;max-width:1200px;color:#222}"
+         "table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;"
+         "vertical-align:top;text-align:left}svg{background:#fff;border:1px solid #ddd;margin:.3rem}"
+         ".pair{max-width:32rem;white-space:pre-wrap;font-size:.85rem}")
 
 
 def _code(line: str) -> str:
@@ -215,11 +217,58 @@ def _rewrites(decisions: pl.DataFrame, k: int = 5) -> str:
 
 
 def _evaluation(ev: dict[str, Any]) -> str:
+    """The table (one row per baseline and test set) and its plot: winning score per row, with
+    the parity line at 1."""
     def loss(x):
         return f"{x:.3f}" if isinstance(x, float) else "n/a"
 
-    return (f"<p>{_e(ev['model'])} against {_e(ev['baseline'])} on {ev['n']} test instructions, judged by "
-            f"{_e(ev['judge'])} in both orders.</p><table><tr><th>wins</th><th>ties</th><th>losses</th>"
-            f"<th>winning score</th><th>held-out loss (selected)</th><th>held-out loss (original)</th></tr>"
-            f"<tr><td>{ev['wins']}</td><td>{ev['ties']}</td><td>{ev['losses']}</td><td>{ev['winning_score']:.3f}</td>"
-            f"<td>{loss(ev.get('heldout_loss_model'))}</td><td>{loss(ev.get('heldout_loss_baseline'))}</td></tr></table>")
+    rows = ev.get("table") or []
+    body = "".join(
+        f"<tr><td>{_e(r['baseline'])}</td><td>{_e(r['test_set'])}</td><td>{r['n']}</td><td>{r['wins']}</td>"
+        f"<td>{r['ties']}</td><td>{r['losses']}</td><td>{r['winning_score']:.3f}</td>"
+        f"<td>{loss(r.get('heldout_loss_model'))}</td><td>{loss(r.get('heldout_loss_baseline'))}</td></tr>"
+        for r in rows)
+    return (f"<p>{_e(ev['model'])}, trained on the selected data, against a student trained on each baseline's "
+            f"original pairs (random: as many, sampled; length: as many, the longest responses; ifd: as many, by "
+            f"Cherry's IFD rule; full: all), judged by {_e(ev['judge'])} in both orders.</p>"
+            f"<table><tr><th>baseline</th><th>test set</th><th>n</th><th>wins</th><th>ties</th><th>losses</th>"
+            f"<th>winning score</th><th>held-out loss (selected)</th><th>held-out loss (baseline)</th></tr>"
+            f"{body}</table>" + _winning_scores(rows))
+
+
+def compare_text(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """Finished runs' evaluations side by side: one line per run, baseline and test set."""
+    width = max(len(label) for label, _ in runs)
+    lines = [f"{'run':<{width}}  {'baseline':<9} {'test set':<22} {'n':>4} {'wins':>5} {'ties':>5} {'losses':>6} "
+             f"{'score':>6}"]
+    for label, summary in runs:
+        lines += [f"{label:<{width}}  {r['baseline']:<9} {r['test_set']:<22} {r['n']:>4} {r['wins']:>5} {r['ties']:>5} "
+                  f"{r['losses']:>6} {r['winning_score']:>6.3f}" for r in summary["table"]]
+    return "\n".join(lines)
+
+
+def compare_page(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """One HTML page of the runs' evaluations: each run's table and plot of winning scores."""
+    parts = [f"<h2>{_e(label)}</h2>" + _evaluation(summary) for label, summary in runs]
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Reflectune: evaluations compared</title>"
+            f"<style>{STYLE}</style></head><body><h1>Evaluations compared</h1>{''.join(parts)}</body></html>")
+
+
+def _winning_scores(rows: list[dict[str, Any]]) -> str:
+    """A bar per baseline and test set from 0 to its winning score (0 to 2), the parity line at 1."""
+    if not rows:
+        return ""
+    w, row, left = 560, 26, 200
+    h = row * len(rows) + 40
+    x = lambda score: left + min(max(score, 0.0), 2.0) / 2.0 * (w - left - 20)
+    bars = "".join(
+        f"<text x='4' y='{14 + i * row + 12}' font-size='12'>{_e(r['baseline'])} / {_e(r['test_set'])}</text>"
+        f"<rect x='{left}' y='{14 + i * row}' width='{x(r['winning_score']) - left:.1f}' height='{row - 8}' "
+        f"fill='{'#54a24b' if r['winning_score'] > 1 else '#e45756' if r['winning_score'] < 1 else '#bbbbbb'}'/>"
+        f"<text x='{x(r['winning_score']) + 4:.1f}' y='{14 + i * row + 12}' font-size='11'>{r['winning_score']:.2f}</text>"
+        for i, r in enumerate(rows))
+    parity = x(1.0)
+    return (f"<svg class='plot' width='{w}' height='{h}' viewBox='0 0 {w} {h}' xmlns='http://www.w3.org/2000/svg'>"
+            f"{bars}<line x1='{parity:.1f}' y1='6' x2='{parity:.1f}' y2='{h - 20}' stroke='#d62728' "
+            f"stroke-dasharray='5'/><text x='{parity:.1f}' y='{h - 6}' text-anchor='middle' font-size='11'>"
+            "parity (winning score 1)</text></svg>")

@@ -9,7 +9,8 @@ and nowhere else.
       journal/                                         every teacher generation that returned
       decisions.parquet, selected.parquet, selected.jsonl, rejected.parquet
       model/, training.json                            the trained student
-      baseline-model/, evaluation.parquet, evaluation.json
+      baselines/KIND.parquet, KIND-model/, KIND-training.json   each baseline's pairs, student, training
+      evaluation.parquet, evaluation-table.parquet, evaluation.json   verdicts, the table, the summary
       README.md (the dataset card), report.html, manifest.json (written last)
       .reflectune-lock.json                            held while a run writes here
 
@@ -93,9 +94,18 @@ class RunFolder:
     def training(self) -> str:
         return self._at("training.json")
 
+    def baseline_pairs(self, kind: str) -> str:
+        return self._at(f"baselines/{kind}.parquet")
+
+    def baseline_model(self, kind: str) -> str:
+        return self._at(f"baselines/{kind}-model")
+
+    def baseline_training(self, kind: str) -> str:
+        return self._at(f"baselines/{kind}-training.json")
+
     @property
-    def baseline_model(self) -> str:
-        return self._at("baseline-model")
+    def evaluation_summary_table(self) -> str:
+        return self._at("evaluation-table.parquet")
 
     @property
     def evaluation_table(self) -> str:

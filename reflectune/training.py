@@ -135,7 +135,8 @@ def train(pairs: pl.DataFrame, student: StudentConfig, cfg: TrainingConfig, outp
             trained.save_pretrained(local, safe_serialization=True)
             tokenizer.save_pretrained(local)
             _publish(local, output)
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    losses = [entry["loss"] for entry in logged]
     return {
         "trained": True,
         "rows": len(rows),
@@ -147,9 +148,20 @@ def train(pairs: pl.DataFrame, student: StudentConfig, cfg: TrainingConfig, outp
         "first_loss": losses[0] if losses else math.nan,
         "last_loss": losses[-1] if losses else math.nan,
         "train_loss": result.training_loss,
+        # the same rows each epoch: whether training lowers the loss, which single steps on
+        # different batches cannot tell
+        "epoch_losses": epoch_losses(logged),
         "seconds": result.metrics.get("train_runtime"),
         "lora": cfg.lora,
     }
+
+
+def epoch_losses(logged: list[dict[str, Any]]) -> list[float]:
+    """The mean logged training loss of each epoch (from steps logged with their epoch)."""
+    by_epoch: dict[int, list[float]] = {}
+    for entry in logged:
+        by_epoch.setdefault(max(1, math.ceil(entry.get("epoch", 1.0) - 1e-9)), []).append(entry["loss"])
+    return [round(sum(v) / len(v), 4) for _, v in sorted(by_epoch.items())]
 
 
 def _publish(local: str, output: str) -> None:

@@ -50,11 +50,19 @@ def write_manifest(params: RecycleParams, manifest: dict[str, Any]) -> str:
 
 @task(name="evaluate-students", tags=["reflectune", "train"])
 def evaluate_students(params: RecycleParams) -> dict[str, Any]:
-    """A baseline student against the student trained on the selected data (reflectune.evaluation)."""
+    """The baselines' students against the student trained on the selected data (reflectune.evaluation)."""
     summary = evaluation.evaluate_run(params)
     if summary.get("evaluated"):
         get_run_logger().info("%s", evaluation.render_table(summary))
     return summary
+
+
+@task(name="train-baseline", tags=["reflectune", "train"])
+def train_baseline(params: RecycleParams, kind: str) -> dict[str, Any]:
+    """One baseline's student, trained on its own (reflectune.evaluation.train_baseline)."""
+    result = evaluation.train_baseline(params, kind)
+    get_run_logger().info("%s baseline: %d pairs, training %s", kind, result["rows"], result["training"])
+    return result
 
 
 @task(name="write-card", tags=["reflectune"])

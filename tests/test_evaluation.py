@@ -141,3 +141,72 @@ def test_the_constrained_judge_always_gives_scores(teacher):
     assert unparsed <= 2, unparsed  # at most 5% of 40
     assert all(r["judge_constrained"] == ["regex", "regex"] for r in rows)
     assert all(ev.parse_scores(r["judge_ab"]) == tuple(r["scores_ab"]) for r in rows if r["scores_ab"])
+
+
+def decisions_table(n=40, seed=5):
+    """Originals with their scores, as decisions.parquet holds them: IFD above and below 1, NaN,
+    ties in length and IFD."""
+    import random
+
+    import polars as pl
+
+    rng = random.Random(seed)
+    ifd = [rng.choice([0.3, 0.5, 0.9, 0.95, 1.0, 1.2, float("nan")]) for _ in range(n)]
+    return pl.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "source_index": list(range(n)),
+                         "orig_instruction": [f"Q{i}" for i in range(n)], "orig_input": [""] * n,
+                         "orig_output": [" ".join(["word"] * rng.randint(1, 12)) for _ in range(n)],
+                         "orig_ifd_ppl": ifd, "orig_rifd_ppl": [0.5] * n})
+
+
+def test_the_baseline_sets_are_what_they_say(tokenizer):
+    import polars as pl
+
+    from reflectune import records
+    from reflectune.selection import select
+
+    d = decisions_table()
+    n = 9
+    sets = {k: ev.baseline_pairs(k, d, n, tokenizer, seed=3) for k in ("random", "length", "ifd", "full")}
+    for k, s in sets.items():
+        records.check_columns(s, records.BASELINE, "test")
+        assert set(s["baseline"]) == {k} and s["sample_id"].n_unique() == s.height
+    # random: the sample today's evaluation drew (as many rows, the seed)
+    drawn = d.select(instruction="orig_instruction", input="orig_input", output="orig_output").sample(
+        n=n, seed=3, shuffle=True)
+    assert sets["random"].select("instruction", "input", "output").equals(drawn)
+    # length: the longest responses in the student's tokens, the earlier row first on a tie
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    longest = sorted(d.iter_rows(named=True), key=lambda r: (-count(r["orig_output"]), r["source_index"]))[:n]
+    assert sets["length"]["sample_id"].to_list() == [r["sample_id"] for r in longest]
+    assert sets["length"]["rank_value"].to_list() == [float(count(r["orig_output"])) for r in longest]
+    # ifd: Cherry's own selection on these scores with a budget of n
+    cherry = select(d, method="cherry", budget=n / d.height).filter(pl.col("selected"))
+    assert sorted(sets["ifd"]["sample_id"]) == sorted(cherry["sample_id"]) and sets["ifd"].height == n
+    assert (sets["ifd"]["rank_value"] < 1).all()
+    assert sets["full"].height == d.height
+    with pytest.raises(ValueError, match="unknown baseline 'longest'"):
+        ev.baseline_pairs("longest", d, n)
+
+
+def test_baselines_and_test_sets_are_read_from_their_settings():
+    from reflectune.config import EvaluationConfig
+
+    cfg = EvaluationConfig(baselines="random, length,random", test_sets="a.jsonl,s3://b/vicuna_test_set.jsonl")
+    assert cfg.baseline_kinds == ["random", "length"]
+    assert [ev.test_set_name(u) for u in cfg.test_set_uris] == ["a", "vicuna_test_set"]
+    assert EvaluationConfig().test_set_uris == [None] and ev.test_set_name(None) == "bundled"
+    with pytest.raises(ValueError, match="give one or more of random, length, ifd, full"):
+        EvaluationConfig(baselines="random,longest")
+
+
+def test_compare_sets_runs_side_by_side(tmp_path):
+    from reflectune import report
+
+    row = {"baseline": "random", "test_set": "vicuna", "n": 80, "wins": 30, "ties": 30, "losses": 20,
+           "winning_score": 1.125, "unparsed_judgements": 0, "heldout_loss_model": None, "heldout_loss_baseline": None}
+    runs = [("sel (selective)", {"model": "m1", "judge": "j", "table": [row]}),
+            ("ch (cherry)", {"model": "m2", "judge": "j", "table": [row | {"winning_score": 0.9, "wins": 12}]})]
+    text = report.compare_text(runs).splitlines()
+    assert len(text) == 3 and text[1].split()[-1] == "1.125" and text[2].split()[-1] == "0.900"
+    page = report.compare_page(runs)
+    assert page.count("<svg class='plot'") == 2 and "sel (selective)" in page and "parity" in page

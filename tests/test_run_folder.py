@@ -10,8 +10,8 @@ from .conftest import ROOT
 
 # every name of a run folder, as a string literal would spell it
 NAMES = (*run_folder.PUBLISHED, run_folder.LOCK, "training.json", "evaluation.json", "evaluation.parquet",
-         "summary.json", "ledger.parquet", "baseline-model")
-FOLDERS = ("shards", "variants", "scores", "intake", "journal", "inputs", "runs")
+         "summary.json", "ledger.parquet", "evaluation-table.parquet")
+FOLDERS = ("shards", "variants", "scores", "intake", "journal", "inputs", "runs", "baselines")
 LITERAL = re.compile(r"""["'](?:[^"'\n]*/)?(%s)(?:/[^"'\n]*)?["']""" % "|".join(map(re.escape, NAMES)))
 JOINED = re.compile(r"""io\.join\([^)]*["'](%s)["']""" % "|".join(FOLDERS))
 

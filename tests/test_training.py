@@ -120,3 +120,12 @@ def test_two_processes_keep_the_global_batch(sample_rows, tmp_path):
     assert metrics["devices"] == 2 and metrics["global_batch"] == 8
     assert metrics["steps"] == 2 and metrics["rows"] == 16
     assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_the_loss_of_each_epoch_is_the_mean_of_its_logged_steps():
+    from reflectune.training import epoch_losses
+
+    logged = [{"loss": 3.0, "epoch": 0.34}, {"loss": 2.0, "epoch": 0.67}, {"loss": 1.0, "epoch": 1.0},
+              {"loss": 1.5, "epoch": 1.34}, {"loss": 0.5, "epoch": 2.0}]
+    assert epoch_losses(logged) == [2.0, 1.0]
+    assert epoch_losses([{"loss": 4.0}]) == [4.0] and epoch_losses([]) == []

@@ -194,3 +194,21 @@ def test_the_openai_batch_file_runs_on_vllm_run_batch_and_its_output_is_read_bac
         if gen.finish_reason == "stop":
             assert set(json.loads(gen.text)) == {"analysis", "better_answer"}, gen
     assert not outcomes["key0"].gen.text.lstrip().startswith("{")
+
+
+def test_in_cluster_mode_batch_shards_wait_in_the_orchestrating_flow_and_the_student_goes_to_the_gpus(monkeypatch):
+    """Where each stage runs with a batch API teacher: the teacher shards in this process (no GPU
+    held while batches wait), the student's on the GPU pool; an online teacher stays on the pool."""
+    import flows.recycle as recycle
+    from reflectune.config import RecycleParams
+
+    calls = []
+    monkeypatch.setattr(recycle, "_batch_api_teacher", lambda params, shards, tracker: calls.append("here") or ["t"])
+    monkeypatch.setattr(recycle, "_run_cluster", lambda params, shards, tracker, skip_teacher=False:
+                        calls.append(("pool", skip_teacher)) or ["s"])
+    batched = RecycleParams(execution={"mode": "cluster"}, teacher={"engine": "openai-batch", "model": "gpt-4o"})
+    assert recycle._Placement(batched).shard_stages([{}], None) == ["t", "s"]
+    assert calls == ["here", ("pool", True)]
+    calls.clear()
+    online = RecycleParams(execution={"mode": "cluster"}, teacher={"engine": "openai", "model": "gpt-4o"})
+    assert recycle._Placement(online).shard_stages([{}], None) == ["s"] and calls == [("pool", False)]

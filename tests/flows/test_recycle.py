@@ -12,9 +12,12 @@ import polars as pl
 import pytest
 
 from reflectune.config import RecycleParams
+from reflectune.evaluation import BUNDLED_TEST_SET
+from reflectune.models import resolve
 from reflectune.records import SCORE_COLUMNS
+from reflectune.selection import select
 
-from ..conftest import ROOT, SAMPLE
+from ..conftest import MODEL, ROOT, SAMPLE
 from ..fault_proxy import FaultProxy
 
 TINY_TRAIN = {"epochs": 1, "batch_size": 4, "per_device_batch_size": 2, "learning_rate": 1e-4, "max_length": 256}
@@ -58,10 +61,13 @@ def test_the_whole_flow_on_a_few_rows(prefect_api, tmp_path):
     from flows.recycle import recycle
 
     bad = [{"instruction": "No answer"}, json.loads(SAMPLE.read_text().splitlines()[0])]  # a bad row, a duplicate
+    koala = tmp_path / "koala_test_set.jsonl"  # a second test set, in Koala's form
+    koala.write_text(json.dumps({"prompt": "Name a colour.", "id": "k1"}) + "\n")
     params = RecycleParams(
         dataset=dataset(tmp_path, bad), output=str(tmp_path / "out"), shard_size=2,
         teacher={"max_new_tokens": 12}, selection={"mode": "paper"}, training=TINY_TRAIN,
-        evaluation={"enabled": True, "limit": 1, "max_new_tokens": 8},
+        evaluation={"enabled": True, "limit": 1, "max_new_tokens": 8, "baselines": "random,length,ifd",
+                    "test_sets": f"{BUNDLED_TEST_SET},{koala}"},
     )
     state = recycle(params, return_state=True)
     assert state.is_completed()
@@ -126,12 +132,34 @@ def test_the_whole_flow_on_a_few_rows(prefect_api, tmp_path):
     assert wanted <= runs
     assert f"file://{out / 'report.html'}" in summary
 
-    # the evaluation stage: a baseline trained on as many original pairs, judged both ways
+    # the evaluation stage: three baseline students, each judged against the selected data's on two test sets
     ev = manifest["evaluation"]
-    assert ev["evaluated"] and ev["n"] == 1 and ev["wins"] + ev["ties"] + ev["losses"] == 1
-    assert ev["baseline_training"]["rows"] == c["selected_rows"] and (out / "baseline-model" / "config.json").exists()
+    assert ev["evaluated"] and sorted(ev["baselines"]) == ["ifd", "length", "random"]
+    trained = [k for k in ev["baselines"] if (out / "baselines" / f"{k}-model" / "config.json").exists()]
+    assert len(trained) == 3 and all(ev["baselines"][k]["training"]["trained"] for k in trained)
+    table = pl.read_parquet(out / "evaluation-table.parquet")
+    assert table.select("baseline", "test_set").rows() == [(k, t) for k in ("random", "length", "ifd")
+                                                          for t in ("test_set", "koala_test_set")]
+    assert (table["n"] == 1).all() and (table["wins"] + table["ties"] + table["losses"] == 1).all()
+    assert table.to_dicts() == ev["table"]
+    # the sets: as many pairs as were selected; the longest responses; Cherry's rule on the run's own scores
+    sets = {k: pl.read_parquet(out / "baselines" / f"{k}.parquet") for k in trained}
+    assert sets["random"].height == sets["length"].height == ev["baselines"]["random"]["rows"] == c["selected_rows"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(MODEL))
+    lengths = sorted(((len(tok(o, add_special_tokens=False)["input_ids"]), -i, sid) for o, i, sid in
+                      decisions.select("orig_output", "source_index", "sample_id").iter_rows()), reverse=True)
+    assert sets["length"]["sample_id"].to_list() == [sid for *_, sid in lengths[: c["selected_rows"]]]
+    cherry = select(decisions, method="cherry", budget=c["selected_rows"] / decisions.height)
+    assert set(sets["ifd"]["sample_id"]) == set(cherry.filter(pl.col("selected"))["sample_id"])
+    # a trained baseline is reused (a rerun, or the cluster's evaluation after the baselines' own runs)
+    from reflectune import evaluation
+
+    assert evaluation.train_baseline(params, "random") == ev["baselines"]["random"]
     verdicts = pl.read_parquet(out / "evaluation.parquet")
-    assert verdicts.height == 1 and verdicts["outcome"][0] == ["loss", "tie", "win"][int(ev["winning_score"])]
+    first = verdicts.filter((pl.col("baseline") == "random") & (pl.col("test_set") == "test_set"))
+    assert verdicts.height == 6 and first["outcome"][0] == ["loss", "tie", "win"][int(ev["table"][0]["winning_score"])]
     assert "winning score" in summary
     check_report_in_chromium(out / "report.html", evaluated=True)
 
@@ -152,7 +180,8 @@ def check_report_in_chromium(report, evaluated: bool) -> None:
         page.goto(f"file://{report}")
         page.screenshot(path=str(shots / "report.png"), full_page=True)
         plots = page.locator("svg.plot")
-        assert plots.count() == 10  # IFD and r-IFD for four variants, the scatter, the branches
+        # IFD and r-IFD for four variants, the scatter, the branches; the evaluation's winning scores
+        assert plots.count() == 10 + evaluated
         for i in range(plots.count()):
             image = Image.open(_io.BytesIO(plots.nth(i).screenshot())).convert("RGB")
             assert image.width > 100 and image.height > 50
