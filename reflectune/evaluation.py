@@ -361,7 +361,7 @@ def evaluate_run(params: RecycleParams) -> dict[str, Any]:
                       judge_base_url=ev.judge_base_url, max_new_tokens=ev.max_new_tokens,
                       max_length=params.student.max_length)
     verdicts = [{"baseline": kind, "test_set": name, **row} for (kind, name), r in results.items() for row in r.rows]
-    table = [{"baseline": kind, "test_set": name, **{k: r.summary[k] for k in records.EVALUATION if k in r.summary}}
+    table = [{**{k: r.summary.get(k) for k in records.EVALUATION}, "baseline": kind, "test_set": name}
              for (kind, name), r in results.items()]
     records.write(pl.DataFrame(verdicts), out.evaluation_table)
     records.write(pl.DataFrame(table, schema=records.EVALUATION), out.evaluation_summary_table)
