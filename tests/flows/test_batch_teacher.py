@@ -20,7 +20,7 @@ def test_a_run_killed_while_batches_wait_is_finished_by_the_rerun_without_new_ba
     from prefect.settings import PREFECT_API_URL
 
     out = tmp_path / "out"
-    with Emulator(latency=0.0, answer_words=(6, 16), batch_seconds=8.0) as emulator:
+    with Emulator(latency=0.0, answer_words=(6, 16), batch_seconds=5.0) as emulator:
         command = [sys.executable, "-m", "reflectune.cli", "recycle", str(SAMPLE), "--out", str(out), "--limit", "8",
                    "--shard-size", "4", "--teacher", "emulated", "--teacher-engine", "openai-batch",
                    "--base-url", emulator.url, "--max-new-tokens", "256", "--no-train", "student.max_length=256",
