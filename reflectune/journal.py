@@ -19,14 +19,12 @@ read like any other.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
@@ -34,18 +32,9 @@ import polars as pl
 from reflectune import io, records
 from reflectune.errors import BudgetExceededError
 from reflectune.records import JOURNAL
-from reflectune.reflection import NOT_SENT, Generation
+from reflectune.reflection import NOT_SENT, Generation, request_key
 
-# part of every key: a change to what a key means starts a new journal
-JOURNAL_VERSION = 1
 _NAME = re.compile(r"^(part|merged)-(\d+)-(\d+)-([0-9a-f]+)-(\d+)-(\d+)-(\d+)-(\d+)\.parquet$")
-
-
-def request_key(teacher_id: str, chat: Sequence[dict[str, str]], sampling: Any, fmt: Any) -> str:
-    """What makes a teacher request the same request: who answers, what is asked, how it is
-    sampled, and the output form required (None where none is enforced)."""
-    payload = [JOURNAL_VERSION, teacher_id, list(chat), asdict(sampling), fmt.regex if fmt is not None else None]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
 @dataclass

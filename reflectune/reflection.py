@@ -15,9 +15,11 @@ of every attempt, its parse status and token usage.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 import polars as pl
 
@@ -52,6 +54,18 @@ class Generation:
     constrained: str = "none"  # how the format was enforced: regex, json_schema, tool_use or none
 
 
+# part of every request key: a change to what a key means starts a new request journal
+REQUEST_KEY_VERSION = 1
+
+
+def request_key(teacher_id: str, chat: Sequence[dict[str, str]], sampling: Sampling, fmt: Any) -> str:
+    """What makes a teacher request the same request: who answers, what is asked, how it is
+    sampled, and the output form required (None where none is enforced). The request journal
+    keeps answers by it; a batch API names its lines by it."""
+    payload = [REQUEST_KEY_VERSION, teacher_id, list(chat), asdict(sampling), fmt.regex if fmt is not None else None]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
 # the error of a generation that was never asked for: the budget refused it (reflectune.journal)
 NOT_SENT = "not sent: the teacher budget would be passed"
 
@@ -64,7 +78,10 @@ class TeacherEngine(Protocol):
 
     `admit(i)` is asked before chat i is sent (per request, or per batch for a batched
     engine): once it says no, nothing more is sent and the chats left get `error=NOT_SENT`.
-    `done(i, generation)` is called as each generation returns, so it can be kept at once."""
+    `done(i, generation)` is called as each generation returns, so it can be kept at once.
+    An engine that submits batches (`submits_batches`) also takes the requests' `keys`, a
+    `ledger` of its batches and a `tally`, and may pass `note=` (its batches' lines done and
+    failed) to `progress`."""
 
     teacher_id: str
 

@@ -197,7 +197,7 @@ def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any, jo
     rows = records["source_index"]
     kept = journal.Journal(journal_at, int(rows.min()), int(rows.max()))
     teacher = journal.JournaledTeacher(engine, kept, teacher_budget(cfg))
-    usage = dict(vars(engine.usage)) if hasattr(engine, "usage") and hasattr(engine.usage, "rate_limited") else {}
+    usage = dict(vars(engine.usage)) if hasattr(engine, "usage") else {}
     finished = False
     try:
         variants = reflection.reflect(records, teacher, "both", sampling, retry, progress,

@@ -23,15 +23,13 @@ user's Ctrl-C leaves batches in flight; the next run picks them up from the ledg
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -99,22 +97,6 @@ class _Batch:
     reported: int = 0  # lines done already counted in progress
 
 
-@dataclass
-class BatchUsage:
-    batches: int = 0  # created by this engine
-    lines: int = 0  # submitted
-    resubmitted: int = 0
-    reattached: int = 0  # batches found in the ledger and waited for instead of submitted
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **counts: int) -> None:
-        with self.lock:
-            for name, value in counts.items():
-                setattr(self, name, getattr(self, name) + value)
-
-
 class BatchTeacher:
     """A teacher engine (reflection.TeacherEngine) through a provider's batch API."""
 
@@ -137,7 +119,6 @@ class BatchTeacher:
         self.teacher_id = batch_teacher_id(provider, model, base_url)
         api = _OpenAIBatches if provider == "openai-batch" else _AnthropicBatches
         self._api = api(model, base_url, self._api_key, timeout)
-        self.usage = BatchUsage()
         self._memory = MemoryLedger()
 
     def __repr__(self) -> str:  # never show the key
@@ -151,12 +132,13 @@ class BatchTeacher:
         """One generation per chat, through batches. `keys` (the journal's request keys) are
         the lines' custom ids; `ledger` keeps the batches (by default, this engine's memory);
         `tally` counts this call's batches, lines, lines resubmitted and batches re-attached."""
-        from reflectune.reflection import NOT_SENT, Generation
+        from reflectune.reflection import NOT_SENT, Generation, request_key
 
         n = len(chats)
         if sampling.constrained == "off" or formats is None:
             formats = [None] * n
-        keys = list(keys) if keys is not None else [_key(self.teacher_id, c, sampling, f) for c, f in zip(chats, formats)]
+        keys = list(keys) if keys is not None else [request_key(self.teacher_id, c, sampling, f)
+                                                    for c, f in zip(chats, formats)]
         ledger = ledger or self._memory
         tally = tally if tally is not None else Counter()
         index = {k: i for i, k in enumerate(keys)}
@@ -206,8 +188,6 @@ class BatchTeacher:
                         outcome.gen.constrained = self._api.way  # the form every line of this API asks in
                     if outcome.gen is not None:
                         tokens += outcome.gen.completion_tokens
-                        self.usage.add(prompt_tokens=outcome.gen.prompt_tokens,
-                                       completion_tokens=outcome.gen.completion_tokens)
                     if not settle(key, outcome):
                         resend.append(key)
                 if progress:
@@ -215,7 +195,6 @@ class BatchTeacher:
                     progress(max(0, answered - batch.reported), tokens, note=self._note(waiting))
                     batch.reported = answered
             if resend:
-                self.usage.add(resubmitted=len(resend))
                 tally["batch_lines_resubmitted"] += len(resend)
                 still += self._submit(ledger, resend, chats, sampling, formats, index, tries, tally)
             waiting = still
@@ -245,7 +224,6 @@ class BatchTeacher:
             if k in newest:
                 entry = newest[k]
                 by_tag.setdefault(entry["tag"], _Batch(entry, [])).keys.append(k)
-        self.usage.add(reattached=len(by_tag))
         return list(by_tag.values())
 
     def _submit(self, ledger: Ledger, keys: list[str], chats, sampling, formats, index, tries,
@@ -264,7 +242,6 @@ class BatchTeacher:
             ledger.record(entry)
             for k in group_keys:
                 tries[k] += 1
-            self.usage.add(batches=1, lines=len(group))
             tally["batches_created"] += 1
             tally["batch_lines"] += len(group)
             batches.append(_Batch(entry, group_keys, total=len(group)))
@@ -283,12 +260,6 @@ class BatchTeacher:
 
     def close(self) -> None:
         pass
-
-
-def _key(teacher: str, chat: Sequence[dict[str, str]], sampling: Any, fmt: Any) -> str:
-    """A request's key where no journal gives one: what determines its answer."""
-    payload = [teacher, list(chat), asdict(sampling), fmt.regex if fmt is not None else None]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
 def _split(lines: list[tuple[str, dict]], max_requests: int, max_bytes: int, overhead: int) -> list[list]:
