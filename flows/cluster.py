@@ -3,9 +3,9 @@ the automation that marks a dead worker's flow runs Crashed.
 
 A worker that dies with its machine leaves its flow runs Running forever. Flow runs started
 by a worker send heartbeats (PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds apart, set on the
-workers); the automation marks a GPU batch run Crashed when its heartbeats stop, and the
-recycle flow then launches that GPU batch again on a live worker, which skips the shards
-already done. Other flow runs are left alone.
+workers); the automation marks a GPU batch or GPU step run Crashed when its heartbeats stop,
+and the recycle flow then launches it again on a live worker (a batch skips the shards
+already done). Other flow runs are left alone.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 AUTOMATION = "reflectune: crash runs whose heartbeats stopped"
 GPU_BATCH_FLOW = "reflectune-gpu-batch"
+GPU_STEP_FLOW = "reflectune-gpu-step"
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = {"kubernetes": ROOT / "infra" / "kubernetes" / "gpu-base-job-template.json"}
 
@@ -67,10 +68,10 @@ def _automation(within_seconds: int):
             expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
                     "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            # only the GPU batch runs, which the recycle flow launches again: a late heartbeat of
-            # the orchestrating run on a loaded server must not crash the whole run
+            # only the GPU runs, which the recycle flow launches again: a late heartbeat of the
+            # orchestrating run on a loaded server must not crash the whole run
             match_related=ResourceSpecification({"prefect.resource.role": "flow",
-                                                 "prefect.resource.name": GPU_BATCH_FLOW}),
+                                                 "prefect.resource.name": [GPU_BATCH_FLOW, GPU_STEP_FLOW]}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,

@@ -1,6 +1,7 @@
 """The GPU batch flow: one worker process loads its engine once and works through a batch
 of shards with the same per-shard tasks the local mode uses. Deployed on a GPU work pool;
-the recycle flow starts one run per batch with `run_deployment`."""
+the recycle flow starts one run per batch with `run_deployment`. Training and evaluation
+have their own flow (flows/gpu_step.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from flows.cluster import GPU_BATCH_FLOW
 
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
-from tasks.outputs import evaluate_students, train_baseline, train_student
 from tasks.shards import student_shard, teacher_shard
 
 
@@ -35,15 +35,9 @@ def retryable(task, task_run, state) -> bool:
 
 
 @flow(name=GPU_BATCH_FLOW, log_prints=False)
-def gpu_batch(stage: Literal["teacher", "student", "train", "baseline", "evaluate"], shards: list[dict[str, Any]],
+def gpu_batch(stage: Literal["teacher", "student"], shards: list[dict[str, Any]],
               params: RecycleParams) -> list[dict[str, Any]]:
     try:
-        if stage == "train":
-            return [with_retries(train_student, params)(params)]
-        if stage == "evaluate":
-            return [with_retries(evaluate_students, params)(params)]
-        if stage == "baseline":  # one baseline's student: `shards` names it, [{"kind": KIND}]
-            return [with_retries(train_baseline, params)(params, shards[0]["kind"])]
         work = with_retries(teacher_shard if stage == "teacher" else student_shard, params)
         return [work(shard, params) for shard in shards]
     finally:

@@ -3,7 +3,8 @@ selection -> training -> manifest, with progress, table and summary artifacts.
 
 Local mode runs the shard tasks in this process (a bounded number at a time; the worker's
 engine is loaded once and reused). Cluster mode starts GPU batch flows on a work pool, one
-per batch of shards, each loading its engine once. Both run the same task code, and both
+per batch of shards, each loading its engine once, and a GPU step flow for training, each
+baseline's training and the evaluation. Both run the same task code, and both
 find their results in the output folder, so a rerun picks up whatever shards are done.
 """
 
@@ -112,18 +113,19 @@ class _Placement:
         return results + _run_cluster(self.params, shards, tracker, skip_teacher=batched)
 
     def baselines(self) -> None:
-        """In cluster mode, each baseline's student trains as its own GPU run, side by side where
+        """In cluster mode, each baseline's student trains as its own GPU step, side by side where
         workers allow; the evaluation then finds them trained. Locally the evaluation trains them."""
         if self.cluster:
-            kinds = self.params.evaluation.baseline_kinds
-            futures = [gpu_batch_run.submit(self.params, "baseline", [{"kind": k}], i) for i, k in enumerate(kinds)]
+            futures = [gpu_step_run.submit(self.params, "baseline", kind)
+                       for kind in self.params.evaluation.baseline_kinds]
             for future in futures:
                 future.result()
 
     def on_gpu(self, step: str, task_fn) -> dict[str, Any]:
-        """A whole-run step that needs the device (training, evaluation): its result."""
+        """A whole-run step that needs the device (training, evaluation): its result. In cluster
+        mode it runs as a GPU step flow on the work pool."""
         if self.cluster:
-            return _gpu_batch(self.params, step, [], 0)[0]
+            return gpu_step_run(self.params, step)
         return self.here(task_fn)(self.params)
 
 
@@ -226,49 +228,9 @@ def _run_cluster(params: RecycleParams, shards: list[dict[str, Any]], tracker: _
 
 @task(name="gpu-batch-run", tags=["reflectune"])
 def gpu_batch_run(params: RecycleParams, stage: str, batch: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
-    return _gpu_batch(params, stage, batch, index)
-
-
-def _gpu_batch(params: RecycleParams, stage: str, batch: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
-    """Run one GPU batch flow on the work pool and read its shard results from the outputs.
-
-    A batch whose run crashed (its worker died: Prefect marks a run whose heartbeats stop as
-    Crashed, see `reflectune cluster setup`) is launched again, up to `execution.retries`
-    times, under a new idempotency key; the new run skips the shards the old one finished. A
-    batch that failed has already retried its tasks: its failure fails this run. A retried
-    parent run finds its earlier children by the same keys."""
-    from prefect.deployments import run_deployment
-
-    log = get_run_logger()
-    parent = flow_run.get_id() or "local"
-    for attempt in range(params.execution.retries + 1):
-        run = run_deployment(
-            name=params.execution.gpu_deployment,
-            parameters={"stage": stage, "shards": batch, "params": params.model_dump(mode="json")},
-            timeout=None,
-            idempotency_key=f"{parent}:{stage}:{index}:{attempt}",
-        )
-        if run.state and run.state.is_completed():
-            break
-        state = run.state.name if run.state else "without a state"
-        why = (run.state.message or "") if run.state else ""
-        if "BudgetExceededError" in why:  # the worker's budget stop, as the flow run's state tells it
-            raise BudgetExceededError(why.split("BudgetExceededError: ", 1)[-1].rstrip("."))
-        if not (run.state and run.state.is_crashed()):
-            raise ReflectuneError(f"GPU batch {stage} #{index} (flow run {run.id}) ended {state}: {why}")
-        log.warning("GPU batch %s #%d (flow run %s) ended %s (attempt %d of %d): %s", stage, index, run.id, state,
-                    attempt + 1, params.execution.retries + 1, why)
-    else:
-        raise ReflectuneError(f"GPU batch {stage} #{index} crashed in {params.execution.retries + 1} attempts: its "
-                              f"workers died. {RESUME}")
-    if stage in ("train", "baseline", "evaluate"):
-        from reflectune import io
-        from reflectune.run_folder import RunFolder
-
-        folder = RunFolder(params.output)
-        if stage == "baseline":
-            return [io.read_json(folder.baseline_training(batch[0]["kind"]))["baseline"]]
-        return [io.read_json(folder.training if stage == "train" else folder.evaluation)]
+    """One batch of shards for one stage on the GPU pool: the shards' results, read from the outputs."""
+    _launch(params, params.execution.gpu_deployment, {"stage": stage, "shards": batch}, f"GPU batch {stage} #{index}",
+            f"{stage}:{index}")
     results = []
     for shard in batch:
         s = stages.Shard(**shard)
@@ -278,6 +240,51 @@ def _gpu_batch(params: RecycleParams, stage: str, batch: list[dict[str, Any]], i
                                   f"{stages.target(params, s, stage)} is not done")
         results.append(asdict(result) | {"reused": False})
     return results
+
+
+@task(name="gpu-step-run", tags=["reflectune"])
+def gpu_step_run(params: RecycleParams, step: str, baseline: str | None = None) -> dict[str, Any]:
+    """Training, one baseline's training or the evaluation on the GPU pool: its result, read
+    from the output folder."""
+    from reflectune import io
+    from reflectune.run_folder import RunFolder
+
+    label = f"GPU step {step}" + (f" ({baseline})" if baseline else "")
+    _launch(params, params.execution.gpu_step_deployment, {"step": step, "baseline": baseline}, label,
+            f"{step}:{baseline or ''}")
+    folder = RunFolder(params.output)
+    if step == "baseline":
+        return io.read_json(folder.baseline_training(baseline))["baseline"]
+    return io.read_json(folder.training if step == "train" else folder.evaluation)
+
+
+def _launch(params: RecycleParams, deployment: str, parameters: dict[str, Any], label: str, key: str) -> None:
+    """Run a GPU flow's deployment to its end.
+
+    A run that crashed (its worker died: Prefect marks a run whose heartbeats stop as Crashed,
+    see `reflectune cluster setup`) is launched again, up to `execution.retries` times, under a
+    new idempotency key; a new batch run skips the shards the old one finished. A run that
+    failed has already retried its tasks: its failure fails this run. A retried parent run
+    finds its earlier children by the same keys."""
+    from prefect.deployments import run_deployment
+
+    log = get_run_logger()
+    parent = flow_run.get_id() or "local"
+    attempts = params.execution.retries + 1
+    for attempt in range(attempts):
+        child = run_deployment(name=deployment, parameters=parameters | {"params": params.model_dump(mode="json")},
+                               timeout=None, idempotency_key=f"{parent}:{key}:{attempt}")
+        if child.state and child.state.is_completed():
+            return
+        state = child.state.name if child.state else "without a state"
+        why = (child.state.message or "") if child.state else ""
+        if "BudgetExceededError" in why:  # the worker's budget stop, as the flow run's state tells it
+            raise BudgetExceededError(why.split("BudgetExceededError: ", 1)[-1].rstrip("."))
+        if not (child.state and child.state.is_crashed()):
+            raise ReflectuneError(f"{label} (flow run {child.id}) ended {state}: {why}")
+        log.warning("%s (flow run %s) ended %s (attempt %d of %d): %s", label, child.id, state, attempt + 1,
+                    attempts, why)
+    raise ReflectuneError(f"{label} crashed in {attempts} attempts: its workers died. {RESUME}")
 
 
 def _artifacts(params: RecycleParams, manifest: dict[str, Any]) -> None:

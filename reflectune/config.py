@@ -225,6 +225,8 @@ class ExecutionConfig(_Config):
     shards_per_batch: int = Field(4, ge=1, description="cluster: shards per GPU batch flow; each loads its engine once.")
     gpu_deployment: str = Field("reflectune-gpu-batch/gpu", description="cluster: the GPU batch flow's deployment "
                                 "(flow name/deployment name).")
+    gpu_step_deployment: str = Field("reflectune-gpu-step/gpu-step", description="cluster: the deployment of the flow "
+                                     "that trains and evaluates students on a GPU worker (flow name/deployment name).")
     retries: int = Field(3, ge=0, description="Retries of a failed shard task.")
     retry_delay_seconds: float = Field(10.0, ge=0, description="First retry delay; it doubles per retry, with jitter.")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One Prefect worker per GPU on the "gpu" pool, each seeing only its own GPU
-# (CUDA_VISIBLE_DEVICES) and running one flow run at a time (--limit 1): a GPU batch flow
+# (CUDA_VISIBLE_DEVICES) and running one flow run at a time (--limit 1): a GPU batch or step flow
 # loads its engine once and owns the device until it ends. Without GPUs, one CPU worker.
 #
 #   GPU_POOL=gpu WORKER_TYPE=process infra/workers/start-gpu-workers.sh

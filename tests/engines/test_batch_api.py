@@ -212,3 +212,34 @@ def test_in_cluster_mode_batch_shards_wait_in_the_orchestrating_flow_and_the_stu
     calls.clear()
     online = RecycleParams(execution={"mode": "cluster"}, teacher={"engine": "openai", "model": "gpt-4o"})
     assert recycle._Placement(online).shard_stages([{}], None) == ["s"] and calls == [("pool", False)]
+
+
+def test_in_cluster_mode_training_baselines_and_evaluation_run_as_gpu_steps(monkeypatch, tmp_path):
+    """Training, each baseline's training and the evaluation each start a run of the GPU step
+    deployment (not a shard batch), named by its step, and return what that run wrote."""
+    import flows.recycle as recycle
+    from reflectune import io
+    from reflectune.config import RecycleParams
+    from reflectune.run_folder import RunFolder
+
+    params = RecycleParams(output=str(tmp_path), execution={"mode": "cluster", "gpu_step_deployment": "steps/gpu"})
+    folder = RunFolder(params.output)
+    launched = []
+
+    def launch(params, deployment, parameters, label, key):
+        launched.append((deployment, parameters, key))
+        if parameters["step"] == "baseline":
+            io.write_json({"baseline": {"kind": parameters["baseline"]}}, folder.baseline_training(parameters["baseline"]))
+        else:
+            io.write_json({"step": parameters["step"]}, folder.training if parameters["step"] == "train"
+                          else folder.evaluation)
+
+    monkeypatch.setattr(recycle, "_launch", launch)
+    monkeypatch.setattr(recycle, "gpu_step_run", recycle.gpu_step_run.fn)
+    place = recycle._Placement(params)
+    assert place.on_gpu("train", None) == {"step": "train"}
+    assert place.on_gpu("evaluate", None) == {"step": "evaluate"}
+    assert recycle.gpu_step_run(params, "baseline", "length") == {"kind": "length"}
+    assert launched == [("steps/gpu", {"step": "train", "baseline": None}, "train:"),
+                        ("steps/gpu", {"step": "evaluate", "baseline": None}, "evaluate:"),
+                        ("steps/gpu", {"step": "baseline", "baseline": "length"}, "baseline:length")]

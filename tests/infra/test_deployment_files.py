@@ -10,7 +10,16 @@ import tomllib
 
 import yaml
 
+from flows import cluster
+from flows.cluster import GPU_BATCH_FLOW, GPU_STEP_FLOW
+from reflectune.config import ExecutionConfig
+
 from ..conftest import ROOT
+
+def _constant(value: str) -> str:
+    """The name flows/cluster.py gives a flow name."""
+    return next(k for k, v in vars(cluster).items() if v == value and k.isupper())
+
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXTRAS = set(PYPROJECT["project"]["optional-dependencies"])
@@ -20,12 +29,21 @@ SCRIPTS = set(PYPROJECT["project"]["scripts"])
 def test_prefect_yaml_entrypoints_and_pools():
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
-    assert set(by_name) == {"recycle", "re-recycle", "gpu"}
+    assert set(by_name) == {"recycle", "re-recycle", "gpu", "gpu-step"}
     for d in by_name.values():
         path, _, func = d["entrypoint"].partition(":")
         assert re.search(rf"^def {func}\(", (ROOT / path).read_text(), re.M), d["entrypoint"]
-    assert by_name["gpu"]["work_pool"]["name"] == "gpu"
-    assert by_name["recycle"]["parameters"]["params"]["execution"]["gpu_deployment"] == "reflectune-gpu-batch/gpu"
+    # the GPU flows run on the GPU pool with heartbeats (the crash automation watches them), and
+    # the orchestrating flows name them as flow name/deployment name
+    for gpu, flow_name, field in (("gpu", GPU_BATCH_FLOW, "gpu_deployment"),
+                                  ("gpu-step", GPU_STEP_FLOW, "gpu_step_deployment")):
+        assert by_name[gpu]["work_pool"]["name"] == "gpu"
+        assert by_name[gpu]["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]
+        path = by_name[gpu]["entrypoint"].partition(":")[0]
+        assert re.search(rf"^@flow\(name={_constant(flow_name)}\b", (ROOT / path).read_text(), re.M), path
+        assert by_name["recycle"]["parameters"]["params"]["execution"][field] == f"{flow_name}/{gpu}"
+        assert by_name["re-recycle"]["schedules"][0]["parameters"]["params"]["execution"][field] == f"{flow_name}/{gpu}"
+        assert getattr(ExecutionConfig(), field) == f"{flow_name}/{gpu}"
     assert by_name["re-recycle"]["schedules"][0]["cron"] == "0 3 * * *"
     [step] = spec["pull"]
     assert "{{ $REFLECTUNE_CODE_DIR }}" in json.dumps(step)
