@@ -46,7 +46,7 @@ demo: setup $(DEMO_MODELS)
 	  --epochs 2 --batch-size 8 --per-device-batch-size 4 --learning-rate 5e-5 --train-max-length 512 \
 	  --evaluate --judge $(DEMO_TEACHER) --judge-engine vllm --eval-limit 20 --eval-max-new-tokens 48 \
 	  --baselines random,length
-	$(BIN)/python -m reflectune.demo_summary $(DEMO_OUT)
+	$(BIN)/python examples/show_decisions.py $(DEMO_OUT)
 
 # The demo's two students answer the Vicuna test set (80 instructions, as the paper's authors
 # published it; not part of this repository) and the strongest packaged judge compares them.
@@ -66,9 +66,12 @@ browser:
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 	@test -x $(CHROMIUM) || { echo "Chromium is missing at $(CHROMIUM): install it (apt-get install chromium) or set CHROMIUM=PATH"; exit 1; }
 
-# The layers' contracts first (pyproject.toml's [tool.importlinter]): seconds, before the suite.
+# The layers' contracts first (pyproject.toml's [tool.importlinter]), checked on the package as
+# it installs (flows/ and tasks/ inside it, as reflectune.flows and reflectune.tasks): seconds.
+LINT_TREE := $(VENV)/.lint-tree
 test: setup browser
-	$(BIN)/lint-imports
+	rm -rf $(LINT_TREE) && $(BIN)/pip install --quiet --no-deps --no-build-isolation --target $(LINT_TREE) .
+	cd $(LINT_TREE) && $(CURDIR)/$(BIN)/lint-imports --no-logo --no-cache $(CURDIR)/pyproject.toml
 	REFLECTUNE_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q --durations=12 tests
 
 # Only the tests not marked slow (no servers, vLLM, training or flow runs): a few minutes.

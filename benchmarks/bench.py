@@ -117,7 +117,7 @@ def bench_teacher(n: int) -> None:
     from reflectune.engines.hf import TransformersTeacher
     from reflectune.engines.openai_compat import OpenAITeacher
     from reflectune.engines.vllm_serve import Server
-    from reflectune.harness import free_port
+    from reflectune.testing.servers import free_port
     from reflectune.reflection import Sampling
 
     rows, source = pairs(min(n, int(os.environ.get("BENCH_TEACHER_N", "16"))))
@@ -203,7 +203,7 @@ def bench_flow(n: int) -> None:
     work (shard compute plus engine loads), on the sample split into 8 shards."""
     import tempfile
 
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
     from reflectune.config import RecycleParams
 
     teacher_engine = os.environ.get("BENCH_FLOW_TEACHER", "vllm")
@@ -229,7 +229,7 @@ def bench_methods(n: int) -> None:
     packaged model); superfilter scores with the packaged 135M model whatever the student."""
     import tempfile
 
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
     from reflectune.config import RecycleParams
 
     rows, source = pairs(n)
@@ -260,7 +260,7 @@ def bench_scale(n: int) -> None:
 
     from prefect.deployments import run_deployment
 
-    from reflectune.harness import Cluster, api, prefect_server, write_rows
+    from reflectune.testing.servers import Cluster, api, prefect_server, write_rows
 
     rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
     with tempfile.TemporaryDirectory() as tmp, prefect_server(Path(tmp) / "home") as server:

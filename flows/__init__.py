@@ -1,1 +1,3 @@
-"""Prefect flows: the recycle DAG and the GPU batch flow that holds an engine."""
+"""Prefect flows (installed as `reflectune.flows`, kept at the repository's top level): the
+recycle DAG, the GPU batch flow that holds an engine, the GPU step flow that trains and
+evaluates, re-recycling and cluster setup."""

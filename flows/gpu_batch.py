@@ -9,11 +9,10 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.cluster import GPU_BATCH_FLOW
-
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
-from tasks.shards import student_shard, teacher_shard
+from reflectune.flows.cluster import GPU_BATCH_FLOW
+from reflectune.tasks.shards import student_shard, teacher_shard
 
 
 def with_retries(task_fn, params: RecycleParams):

@@ -9,11 +9,11 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.cluster import GPU_STEP_FLOW
-from flows.gpu_batch import with_retries
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
-from tasks.outputs import evaluate_students, train_baseline, train_student
+from reflectune.flows.cluster import GPU_STEP_FLOW
+from reflectune.flows.gpu_batch import with_retries
+from reflectune.tasks.outputs import evaluate_students, train_baseline, train_student
 
 
 @flow(name=GPU_STEP_FLOW, log_prints=False)

@@ -20,15 +20,15 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.gpu_batch import with_retries
-from reflectune import manifest as run
 from reflectune import journal, lock, progress, stages
+from reflectune import manifest as run
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
 from reflectune.errors import RESUME, BudgetExceededError, ReflectuneError
-from tasks.outputs import (evaluate_students, intake_and_shard, select_and_write, train_student, write_card,
-                           write_manifest, write_report)
-from tasks.shards import student_shard, teacher_shard
+from reflectune.flows.gpu_batch import with_retries
+from reflectune.tasks.outputs import (evaluate_students, intake_and_shard, select_and_write, train_student,
+                                      write_card, write_manifest, write_report)
+from reflectune.tasks.shards import student_shard, teacher_shard
 
 
 # threads for tasks at once; the flow bounds each stage below it (execution.max_workers, or

@@ -13,9 +13,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.recycle import recycle
 from reflectune import watch
 from reflectune.config import RecycleParams
+from reflectune.flows.recycle import recycle
 
 
 @task(name="find-new-rows", tags=["reflectune"], retries=3, retry_delay_seconds=[5, 20, 60])

@@ -274,7 +274,7 @@ def _recycle(args: argparse.Namespace) -> int:
         _check_engine("vllm")
     preflight.check(params)
     _prefect_api()
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
 
     _quiet_user_errors()
     previous = signal.signal(signal.SIGINT, _interrupt)
@@ -422,7 +422,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _cluster_setup(args: argparse.Namespace) -> int:
-    from flows.cluster import setup
+    from reflectune.flows.cluster import setup
 
     pools = dict(item.split("=", 1) for item in args.pool if "=" in item) or {"reflectune": "process", "gpu": "process"}
     result = setup(pools, args.heartbeat, args.grace)

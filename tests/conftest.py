@@ -1,5 +1,5 @@
 """Shared fixtures: the packaged model (loaded once per session), sample records, and real
-servers on loopback (moto S3, `vllm serve`, Prefect) started with reflectune.harness."""
+servers on loopback (moto S3, `vllm serve`, Prefect) started with reflectune.testing.servers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reflectune import harness
+from reflectune.testing import servers
 
 # A stray hub lookup must fail at once, not wait on the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -83,7 +83,7 @@ def reflection_records():
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 HTTP endpoint on loopback (moto server), with credentials in the environment."""
-    port = harness.free_port()
+    port = servers.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -98,7 +98,7 @@ def s3_endpoint():
         REFLECTUNE_S3_ENDPOINT_URL=url,
     )
     try:
-        harness.wait_http(url, 30)
+        servers.wait_http(url, 30)
         yield url
     finally:
         proc.terminate()
@@ -128,7 +128,7 @@ def vllm_server(tmp_path_factory):
     from reflectune.engines.vllm_serve import Server
 
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    with Server(MODEL, harness.free_port(), "smollm2", str(log)) as server:
+    with Server(MODEL, servers.free_port(), "smollm2", str(log)) as server:
         yield {"url": server.url, "port": server.port, "model": server.served_name, "log": log}
 
 
@@ -151,5 +151,5 @@ def teacher():
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """`prefect server start` on loopback with its own database: what workers and the UI talk to."""
-    with harness.prefect_server(tmp_path_factory.mktemp("prefect-server")) as server:
+    with servers.prefect_server(tmp_path_factory.mktemp("prefect-server")) as server:
         yield server

@@ -136,7 +136,7 @@ def test_plan_counts_the_real_tokens_and_estimates_time(tokenizer, sample_rows):
 def flow_form() -> dict[str, str]:
     """The recycle flow's form as the Prefect UI renders it: each field's description, by its
     dotted name."""
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
 
     schema = recycle.parameters.model_dump()
     defs = schema["definitions"]
@@ -280,7 +280,7 @@ def test_ctrl_c_stops_in_seconds_with_one_line_and_the_rerun_resumes(prefect_api
     assert 0 < scored < 3 and not (out / "manifest.json").exists()
 
     # the same command again, in this process (on the test's Prefect API)
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
     from reflectune.cli import _dotted, _parser, recycle_params
 
     argv = _dotted(["recycle", str(SAMPLE), "--out", str(out), *SMALL_RUN])

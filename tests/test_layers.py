@@ -1,14 +1,18 @@
 """The library stays importable without an orchestrator: no module of `reflectune` imports
-Prefect, the flows or the tasks when it is imported (the command line and the harness import
-them inside the functions that need them). The layers themselves are import-linter's
-contracts in pyproject.toml, checked by `make test`."""
+Prefect, the flows or the tasks when it is imported (the command line and reflectune.testing
+import them inside the functions that need them). The layers themselves are import-linter's
+contracts in pyproject.toml, checked by `make test` on the package as it installs.
+
+flows/ and tasks/ are folders of the repository installed as `reflectune.flows` and
+`reflectune.tasks`: nothing imports them by their folder's name, which works only from the
+repository's root."""
 
 import ast
 from pathlib import Path
 
 from .conftest import ROOT
 
-ORCHESTRATION = ("prefect", "flows", "tasks")
+ORCHESTRATION = ("prefect", "reflectune.flows", "reflectune.tasks")
 
 
 def _module_level_imports(path: Path) -> list[tuple[int, str]]:
@@ -38,7 +42,7 @@ def test_the_library_imports_no_orchestration_at_module_level():
     offending = [f"{path.relative_to(ROOT)}:{line} imports {module}"
                  for path in sorted((ROOT / "reflectune").rglob("*.py"))
                  for line, module in _module_level_imports(path)
-                 if module.split(".")[0] in ORCHESTRATION]
+                 if any(module == o or module.startswith(o + ".") for o in ORCHESTRATION)]
     assert not offending, offending
 
 
@@ -47,3 +51,31 @@ def test_the_check_sees_a_module_level_import(tmp_path):
     module.write_text("import os\ntry:\n    from prefect import flow\nexcept ImportError:\n    pass\n\n"
                       "def f():\n    import tasks\n")
     assert _module_level_imports(module) == [(1, "os"), (3, "prefect")]
+
+
+def _every_import(path: Path) -> list[tuple[int, str]]:
+    return [(node.lineno, alias.name if isinstance(node, ast.Import) else node.module)
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Import | ast.ImportFrom) and getattr(node, "level", 0) == 0
+            for alias in (node.names if isinstance(node, ast.Import) else [node])]
+
+
+def test_flows_and_tasks_install_inside_the_package():
+    from importlib.metadata import distribution
+    from importlib.util import find_spec
+
+    assert distribution("reflectune").read_text("top_level.txt").split() == ["reflectune"]
+    assert find_spec("reflectune.flows").submodule_search_locations == [str(ROOT / "flows")]
+    assert find_spec("reflectune.tasks").submodule_search_locations == [str(ROOT / "tasks")]
+    offending = [f"{path.relative_to(ROOT)}:{line} imports {module}"
+                 for folder in ("reflectune", "flows", "tasks", "tests", "benchmarks", "examples")
+                 for path in sorted((ROOT / folder).rglob("*.py"))
+                 for line, module in _every_import(path)
+                 if module and module.split(".")[0] in ("flows", "tasks")]
+    assert not offending, offending
+
+
+def test_the_folder_name_check_sees_an_import_inside_a_function(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("from . import x\n\ndef f():\n    import tasks.shards\n    from flows.recycle import recycle\n")
+    assert _every_import(module) == [(4, "tasks.shards"), (5, "flows.recycle")]

@@ -199,7 +199,7 @@ def test_the_openai_batch_file_runs_on_vllm_run_batch_and_its_output_is_read_bac
 def test_in_cluster_mode_batch_shards_wait_in_the_orchestrating_flow_and_the_student_goes_to_the_gpus(monkeypatch):
     """Where each stage runs with a batch API teacher: the teacher shards in this process (no GPU
     held while batches wait), the student's on the GPU pool; an online teacher stays on the pool."""
-    import flows.recycle as recycle
+    from reflectune.flows import recycle
     from reflectune.config import RecycleParams
 
     calls = []
@@ -217,7 +217,7 @@ def test_in_cluster_mode_batch_shards_wait_in_the_orchestrating_flow_and_the_stu
 def test_in_cluster_mode_training_baselines_and_evaluation_run_as_gpu_steps(monkeypatch, tmp_path):
     """Training, each baseline's training and the evaluation each start a run of the GPU step
     deployment (not a shard batch), named by its step, and return what that run wrote."""
-    import flows.recycle as recycle
+    from reflectune.flows import recycle
     from reflectune import io
     from reflectune.config import RecycleParams
     from reflectune.run_folder import RunFolder

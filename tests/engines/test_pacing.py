@@ -113,7 +113,7 @@ def test_a_prefect_global_rate_limit_holds_the_requests_of_every_worker(prefect_
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
     from reflectune.errors import SettingError
-    from tasks.shards import _shared_limit
+    from reflectune.tasks.shards import _shared_limit
 
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(

@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from reflectune.harness import Cluster, api, write_rows
+from reflectune.testing.servers import Cluster, api, write_rows
 
 from ..conftest import ROOT, SAMPLE
 

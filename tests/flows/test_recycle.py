@@ -58,7 +58,7 @@ def task_runs(flow_run_id, expect: dict[str, int], timeout: float = 60.0):
 
 
 def test_the_whole_flow_on_a_few_rows(prefect_api, tmp_path):
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
 
     bad = [{"instruction": "No answer"}, json.loads(SAMPLE.read_text().splitlines()[0])]  # a bad row, a duplicate
     koala = tmp_path / "koala_test_set.jsonl"  # a second test set, in Koala's form
@@ -197,7 +197,7 @@ def check_report_in_chromium(report, evaluated: bool) -> None:
 def test_a_shard_task_that_fails_twice_is_retried(prefect_api, vllm_server, tmp_path):
     """The teacher endpoint fails the shard's first two attempts (503, with no request retries
     left); the third passes. A refused key (401) is not retried: no retry can mend it."""
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
 
     proxy = FaultProxy("127.0.0.1", vllm_server["port"], ["401"])
     try:
@@ -233,7 +233,7 @@ def test_a_run_whose_teacher_is_down_fails_then_resumes(prefect_api, vllm_server
     address, the same command completes and every row has real teacher text."""
     from prefect.settings import PREFECT_API_URL
 
-    from reflectune.harness import free_port
+    from reflectune.testing.servers import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
@@ -289,7 +289,7 @@ class FailsMidShardOnce:
 
 def test_a_scorer_failing_mid_shard_is_retried_and_changes_nothing(prefect_api, tmp_path, monkeypatch):
     import reflectune.engines as engines
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
 
     # the cherry method: no teacher, so only scoring can differ
     common = dict(dataset=dataset(tmp_path), limit=4, shard_size=2, selection={"method": "cherry", "budget": 0.5},
@@ -316,7 +316,7 @@ def test_a_scorer_failing_mid_shard_is_retried_and_changes_nothing(prefect_api, 
 
 
 def test_teacher_and_student_of_one_model_share_one_vllm_engine(prefect_api, tmp_path):
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
 
     params = RecycleParams(dataset=dataset(tmp_path), output=str(tmp_path / "out"), limit=2, shard_size=1,
                            teacher={"engine": "vllm", "max_new_tokens": 8}, student={"engine": "vllm"},
@@ -331,7 +331,7 @@ def test_teacher_and_student_of_one_model_share_one_vllm_engine(prefect_api, tmp
 def test_a_killed_run_resumes_without_redoing_finished_shards(prefect_api, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
     from reflectune.cli import _parser, recycle_params
 
     argv = ["recycle", dataset(tmp_path), "--out", str(tmp_path / "out"), "--limit", "4", "--shard-size", "1",
@@ -367,7 +367,7 @@ def test_a_killed_run_resumes_without_redoing_finished_shards(prefect_api, tmp_p
 
 
 def test_flow_parameters_render_a_form():
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
 
     schema = recycle.parameters.model_dump()
     params = schema["definitions"]["RecycleParams"]["properties"]

@@ -39,7 +39,7 @@ def small_scorer(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["cherry", "superfilter"])
 def test_a_method_without_a_teacher_loads_none_and_keeps_the_top_ifd(prefect_api, tmp_path, method, small_scorer):
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
 
     out = tmp_path / "out"
     # cherry scores with the student; superfilter with a smaller model
@@ -108,7 +108,7 @@ def check_dataset(out, manifest):
 
 
 def test_reflection_keeps_every_recycled_pair(prefect_api, tmp_path):
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
 
     out = tmp_path / "out"
     params = RecycleParams(dataset=str(SAMPLE), output=str(out), limit=4, shard_size=2, training=NO_TRAIN,

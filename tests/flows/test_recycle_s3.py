@@ -38,7 +38,7 @@ def flow_logs(flow_run_id) -> str:
 
 
 def test_a_whole_run_on_s3(prefect_api, s3_endpoint, s3_bucket):
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
 
     params = RecycleParams(dataset=upload_sample(s3_bucket, 4), output=f"s3://{s3_bucket}/runs/one", shard_size=2,
                            teacher={"max_new_tokens": 8}, selection={"mode": "paper"}, training=TINY_TRAIN)
@@ -64,7 +64,7 @@ def test_a_whole_run_on_s3(prefect_api, s3_endpoint, s3_bucket):
 
 
 def test_a_failing_s3_endpoint_is_retried_and_loses_nothing(prefect_api, s3_endpoint, s3_bucket, monkeypatch):
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
 
     dataset = upload_sample(s3_bucket, 4)
     host, port = s3_endpoint.rsplit("//", 1)[1].split(":")

@@ -20,7 +20,7 @@ def test_a_budget_stops_the_run_and_a_larger_one_finishes_it_without_paying_twic
     from prefect.client.schemas.sorting import FlowRunSort
     from prefect.settings import PREFECT_API_URL
 
-    from flows.recycle import recycle
+    from reflectune.flows.recycle import recycle
 
     estimate = plan.plan(str(SAMPLE), tokenizer, limit=6, max_new_tokens=256)["teacher_cost"]["tokens"]
     budget = estimate // 2

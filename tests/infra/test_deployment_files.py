@@ -10,8 +10,8 @@ import tomllib
 
 import yaml
 
-from flows import cluster
-from flows.cluster import GPU_BATCH_FLOW, GPU_STEP_FLOW
+from reflectune.flows import cluster
+from reflectune.flows.cluster import GPU_BATCH_FLOW, GPU_STEP_FLOW
 from reflectune.config import ExecutionConfig
 
 from ..conftest import ROOT

@@ -1,5 +1,9 @@
-"""The first decisions of a recycle run, for `make demo`: the command line has already
-printed the run's summary and its evaluation."""
+"""The first decisions of a finished recycle run, read with the library: which branch each
+pair took and which form of it was kept. `make demo` ends with it (the command line has
+already printed the run's summary and its evaluation).
+
+    python examples/show_decisions.py out/demo
+"""
 
 from __future__ import annotations
 
