@@ -74,7 +74,8 @@ test: setup browser
 	cd $(LINT_TREE) && $(CURDIR)/$(BIN)/lint-imports --no-logo --no-cache $(CURDIR)/pyproject.toml
 	REFLECTUNE_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q --durations=12 tests
 
-# Only the tests not marked slow (no servers, vLLM, training or flow runs): a few minutes.
+# Only the tests not marked slow (no vLLM, training, S3 or Prefect server with workers, one tiny
+# local flow run on Prefect's test API): under 3 minutes on 2 cores.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
 

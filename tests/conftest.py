@@ -28,15 +28,17 @@ SAMPLE = ROOT / "examples" / "sample.jsonl"
 MODEL = "packaged:smollm2-135m-instruct"
 
 
-# A test that starts a server or a vLLM engine is slow, and so is one marked by hand (training, a
-# model run of minutes): `pytest -m "not slow"` runs the rest in a few minutes; `make test` runs
-# everything.
-SLOW_FIXTURES = {"prefect_api", "prefect_server", "vllm_server", "s3_endpoint", "vllm_engine"}
+# A test that starts a server or a vLLM engine is slow, and so is one marked by hand (training,
+# generating for more than a few seconds): `pytest -m "not slow"` runs the rest in a few minutes; `make test` runs
+# everything. A flow run needs the Prefect API (the test harness's server): slow, except the one
+# tiny local-mode run marked `fast`, which keeps the flow and its tasks in the fast tier.
+SLOW_FIXTURES = {"prefect_server", "vllm_server", "s3_endpoint", "vllm_engine"}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if SLOW_FIXTURES & set(item.fixturenames):
+        uses = set(item.fixturenames)
+        if SLOW_FIXTURES & uses or ("prefect_api" in uses and item.get_closest_marker("fast") is None):
             item.add_marker(pytest.mark.slow)
 
 

@@ -24,30 +24,24 @@ def run_cli(*args, cwd=ROOT):
 
 
 def test_score_command_writes_every_valid_row_in_order(tmp_path):
+    """Every valid row scored in input order, in the format the output's name asks for (JSON
+    Lines here; the flows' tests read its Parquet), the rejected row beside it with its reason."""
     src = tmp_path / "in.jsonl"
     rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()][:5]
     rows.insert(2, {"instruction": "No answer here"})
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "scores.parquet"
+    out = tmp_path / "scores.jsonl"
     result = run_cli("score", str(src), "--out", str(out), "--student", MODEL, "--template", "vicuna")
     assert result.returncode == 0, result.stderr
-    df = pl.read_parquet(out)
+    df = pl.read_ndjson(out)
     assert df.columns[:5] == ["sample_id", "source_index", "instruction", "input", "output"]
     assert set(SCORE_COLUMNS) <= set(df.columns)
     assert df["source_index"].to_list() == [0, 1, 3, 4, 5]
-    assert df["ifd_ppl"].is_nan().sum() == 0
+    assert df["ifd_ppl"].is_nan().sum() == 0 and (df["rifd_ppl"] > 0).all()
     assert "scoring" in result.stderr  # the progress bar
     assert "6 input rows: 5 scored, 1 rejected" in result.stderr
-    rejected = pl.read_parquet(tmp_path / "scores.rejected.parquet")
-    assert rejected["source_index"].to_list() == [2]
-
-
-def test_score_command_writes_jsonl(tmp_path):
-    out = tmp_path / "scores.jsonl"
-    result = run_cli("score", str(SAMPLE), "--out", str(out), "--limit", "3")
-    assert result.returncode == 0, result.stderr
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(lines) == 3 and all(line["rifd_ppl"] > 0 for line in lines)
+    rejected = pl.read_ndjson(tmp_path / "scores.rejected.jsonl")
+    assert rejected["source_index"].to_list() == [2] and "output" in rejected["reason"][0]
 
 
 def test_malformed_input_exits_nonzero_and_writes_nothing(tmp_path):

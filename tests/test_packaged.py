@@ -24,14 +24,29 @@ def _fake_parts(root, data: bytes, n: int) -> list[tuple[str, str]]:
     return parts
 
 
+def _gguf(path, architecture: str, name: str) -> bytes:
+    """A small GGUF file (its header and one 1 MB tensor), written with the gguf package."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), architecture)
+    writer.add_name(name)
+    writer.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((256, 1024), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
 def test_parts_are_joined_and_checked_and_a_corrupted_part_is_refused(tmp_path, monkeypatch):
-    real = packaged.part_paths("smollm2-135m-instruct")[0].read_bytes()
+    real = _gguf(tmp_path / "whole.gguf", "llama", "Smollm2 135M 8k Lc100K Mix1 Ep2")
     parts = _fake_parts(tmp_path / "site", real, 3)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     importlib.invalidate_caches()
     model = packaged.Packaged(parts=tuple(parts), sha256=hashlib.sha256(real).hexdigest(), architecture="llama",
                               header_name="Smollm2 135M 8k Lc100K Mix1 Ep2", install="pip install 'reflectune[split]'",
-                              about="SmolLM2 in three parts")
+                              about="a small GGUF in three parts")
     monkeypatch.setitem(packaged.PACKAGED, "split-smollm2", model)
 
     joined = packaged.join("split-smollm2", tmp_path / "joined.gguf")

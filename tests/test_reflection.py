@@ -39,6 +39,7 @@ class Recording:
         return self.engine.generate(chats, sampling, progress, formats)
 
 
+@pytest.mark.slow  # generates for about 15 s
 def test_packaged_teacher_end_to_end(teacher, reflection_records):
     recording = Recording(teacher)
     variants = reflect(reflection_records, recording, "both", Sampling(max_new_tokens=48))
@@ -115,6 +116,7 @@ def test_an_answer_cut_off_by_the_limit_is_kept_and_marked():
 WELL_FORMED = ["ok", "degenerate"]
 
 
+@pytest.mark.slow  # generates for about 15 s
 def test_constrained_generation_with_transformers(teacher, reflection_records):
     """xgrammar holds the packaged teacher to the form: analysis, then closed fields."""
     variants = reflect(reflection_records, teacher, "both", Sampling(max_new_tokens=96, constrained="on"))

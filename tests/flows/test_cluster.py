@@ -75,8 +75,9 @@ def test_deployments_are_on_the_server_with_their_pools(cluster):
         recycle = client.read_deployment_by_name("reflectune-recycle/recycle")
         rerecycle = client.read_deployment_by_name("reflectune-rerecycle/re-recycle")
         gpu = client.read_deployment_by_name("reflectune-gpu-batch/gpu")
+        step = client.read_deployment_by_name("reflectune-gpu-step/gpu-step")
         automations = client.read_automations_by_name("reflectune: crash runs whose heartbeats stopped")
-    assert {("recycle", "reflectune"), ("re-recycle", "reflectune"), ("gpu", "gpu")} <= names
+    assert {("recycle", "reflectune"), ("re-recycle", "reflectune"), ("gpu", "gpu"), ("gpu-step", "gpu")} <= names
     # the UI form comes from the parameter model: descriptions and defaults
     props = recycle.parameter_openapi_schema["definitions"]["RecycleParams"]["properties"]
     assert "Records per Parquet shard" in props["shard_size"]["description"] and props["shard_size"]["default"] == 512
@@ -84,13 +85,16 @@ def test_deployments_are_on_the_server_with_their_pools(cluster):
     [schedule] = rerecycle.schedules
     assert schedule.schedule.cron == "0 3 * * *" and schedule.active
     assert schedule.parameters["params"]["dataset"] == str(cluster.watch)
-    # the GPU batch runs beat as often as the automation expects
+    # the GPU runs beat as often as the automation expects
     assert gpu.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT)
+    assert step.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT)
     assert len(automations) == 1 and automations[0].trigger.within == timedelta(seconds=HEARTBEAT + GRACE)
-    # only GPU batch runs are crashed by it: the orchestrating run's late heartbeat is left alone
+    # only GPU runs are crashed by it: the orchestrating run's late heartbeat is left alone
     related = automations[0].trigger.match_related
     related = related[0] if isinstance(related, list) else related
-    assert dict(getattr(related, "root", related)) == {"prefect.resource.role": "flow", "prefect.resource.name": "reflectune-gpu-batch"}
+    assert dict(getattr(related, "root", related)) == {"prefect.resource.role": "flow",
+                                                      "prefect.resource.name": ["reflectune-gpu-batch",
+                                                                                "reflectune-gpu-step"]}
 
 
 def _fingerprint(folder: Path) -> dict[str, str]:
@@ -150,9 +154,10 @@ def test_scheduled_rerecycling_takes_only_new_rows(cluster):
 
 def test_a_run_started_from_the_ui_survives_a_killed_worker(cluster, tmp_path):
     """Headless Chromium fills the recycle deployment's custom-run form (the form the parameter
-    model gives): 8 shards in 4 batches on two GPU-pool workers. Mid-run, the worker running a
-    batch is SIGKILLed with its children. Its run is marked Crashed when heartbeats stop, the
-    batch is launched again on the other worker, and every sample ends once in the outputs."""
+    model gives): 8 shards in 4 batches on two GPU-pool workers, then the student's training as
+    a GPU step run. Mid-run, the worker running a batch is SIGKILLed with its children. Its run
+    is marked Crashed when heartbeats stop, the batch is launched again on the other worker, and
+    every sample ends once in the outputs."""
     import re
 
     from playwright.sync_api import sync_playwright
@@ -187,14 +192,7 @@ def test_a_run_started_from_the_ui_survives_a_killed_worker(cluster, tmp_path):
         field("Shard Size").locator("input").fill("1")
         field("Max New Tokens", within=field("Teacher")).locator("input").fill("8")
         field("Shards Per Batch").locator("input").fill("4")
-        # hidden under the drawn switch
-        toggle = field("Enabled", within=field("Training")).locator("input[type=checkbox]")
-        for _ in range(10):  # the form may still be settling: click until the switch is off
-            if not toggle.is_checked():
-                break
-            toggle.evaluate("el => el.click()")
-            page.wait_for_timeout(300)
-        assert not toggle.is_checked()
+        # training stays as the form has it (on): the student trains as a GPU step run
         with api(cluster) as client:
             before = {r.id for r in runs_of(client, "reflectune-recycle/recycle")}
             started = []
@@ -243,6 +241,8 @@ def test_a_run_started_from_the_ui_survives_a_killed_worker(cluster, tmp_path):
             crashed = client.read_flow_run(victim_run.id)
             batches = [r for r in runs_of(client, "reflectune-gpu-batch/gpu")
                        if r.parameters["params"]["output"] == str(out)]
+            steps = [r for r in runs_of(client, "reflectune-gpu-step/gpu-step")
+                     if r.parameters["params"]["output"] == str(out)]
         page.goto(f"{cluster.server['ui']}/runs/flow-run/{parent.id}")
         page.wait_for_load_state("networkidle")
         page.get_by_text("Completed").first.wait_for(timeout=30_000)
@@ -252,7 +252,7 @@ def test_a_run_started_from_the_ui_survives_a_killed_worker(cluster, tmp_path):
     assert final.state.is_completed(), final.state.message
     params = final.parameters["params"]
     assert (params["dataset"], params["output"], params["shard_size"]) == (str(data), str(out), 1)
-    assert params["teacher"]["max_new_tokens"] == 8 and params["training"]["enabled"] is False
+    assert params["teacher"]["max_new_tokens"] == 8 and params["training"]["enabled"] is True
     assert crashed.state.type.value == "CRASHED"
     # 2 teacher and 2 student batches, plus at least one relaunch of the crashed one (on a loaded
     # machine a live batch whose heartbeat came late may be crashed and relaunched too: its shards
@@ -270,6 +270,12 @@ def test_a_run_started_from_the_ui_survives_a_killed_worker(cluster, tmp_path):
     assert len(list((out / "scores").glob("*.parquet"))) == 8 and len(list((out / "variants").glob("*.parquet"))) == 8
     selected = pl.read_parquet(out / "selected.parquet")
     assert selected["sample_id"].n_unique() == selected.height == c["selected_rows"]
+    # training ran as a run of the GPU step flow on the GPU pool (no shard batch carries it), and
+    # its result is the manifest's
+    assert [r.parameters["step"] for r in steps if r.state.is_completed()] == ["train"]
+    assert {r.parameters["stage"] for r in batches} == {"teacher", "student"}
+    assert manifest["training"] == json.loads((out / "training.json").read_text())
+    assert manifest["training"]["trained"] == (c["selected_rows"] > 0) == (out / "model").is_dir()
 
     from PIL import Image, ImageStat
 

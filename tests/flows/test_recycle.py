@@ -57,6 +57,32 @@ def task_runs(flow_run_id, expect: dict[str, int], timeout: float = 60.0):
         time.sleep(0.5)
 
 
+@pytest.mark.fast
+def test_a_tiny_run_in_local_mode(prefect_api, tmp_path):
+    """The fast tier's flow run: 3 rows in 2 shards, the packaged model as teacher and student
+    in this process, every task of the local mode once per shard or run; each row ends in the
+    decisions once, and the run folder holds what the manifest says."""
+    from reflectune.flows.recycle import recycle
+
+    out = tmp_path / "out"
+    state = recycle(RecycleParams(dataset=dataset(tmp_path), output=str(out), limit=3, shard_size=2,
+                                  teacher={"max_new_tokens": 4}, training={"enabled": False},
+                                  execution={"retries": 0}), return_state=True)
+    assert state.is_completed()
+    manifest = state.result()
+    assert (manifest["shards"], manifest["counts"]["input_rows"], manifest["counts"]["valid_rows"]) == (2, 3, 3)
+    assert manifest["engine_loads"] == 2  # the teacher's and the student's, each loaded once for both shards
+    names = sorted(t.name.rsplit("-", 1)[0] for t in task_runs(
+        state.state_details.flow_run_id, {"teacher-shard": 2, "student-shard": 2, "write-manifest": 1}))
+    assert names == sorted(["intake-and-shard", "teacher-shard", "teacher-shard", "student-shard", "student-shard",
+                            "select-and-write", "write-report", "write-card", "write-manifest"]), names
+    decisions = pl.read_parquet(out / "decisions.parquet")
+    assert sorted(decisions["source_index"].to_list()) == [0, 1, 2]
+    assert decisions["chosen"].drop_nulls().len() == manifest["counts"]["selected_rows"]
+    assert json.loads((out / "manifest.json").read_text())["counts"] == manifest["counts"]
+    assert len(list((out / "variants").glob("*.parquet"))) == len(list((out / "scores").glob("*.parquet"))) == 2
+
+
 def test_the_whole_flow_on_a_few_rows(prefect_api, tmp_path):
     from reflectune.flows.recycle import recycle
 
@@ -384,3 +410,32 @@ def test_invalid_parameters_are_reported_together():
         RecycleParams(shard_size=0, selection={"mode": "best", "budget": 2})
     text = str(err.value)
     assert "shard_size" in text and "selection.mode" in text and "selection.budget" in text
+
+
+def test_bounded_submission_keeps_at_most_the_limit_in_flight_and_the_order():
+    """`_bounded` submits shard tasks with at most `limit` unfinished, collecting the oldest
+    first; each collected result advances the tracker once."""
+    from reflectune.flows.recycle import _bounded
+
+    in_flight, peak, advanced = set(), [0], []
+
+    class Future:
+        def __init__(self, item):
+            self.item = item
+            in_flight.add(item)
+            peak[0] = max(peak[0], len(in_flight))
+
+        def result(self):
+            in_flight.discard(self.item)
+            return {"shard": self.item}
+
+    class Tracker:
+        def advance(self, result):
+            advanced.append(result["shard"])
+
+    for limit, n in ((1, 5), (3, 7), (4, 2)):
+        in_flight.clear(), advanced.clear()
+        peak[0] = 0
+        results = _bounded(Future, list(range(n)), limit, Tracker())
+        assert [r["shard"] for r in results] == advanced == list(range(n))
+        assert peak[0] == min(limit, n) and not in_flight
