@@ -70,7 +70,7 @@ browser:
 # it installs (flows/ and tasks/ inside it, as reflectune.flows and reflectune.tasks): seconds.
 LINT_TREE := $(VENV)/.lint-tree
 test: setup browser
-	rm -rf $(LINT_TREE) && $(BIN)/pip install --quiet --no-deps --no-build-isolation --target $(LINT_TREE) .
+	rm -rf $(LINT_TREE) && $(BIN)/pip install --quiet --no-deps --no-build-isolation --target $(LINT_TREE) . && rm -rf build
 	cd $(LINT_TREE) && $(CURDIR)/$(BIN)/lint-imports --no-logo --no-cache $(CURDIR)/pyproject.toml
 	REFLECTUNE_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q --durations=12 tests
 

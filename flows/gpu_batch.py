@@ -12,25 +12,8 @@ from prefect import flow
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
 from reflectune.flows.cluster import GPU_BATCH_FLOW
+from reflectune.tasks.retries import with_retries
 from reflectune.tasks.shards import student_shard, teacher_shard
-
-
-def with_retries(task_fn, params: RecycleParams):
-    from prefect.tasks import exponential_backoff
-
-    ex = params.execution
-    return task_fn.with_options(
-        retries=ex.retries,
-        retry_delay_seconds=exponential_backoff(backoff_factor=ex.retry_delay_seconds) if ex.retry_delay_seconds else 0,
-        retry_jitter_factor=0.5 if ex.retry_delay_seconds else None,
-        retry_condition_fn=retryable,
-    )
-
-
-def retryable(task, task_run, state) -> bool:
-    """Whether a failed task may be retried: not when its error says a retry cannot mend it
-    (a spent budget)."""
-    return getattr(state.data, "retryable", True)
 
 
 @flow(name=GPU_BATCH_FLOW, log_prints=False)

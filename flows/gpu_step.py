@@ -12,8 +12,8 @@ from prefect import flow
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
 from reflectune.flows.cluster import GPU_STEP_FLOW
-from reflectune.flows.gpu_batch import with_retries
 from reflectune.tasks.outputs import evaluate_students, train_baseline, train_student
+from reflectune.tasks.retries import with_retries
 
 
 @flow(name=GPU_STEP_FLOW, log_prints=False)

@@ -25,9 +25,9 @@ from reflectune import manifest as run
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
 from reflectune.errors import RESUME, BudgetExceededError, ReflectuneError
-from reflectune.flows.gpu_batch import with_retries
 from reflectune.tasks.outputs import (evaluate_students, intake_and_shard, select_and_write, train_student,
                                       write_card, write_manifest, write_report)
+from reflectune.tasks.retries import with_retries
 from reflectune.tasks.shards import student_shard, teacher_shard
 
 
