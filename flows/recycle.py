@@ -265,15 +265,24 @@ def _launch(params: RecycleParams, deployment: str, parameters: dict[str, Any], 
     see `reflectune cluster setup`) is launched again, up to `execution.retries` times, under a
     new idempotency key; a new batch run skips the shards the old one finished. A run that
     failed has already retried its tasks: its failure fails this run. A retried parent run
-    finds its earlier children by the same keys."""
+    (the UI's Retry) finds its earlier children by the same keys: one still running is waited
+    for, one completed is taken as it is, and one that ended failed, cancelled or crashed is
+    launched again under the next key."""
     from prefect.deployments import run_deployment
 
     log = get_run_logger()
     parent = flow_run.get_id() or "local"
-    attempts = params.execution.retries + 1
-    for attempt in range(attempts):
+    attempts, crashes, attempt = params.execution.retries + 1, 0, -1
+    while True:
+        attempt += 1
+        idempotency_key = f"{parent}:{key}:{attempt}"
+        earlier = _ended_unfinished(idempotency_key)
+        if earlier is not None:
+            log.info("%s: flow run %s of an earlier try ended %s; launching it again", label, earlier.id,
+                     earlier.state.name)
+            continue
         child = run_deployment(name=deployment, parameters=parameters | {"params": params.model_dump(mode="json")},
-                               timeout=None, idempotency_key=f"{parent}:{key}:{attempt}")
+                               timeout=None, idempotency_key=idempotency_key)
         if child.state and child.state.is_completed():
             return
         state = child.state.name if child.state else "without a state"
@@ -282,9 +291,23 @@ def _launch(params: RecycleParams, deployment: str, parameters: dict[str, Any], 
             raise BudgetExceededError(why.split("BudgetExceededError: ", 1)[-1].rstrip("."))
         if not (child.state and child.state.is_crashed()):
             raise ReflectuneError(f"{label} (flow run {child.id}) ended {state}: {why}")
-        log.warning("%s (flow run %s) ended %s (attempt %d of %d): %s", label, child.id, state, attempt + 1,
-                    attempts, why)
-    raise ReflectuneError(f"{label} crashed in {attempts} attempts: its workers died. {RESUME}")
+        crashes += 1
+        log.warning("%s (flow run %s) ended %s (attempt %d of %d): %s", label, child.id, state, crashes, attempts,
+                    why)
+        if crashes == attempts:
+            raise ReflectuneError(f"{label} crashed in {attempts} attempts: its workers died. {RESUME}")
+
+
+def _ended_unfinished(idempotency_key: str):
+    """The flow run started under this key by an earlier try of this run, where it ended
+    failed, cancelled or crashed; None where there is none, or it is running or completed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            idempotency_key=FlowRunFilterIdempotencyKey(any_=[idempotency_key])))
+    return next((r for r in runs if r.state and r.state.is_final() and not r.state.is_completed()), None)
 
 
 def _artifacts(params: RecycleParams, manifest: dict[str, Any]) -> None:

@@ -274,7 +274,7 @@ def _recycle(args: argparse.Namespace) -> int:
         _check_engine("vllm")
     preflight.check(params)
     _prefect_api()
-    from reflectune.flows.recycle import recycle
+    recycle = _flows("recycle").recycle
 
     _quiet_user_errors()
     previous = signal.signal(signal.SIGINT, _interrupt)
@@ -421,8 +421,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flows(module: str):
+    """reflectune.flows.MODULE. flows/ and tasks/ are installed inside the package: a source
+    checkout ahead of a regular (not editable) install on sys.path hides them."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"reflectune.flows.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("reflectune.flows", "reflectune.tasks"):
+            raise
+        raise ReflectuneError(
+            f"{exc.name} is not importable: reflectune is imported from {os.path.dirname(__file__)}, a source "
+            "checkout that hides the installed package. Install the checkout editable (pip install -e ., as make "
+            "setup does) or run outside it") from None
+
+
 def _cluster_setup(args: argparse.Namespace) -> int:
-    from reflectune.flows.cluster import setup
+    setup = _flows("cluster").setup
 
     pools = dict(item.split("=", 1) for item in args.pool if "=" in item) or {"reflectune": "process", "gpu": "process"}
     result = setup(pools, args.heartbeat, args.grace)

@@ -298,3 +298,19 @@ def test_report_on_an_unfinished_or_damaged_folder_says_what_to_do(tmp_path, cap
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "manifest.json is not valid JSON (cut short?)" in err and "Traceback" not in err
+
+
+def test_a_checkout_hiding_a_regular_install_is_named_with_the_fix(tmp_path):
+    """flows/ and tasks/ are installed inside the package; a source tree of `reflectune` alone
+    ahead on the path (a checkout over a regular install) has neither: exit 2, the fix named."""
+    import shutil
+    import sysconfig
+
+    shutil.copytree(ROOT / "reflectune", tmp_path / "reflectune", ignore=shutil.ignore_patterns("__pycache__"))
+    # -S: no site processing, so no editable finder; the dependencies from site-packages as a plain path
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{sysconfig.get_paths()['purelib']}"}
+    done = subprocess.run([sys.executable, "-S", "-m", "reflectune.cli", "cluster", "setup"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "reflectune.flows is not importable" in done.stderr and "pip install -e ." in done.stderr
+    assert "Traceback" not in done.stderr

@@ -243,3 +243,53 @@ def test_in_cluster_mode_training_baselines_and_evaluation_run_as_gpu_steps(monk
     assert launched == [("steps/gpu", {"step": "train", "baseline": None}, "train:"),
                         ("steps/gpu", {"step": "evaluate", "baseline": None}, "evaluate:"),
                         ("steps/gpu", {"step": "baseline", "baseline": "length"}, "baseline:length")]
+
+
+def test_a_retried_parent_launches_again_what_its_earlier_try_left_failed_and_counts_only_its_own_crashes(
+        monkeypatch):
+    """`_launch` under the keys of a retried parent: a child of the earlier try that ended
+    failed, cancelled or crashed is launched again under the next key (not returned as this
+    try's failure); crashes of this try's own children count against execution.retries."""
+    import logging
+    from types import SimpleNamespace
+
+    import prefect.deployments
+    from prefect.states import Completed, Crashed, Failed
+
+    from reflectune.config import RecycleParams
+    from reflectune.errors import ReflectuneError
+    from reflectune.flows import recycle
+
+    params = RecycleParams(execution={"mode": "cluster", "retries": 1})
+    stale: set[str] = set()
+    outcomes: list = []
+    launched: list[str] = []
+
+    def run_deployment(name, parameters, timeout, idempotency_key):
+        launched.append(idempotency_key)
+        return SimpleNamespace(id=f"run-{len(launched)}", state=outcomes.pop(0))
+
+    monkeypatch.setattr(prefect.deployments, "run_deployment", run_deployment)
+    monkeypatch.setattr(recycle, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(recycle, "_ended_unfinished", lambda key: SimpleNamespace(id="old", state=Failed())
+                        if key in stale else None)
+
+    # the earlier try's first two children failed and crashed: this try starts at the third key
+    stale.update({"local:train::0", "local:train::1"})
+    outcomes[:] = [Completed()]
+    recycle._launch(params, "steps/gpu", {"step": "train"}, "GPU step train", "train:")
+    assert launched == ["local:train::2"]
+
+    # this try's own crashes: one relaunch (retries 1), then the run fails with the count
+    launched.clear()
+    stale.clear()
+    outcomes[:] = [Crashed(), Crashed()]
+    with pytest.raises(ReflectuneError, match="crashed in 2 attempts"):
+        recycle._launch(params, "steps/gpu", {"step": "train"}, "GPU step train", "train:")
+    assert launched == ["local:train::0", "local:train::1"]
+
+    # a child that fails now fails the run at once, naming its flow run
+    launched.clear()
+    outcomes[:] = [Failed(message="boom")]
+    with pytest.raises(ReflectuneError, match=r"GPU step train \(flow run run-1\) ended Failed: boom"):
+        recycle._launch(params, "steps/gpu", {"step": "train"}, "GPU step train", "train:")
