@@ -25,7 +25,7 @@ def run_cli(*args, cwd=ROOT):
 
 def test_score_command_writes_every_valid_row_in_order(tmp_path):
     """Every valid row scored in input order, in the format the output's name asks for (JSON
-    Lines here; the flows' tests read its Parquet), the rejected row beside it with its reason."""
+    Lines here; Parquet in the test below), the rejected row beside it with its reason."""
     src = tmp_path / "in.jsonl"
     rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()][:5]
     rows.insert(2, {"instruction": "No answer here"})
@@ -42,6 +42,27 @@ def test_score_command_writes_every_valid_row_in_order(tmp_path):
     assert "6 input rows: 5 scored, 1 rejected" in result.stderr
     rejected = pl.read_ndjson(tmp_path / "scores.rejected.jsonl")
     assert rejected["source_index"].to_list() == [2] and "output" in rejected["reason"][0]
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "jsonl"])
+def test_a_commands_output_and_its_rejected_rows_are_written_by_the_outputs_extension(tmp_path, suffix):
+    """What `score` and `reflect` write: the table in the format its name asks for, the
+    rejected rows beside it as NAME.rejected.EXT; a Parquet output carries the schema version."""
+    from reflectune import intake, records
+    from reflectune.cli import _write
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
+    data = intake.load(str(src))
+    out = tmp_path / f"out.{suffix}"
+    assert _write(data.valid, data, str(out)) == str(tmp_path / f"out.rejected.{suffix}")
+    read = pl.read_parquet if suffix == "parquet" else pl.read_ndjson
+    assert read(out)["instruction"].to_list() == ["a"]
+    assert read(tmp_path / f"out.rejected.{suffix}")["source_index"].to_list() == [1]
+    if suffix == "parquet":
+        import pyarrow.parquet as pq
+
+        assert pq.read_metadata(out).metadata[records.SCHEMA_KEY.encode()] == str(records.SCHEMA_VERSION).encode()
 
 
 def test_malformed_input_exits_nonzero_and_writes_nothing(tmp_path):
