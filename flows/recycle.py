@@ -10,6 +10,7 @@ find their results in the output folder, so a rerun picks up whatever shards are
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict
 from typing import Any
@@ -20,11 +21,12 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from reflectune import journal, lock, progress, stages
+from reflectune import io, journal, lock, progress, stages
 from reflectune import manifest as run
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
 from reflectune.errors import RESUME, BudgetExceededError, ReflectuneError
+from reflectune.run_folder import RunFolder
 from reflectune.tasks.outputs import (evaluate_students, intake_and_shard, select_and_write, train_student,
                                       write_card, write_manifest, write_report)
 from reflectune.tasks.retries import with_retries
@@ -246,9 +248,6 @@ def gpu_batch_run(params: RecycleParams, stage: str, batch: list[dict[str, Any]]
 def gpu_step_run(params: RecycleParams, step: str, baseline: str | None = None) -> dict[str, Any]:
     """Training, one baseline's training or the evaluation on the GPU pool: its result, read
     from the output folder."""
-    from reflectune import io
-    from reflectune.run_folder import RunFolder
-
     label = f"GPU step {step}" + (f" ({baseline})" if baseline else "")
     _launch(params, params.execution.gpu_step_deployment, {"step": step, "baseline": baseline}, label,
             f"{step}:{baseline or ''}")
@@ -272,9 +271,8 @@ def _launch(params: RecycleParams, deployment: str, parameters: dict[str, Any], 
 
     log = get_run_logger()
     parent = flow_run.get_id() or "local"
-    attempts, crashes, attempt = params.execution.retries + 1, 0, -1
-    while True:
-        attempt += 1
+    attempts, crashes = params.execution.retries + 1, 0
+    for attempt in itertools.count():
         idempotency_key = f"{parent}:{key}:{attempt}"
         earlier = _ended_unfinished(idempotency_key)
         if earlier is not None:

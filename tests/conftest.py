@@ -29,16 +29,15 @@ MODEL = "packaged:smollm2-135m-instruct"
 
 
 # A test that starts a server or a vLLM engine is slow, and so is one marked by hand (training,
-# generating for more than a few seconds): `pytest -m "not slow"` runs the rest in a few minutes; `make test` runs
-# everything. A flow run needs the Prefect API (the test harness's server): slow, except the one
-# tiny local-mode run marked `fast`, which keeps the flow and its tasks in the fast tier.
-SLOW_FIXTURES = {"prefect_server", "vllm_server", "s3_endpoint", "vllm_engine"}
+# generating for more than a few seconds): `pytest -m "not slow"` runs the rest in a few
+# minutes; `make test` runs everything. A test marked `fast` stays in the fast tier whatever it
+# uses: the one tiny local-mode flow run on the Prefect test API.
+SLOW_FIXTURES = {"prefect_api", "prefect_server", "vllm_server", "s3_endpoint", "vllm_engine"}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        uses = set(item.fixturenames)
-        if SLOW_FIXTURES & uses or ("prefect_api" in uses and item.get_closest_marker("fast") is None):
+        if SLOW_FIXTURES & set(item.fixturenames) and item.get_closest_marker("fast") is None:
             item.add_marker(pytest.mark.slow)
 
 

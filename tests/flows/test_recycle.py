@@ -434,7 +434,8 @@ def test_bounded_submission_keeps_at_most_the_limit_in_flight_and_the_order():
             advanced.append(result["shard"])
 
     for limit, n in ((1, 5), (3, 7), (4, 2)):
-        in_flight.clear(), advanced.clear()
+        in_flight.clear()
+        advanced.clear()
         peak[0] = 0
         results = _bounded(Future, list(range(n)), limit, Tracker())
         assert [r["shard"] for r in results] == advanced == list(range(n))
