@@ -18,9 +18,9 @@ from reflectune.stages import long_table
 
 from .conftest import SAMPLE
 
-# The first 18 pairs of the sample (4 with an input) and six more pairs with an input: every
+# The first 12 pairs of the sample (3 with an input) and six more pairs with an input: every
 # kind of teacher text below occurs, with and without input.
-SAMPLE_ROWS = 18
+SAMPLE_ROWS = 12
 WITH_INPUT = [
     ("Translate the sentence into French.", "The library opens at nine.", "La bibliothèque ouvre à neuf heures."),
     ("Summarize the text in one sentence.", "Bees pollinate crops, and their decline threatens harvests worldwide.",

@@ -86,21 +86,24 @@ class Cluster:
     def deploy(self, heartbeat: int | None = None, grace: int | None = None) -> str:
         """`reflectune cluster setup` (its heartbeat and grace when given), every deployment of
         deployments/prefect.yaml, an orchestrator worker on the reflectune pool and two
-        workers on the GPU pool. Returns what the setup printed."""
+        workers on the GPU pool, each with one CPU thread for torch (on a machine without GPUs the
+        two share its cores, as two workers share none of a GPU node's GPUs: two processes each
+        spinning a thread per core would slow both several times over). Returns what the setup
+        printed."""
         setup = [*(["--heartbeat", str(heartbeat)] if heartbeat else []), *(["--grace", str(grace)] if grace else [])]
         out = self.command(str(BIN / "reflectune"), "cluster", "setup", *setup)
         self.command(str(BIN / "prefect"), "--no-prompt", "deploy", "--all",
                      "--prefect-file", "deployments/prefect.yaml")
         self.start_worker("orchestrator", "reflectune", 4)
-        self.start_worker("gpu-a", "gpu", 1)
-        self.start_worker("gpu-b", "gpu", 1)
+        for name in ("gpu-a", "gpu-b"):
+            self.start_worker(name, "gpu", 1, OMP_NUM_THREADS="1")
         return out
 
-    def start_worker(self, name: str, pool: str, limit: int) -> None:
+    def start_worker(self, name: str, pool: str, limit: int, **env: str) -> None:
         log = open(self.root / f"worker-{name}.log", "a")
         self.workers[name] = subprocess.Popen(
             [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name,
-             "--limit", str(limit)], cwd=self.code_dir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+             "--limit", str(limit)], cwd=self.code_dir, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
 
     def kill_worker(self, name: str) -> None:

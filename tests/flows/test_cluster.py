@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -19,8 +19,8 @@ from ..conftest import ROOT, SAMPLE
 
 CHROMIUM = os.environ.get("REFLECTUNE_CHROMIUM", "/usr/bin/chromium")
 # the GPU batch runs beat every 30 s (the deployment file's, Prefect's least) and are Crashed
-# 30 s after a missed beat: the killed worker's run is found in 60 s rather than the default 90
-HEARTBEAT, GRACE = 30, 30
+# 20 s after a missed beat: the killed worker's run is found in 20-50 s rather than the default 90
+HEARTBEAT, GRACE = 30, 20
 FAST = {"teacher": {"max_new_tokens": 8}, "selection": {"mode": "paper"}, "training": {"enabled": False}}
 
 
@@ -111,10 +111,12 @@ def test_scheduled_rerecycling_takes_only_new_rows(cluster):
     root = cluster.rerecycle_out
     with api(cluster) as client:
         dep = client.read_deployment_by_name("reflectune-rerecycle/re-recycle")
-        # a short interval for the test, with few runs queued ahead so they do not pile up
+        # a short interval for the test, its first run due in 5 s, with few runs queued ahead so
+        # they do not pile up (a run due while a batch still runs steps aside)
+        interval = timedelta(seconds=20)
         [schedule] = client.create_deployment_schedules(dep.id, [DeploymentScheduleCreate(
-            schedule=IntervalSchedule(interval=timedelta(seconds=20)), active=True, max_scheduled_runs=2,
-            parameters={"params": params})])
+            schedule=IntervalSchedule(interval=interval, anchor_date=datetime.now(UTC) - interval + timedelta(seconds=5)),
+            active=True, max_scheduled_runs=2, parameters={"params": params})])
         try:
             def batches() -> list[Path]:
                 return sorted(p.parent for p in (root / "runs").glob("*/manifest.json")) if root.exists() else []
@@ -135,6 +137,11 @@ def test_scheduled_rerecycling_takes_only_new_rows(cluster):
             for queued in patiently(runs_of, client, "reflectune-rerecycle/re-recycle"):
                 if queued.state and queued.state.is_scheduled():  # runs created ahead: not for the next tests
                     patiently(client.delete_flow_run, queued.id)
+            # a run the worker already took finds nothing new (or steps aside): let it end here,
+            # not beside the next test's run
+            wait_until(lambda: all(r.state and (r.state.is_final() or r.state.is_scheduled())
+                                   for r in patiently(runs_of, client, "reflectune-rerecycle/re-recycle")),
+                       120, "the re-recycle runs already started")
         runs = runs_of(client, "reflectune-rerecycle/re-recycle")
 
     second = next(b for b in batches() if b != first)
@@ -154,7 +161,7 @@ def test_scheduled_rerecycling_takes_only_new_rows(cluster):
 
 def test_a_run_started_from_the_ui_survives_a_killed_worker(cluster, tmp_path):
     """Headless Chromium fills the recycle deployment's custom-run form (the form the parameter
-    model gives): 8 shards in 4 batches on two GPU-pool workers, then the student's training as
+    model gives): 4 shards in 4 batches of 2 on two GPU-pool workers, then the student's training as
     a GPU step run. Mid-run, the worker running a batch is SIGKILLed with its children. Its run
     is marked Crashed when heartbeats stop, the batch is launched again on the other worker, and
     every sample ends once in the outputs."""
@@ -163,7 +170,7 @@ def test_a_run_started_from_the_ui_survives_a_killed_worker(cluster, tmp_path):
     from playwright.sync_api import sync_playwright
 
     data, out = tmp_path / "ui.jsonl", tmp_path / "ui-out"
-    write_rows(data, sample(8, 10))
+    write_rows(data, sample(4, 10))
     shots = ROOT / "out" / "test-artifacts"
     shots.mkdir(parents=True, exist_ok=True)
     with api(cluster) as client:
@@ -191,7 +198,7 @@ def test_a_run_started_from_the_ui_survives_a_killed_worker(cluster, tmp_path):
         field("Output").locator("textarea").fill(str(out))
         field("Shard Size").locator("input").fill("1")
         field("Max New Tokens", within=field("Teacher")).locator("input").fill("8")
-        field("Shards Per Batch").locator("input").fill("4")
+        field("Shards Per Batch").locator("input").fill("2")
         # training stays as the form has it (on): the student trains as a GPU step run
         with api(cluster) as client:
             before = {r.id for r in runs_of(client, "reflectune-recycle/recycle")}
@@ -261,13 +268,13 @@ def test_a_run_started_from_the_ui_survives_a_killed_worker(cluster, tmp_path):
 
     manifest = json.loads((out / "manifest.json").read_text())
     c = manifest["counts"]
-    assert manifest["shards"] == 8 and (c["input_rows"], c["valid_rows"]) == (8, 8)
+    assert manifest["shards"] == 4 and (c["input_rows"], c["valid_rows"]) == (4, 4)
     assert c["selected_rows"] + c["dropped_rows"] == c["valid_rows"]
     assert manifest["parameters"]["teacher"]["max_new_tokens"] == 8
     decisions = pl.read_parquet(out / "decisions.parquet")
     expected = set(pl.concat([pl.read_parquet(p) for p in (out / "shards").glob("*.parquet")])["sample_id"])
-    assert decisions.height == 8 and set(decisions["sample_id"]) == expected  # none missing, none twice
-    assert len(list((out / "scores").glob("*.parquet"))) == 8 and len(list((out / "variants").glob("*.parquet"))) == 8
+    assert decisions.height == 4 and set(decisions["sample_id"]) == expected  # none missing, none twice
+    assert len(list((out / "scores").glob("*.parquet"))) == 4 and len(list((out / "variants").glob("*.parquet"))) == 4
     selected = pl.read_parquet(out / "selected.parquet")
     assert selected["sample_id"].n_unique() == selected.height == c["selected_rows"]
     # training ran as a run of the GPU step flow on the GPU pool (no shard batch carries it), and
