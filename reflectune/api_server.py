@@ -8,7 +8,10 @@ command, which stops the server last), dies with the command even when the comma
 (Linux's parent-death signal), waits up to STARTUP_SECONDS for a slow machine and is started
 again once before the command gives up with a message that says what to set.
 
-Prefect is not imported here: the server is started as a process.
+Prefect is not imported here: the server is started as a process, `python -m
+reflectune.api_server uvicorn|prefect ARGS...`, which runs the program named after bounding
+SQLite's lock waits in that process (`bound_sqlite_waits`). The test suite's servers run the
+same way.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from reflectune.errors import ReflectuneError
 
 STARTUP_SECONDS = 180.0
 PR_SET_PDEATHSIG = 1
+# how long a connection of the server waits for SQLite's write lock (Prefect sets 60 s)
+BUSY_TIMEOUT_MS = 5000
 
 
 class ServerStartError(ReflectuneError):
@@ -82,7 +87,7 @@ def _start(home: Path, port: int) -> subprocess.Popen:
     parent = os.getpid()
     with open(home / "server.log", "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir), "--factory",
+            [sys.executable, "-m", "reflectune.api_server", "uvicorn", "--app-dir", str(prefect_dir), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
              "--log-level", "error", "--lifespan", "on"],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -120,3 +125,43 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def bound_sqlite_waits(busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+    """In a Prefect server's process, before its database engine exists: each SQLite connection
+    waits at most `busy_timeout_ms` for the write lock, instead of Prefect's 60 s.
+
+    Prefect's server runs its event loop in the main thread and each SQLite connection in a
+    thread of its own. When the main thread's garbage collector frees a cursor of a connection
+    whose thread is waiting for the write lock, it blocks on that connection's mutex until the
+    wait ends; the lock's holder is a coroutine on the blocked loop, so the wait always runs to
+    its timeout, and the whole server answers nothing meanwhile. With 60 s, a worker's poll, a
+    heartbeat or a form submission waits a minute now and then; with 5 s the server is back
+    within seconds, and the write that gave up is answered 503 and retried by its client."""
+    from prefect.server.database.configurations import AioSqliteConfiguration
+
+    prefect_setup = AioSqliteConfiguration.setup_sqlite
+
+    def setup_sqlite(self, conn, record) -> None:
+        prefect_setup(self, conn, record)
+        cursor = conn.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)};")
+        cursor.close()
+
+    AioSqliteConfiguration.setup_sqlite = setup_sqlite
+
+
+def main(argv: list[str]) -> None:
+    """`python -m reflectune.api_server uvicorn|prefect ARGS...`: run that program (uvicorn with
+    Prefect's app, or `prefect server start`) as this process, its SQLite waits bounded."""
+    import runpy
+
+    if not argv or argv[0] not in ("uvicorn", "prefect"):
+        raise SystemExit("usage: python -m reflectune.api_server uvicorn|prefect ARGS...")
+    bound_sqlite_waits()
+    sys.argv = argv
+    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -7,6 +7,7 @@ it) and no done marker is written, so a later run redoes exactly the shards left
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -128,7 +129,8 @@ def _watched(stage: str, shard: stages.Shard, total: int, unit: str):
         while not stop.wait(3.0):
             update_progress_artifact(artifact, meter.percent, description=f"{stage} {shard.name}: {line()}")
 
-    thread = threading.Thread(target=refresh, daemon=True)
+    # in the task's context: the thread reports to the task's Prefect API, however it was set
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(refresh,), daemon=True)
     thread.start()
     try:
         yield advance

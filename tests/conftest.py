@@ -135,10 +135,13 @@ def vllm_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def prefect_api():
-    """A real Prefect API (the test harness: a temporary server with its own database)."""
-    from prefect.testing.utilities import prefect_test_harness
+    """A real Prefect API: the temporary server the command line starts where no PREFECT_API_URL
+    is set (its own SQLite database, its lock waits bounded), for this process only."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
+    from reflectune import api_server
+
+    with temporary_settings({PREFECT_API_URL: api_server.start(startup_seconds=120)}):
         yield
 
 

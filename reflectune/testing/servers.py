@@ -44,7 +44,8 @@ def wait_http(url: str, timeout: float) -> None:
 
 @contextmanager
 def prefect_server(home: Path) -> Iterator[dict]:
-    """`prefect server start` on a free loopback port with its database and log under `home`:
+    """`prefect server start` on a free loopback port with its database and log under `home`, its
+    SQLite waits bounded as the command line's server has them (`api_server.bound_sqlite_waits`):
     what workers and the UI talk to. Yields the API `url`, the `ui` address, `home` and `log`.
     The scheduler looks for due runs every 5 seconds so scheduled runs start promptly."""
     home.mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,8 @@ def prefect_server(home: Path) -> Iterator[dict]:
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     env.pop("PREFECT_API_URL", None)
     with open(home / "server.log", "w") as log:
-        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "reflectune.api_server", "prefect", "server", "start",
+                                 "--host", "127.0.0.1", "--port", str(port)],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}/api"
         try:
