@@ -75,7 +75,7 @@ test: setup browser
 	REFLECTUNE_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q --durations=12 tests
 
 # Only the tests not marked slow (no vLLM, training, S3 or Prefect server with workers, one tiny
-# local flow run on Prefect's test API): under 3 minutes on 2 cores.
+# local flow run on the command line's own Prefect server): about 3 minutes on 2 cores.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
 

@@ -31,7 +31,7 @@ MODEL = "packaged:smollm2-135m-instruct"
 # A test that starts a server or a vLLM engine is slow, and so is one marked by hand (training,
 # generating for more than a few seconds): `pytest -m "not slow"` runs the rest in a few
 # minutes; `make test` runs everything. A test marked `fast` stays in the fast tier whatever it
-# uses: the one tiny local-mode flow run on the Prefect test API.
+# uses: the one tiny local-mode flow run on the command line's own Prefect server.
 SLOW_FIXTURES = {"prefect_api", "prefect_server", "vllm_server", "s3_endpoint", "vllm_engine"}
 
 
