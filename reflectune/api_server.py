@@ -157,7 +157,9 @@ def main(argv: list[str]) -> None:
     import runpy
 
     if not argv or argv[0] not in ("uvicorn", "prefect"):
-        raise SystemExit("usage: python -m reflectune.api_server uvicorn|prefect ARGS...")
+        print("usage: python -m reflectune.api_server uvicorn|prefect ARGS... (for a server: "
+              "python -m reflectune.api_server prefect server start)", file=sys.stderr)
+        raise SystemExit(2)
     bound_sqlite_waits()
     sys.argv = argv
     runpy.run_module(argv[0], run_name="__main__", alter_sys=True)

@@ -61,3 +61,10 @@ def test_a_held_database_lock_is_given_up_in_seconds_and_answered_503(tmp_path):
         api_server.stop(proc)
     assert held.status_code == 503, held.text
     assert free.status_code == 201 and free.json()["name"] == "held"
+
+
+def test_the_server_launcher_names_what_it_runs_when_given_nothing_it_knows():
+    result = subprocess.run([sys.executable, "-m", "reflectune.api_server", "gunicorn"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "python -m reflectune.api_server prefect server start" in result.stderr
