@@ -72,7 +72,10 @@ LINT_TREE := $(VENV)/.lint-tree
 test: setup browser
 	rm -rf $(LINT_TREE) && $(BIN)/pip install --quiet --no-deps --no-build-isolation --target $(LINT_TREE) . && rm -rf build
 	cd $(LINT_TREE) && $(CURDIR)/$(BIN)/lint-imports --no-logo --no-cache $(CURDIR)/pyproject.toml
-	REFLECTUNE_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q --durations=12 tests
+	# two workers, each test file whole on one (a module's servers start once), so one file's
+	# waits for heartbeats, schedules and start-ups overlap another's model work; one math
+	# thread per worker, two workers on two cores
+	OMP_NUM_THREADS=1 REFLECTUNE_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12 tests
 
 # Only the tests not marked slow (no vLLM, training, S3 or Prefect server with workers, one tiny
 # local flow run on the command line's own Prefect server): about 3 minutes on 2 cores.
