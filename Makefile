@@ -78,9 +78,10 @@ test: setup browser
 	OMP_NUM_THREADS=1 REFLECTUNE_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12 tests
 
 # Only the tests not marked slow (no vLLM, training, S3 or Prefect server with workers, one tiny
-# local flow run on the command line's own Prefect server): about 3 minutes on 2 cores.
+# local flow run on the command line's own Prefect server), on two workers as `test` runs them:
+# under 3 minutes on 2 cores.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py
