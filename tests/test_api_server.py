@@ -44,10 +44,10 @@ def test_a_held_database_lock_is_given_up_in_seconds_and_answered_503(tmp_path):
     up after api_server.BUSY_TIMEOUT_MS and is answered 503 (clients retry that), where
     Prefect's own 60 s would outlast the client's 30 s timeout; once the lock is free the same
     write succeeds. (bound_sqlite_waits says why a long wait stalls the whole server.)"""
-    proc = api_server._start(tmp_path, api_server._free_port())
+    port = api_server._free_port()
+    proc = api_server._start(tmp_path, port)
+    url = f"http://127.0.0.1:{port}/api"
     try:
-        url = proc.args[proc.args.index("--port") + 1]
-        url = f"http://127.0.0.1:{url}/api"
         assert api_server._wait(proc, f"{url}/health", 120)
         db = sqlite3.connect(tmp_path / "prefect.db", isolation_level=None, timeout=30)
         db.execute("BEGIN IMMEDIATE")
