@@ -13,8 +13,7 @@ budget so the closing markers always fit: the analysis can never crowd the field
 Fields cannot contain "[" under a constraint: a richer character class that admits "[" not
 followed by "End]" made xgrammar's matcher about 30x slower per token on CPU.
 
-A grammar guarantees the form, not the content: a small model fills a field with a loop to
-satisfy it. `degenerate` finds fields that are mostly repetition.
+A grammar guarantees the form, not the content: reflectune.checks makes the checks it cannot.
 """
 
 from __future__ import annotations
@@ -69,6 +68,12 @@ def teacher_format(kind: str, max_new_tokens: int) -> OutputFormat:
     return OutputFormat(f"reflection_{kind}", regex, schema, fields)
 
 
+def bounds(fmt: OutputFormat) -> dict[str, int]:
+    """Each field's length bound in characters: a field this long was closed by the form."""
+    props = fmt.json_schema["properties"]
+    return {name: props[name]["maxLength"] for name in fmt.fields}
+
+
 def fit(fmt: OutputFormat | None, max_new_tokens: int) -> OutputFormat | None:
     """`fmt` resized for a request whose budget the engine had to lower (a long prompt
     leaves less of the context): the fields must still close within it."""
@@ -108,20 +113,3 @@ def from_json(text: str, fmt: OutputFormat) -> str | None:
             return None
         parts.append(f"[{MARKERS[name]}] {obj[name]} [End]")
     return "\n".join(parts)
-
-
-def degenerate(text: str) -> str | None:
-    """Why a field is mostly repetition, or None. Word 4-grams for prose (a loop repeats
-    them), character 8-grams for text without spaces."""
-    words = text.split()
-    if len(words) >= 12:
-        grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
-        ratio = len(set(grams)) / len(grams)
-        if ratio < 0.5:
-            return f"mostly repetition: {ratio:.0%} of its word 4-grams are distinct"
-    elif len(text) >= 48:
-        grams = [text[i : i + 8] for i in range(len(text) - 7)]
-        ratio = len(set(grams)) / len(grams)
-        if ratio < 0.3:
-            return f"mostly repetition: {ratio:.0%} of its 8-character runs are distinct"
-    return None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from reflectune.formats import degenerate
+from reflectune.checks import degenerate
 
 _NAMES = {
     "new_instruction": r"new\s+instruction",
@@ -42,6 +42,8 @@ class Parsed:
     problems: dict[str, str] = field(default_factory=dict)  # field -> why it is unusable
     degenerate: set[str] = field(default_factory=set)  # fields present and closed, but loops
     cut: set[str] = field(default_factory=set)  # usable fields that ran into the token limit
+    # field -> the parse status a content check gave it (reflection.screen): review, cut, ...
+    flags: dict[str, str] = field(default_factory=dict)
 
     @property
     def well_formed(self) -> bool:

@@ -42,15 +42,20 @@ REJECTED: dict[str, pl.DataType] = {
 # A teacher variant of a sample (docs/method.md: ins, res, ins_res), with everything the teacher
 # wrote: the raw text of every attempt, how parsing went, and what it cost.
 VARIANTS = variants.NAMES
-PARSE_STATUSES = ("ok", "degenerate", "partial", "fallback")
+# ok: usable, every field what it promises. The rest fell back to the base pair, each for its
+# reason (reflectune.checks, reflection.screen): cut (the token limit or the form's bound closed
+# a field), degenerate (a loop, or a copy of the original), fragment (a new instruction that is
+# a piece of the analysis), review (an answer that reviews an answer), script (letters of a
+# script the pair neither has nor asks for), fallback (no usable form). partial: the released
+# code's field-by-field fallback, which the pipeline no longer makes (kept to read older runs).
+PARSE_STATUSES = ("ok", "cut", "degenerate", "fragment", "review", "script", "fallback", "partial")
+USABLE = "ok"
 VARIANT: dict[str, pl.DataType] = RECORD | {
     "variant": pl.String,
     "raw_text": pl.List(pl.String),
     # per attempt, how the output format was enforced: regex, json_schema or none
     "constrained": pl.List(pl.String),
-    # ok: every field parsed; degenerate: every field present and closed, but some are loops
-    # or copies of the original (they fall back); partial: some field fell back to the base
-    # pair's; fallback: all did
+    # one of PARSE_STATUSES; the fields of a variant that is not ok are its base pair's
     "parse_status": pl.String,
     "parse_detail": pl.String,
     "prompt_version": pl.String,

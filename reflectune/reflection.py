@@ -3,14 +3,15 @@
 Phase 1 asks the teacher for the instruction reflection (ins) and the response reflection of
 the original (res) together; phase 2 asks for the response reflection of each new pair
 (ins_res). Where the engine can, the output format is enforced at decode time
-(reflectune.formats); the lineage records, per attempt, whether it was. As in the reference
-code, a row with nothing usable (for `ins`, no usable new answer) gets one more try with
-different sampling; an answer cut
-off by the token limit is kept (`partial`); a response field still unusable falls back to
-the base pair's answer, and an `ins` variant without a usable new answer falls back whole
-to the original pair, which then ties with it in selection (a new instruction with the old
-answer would score as a harder instruction it is not). Every row keeps the raw teacher text
-of every attempt, its parse status and token usage.
+(reflectune.formats); the lineage records, per attempt, whether it was. Every parsed field is
+then screened for what a form cannot guarantee (`screen`, reflectune.checks): a field cut by
+the token limit or closed by the form's length bound, a loop or a copy, a new instruction that
+is a piece of the analysis, an answer that reviews an answer, a switch into a script nobody
+asked for. A variant is usable (`ok`) only when every one of its fields passes; otherwise it
+gets one more try with different sampling (the reference retries only rows where nothing
+parsed) and, still unusable, falls back whole to its base pair with the reason as its parse
+status, so it ties with that pair in selection and is never chosen. Every row keeps the raw
+teacher text of every attempt, its parse status and token usage.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 import polars as pl
 
-from reflectune import formats, parsing, prompts
+from reflectune import checks, formats, parsing, prompts
 from reflectune.records import RECORD, VARIANT, VARIANTS
 from reflectune.variants import BY_NAME
 
@@ -194,12 +195,14 @@ def _run(jobs: list[_Job], teacher: TeacherEngine, sampling: Sampling, retry: Sa
                       for job in pending]
         generations = teacher.generate(chats, params, progress, wanted)
         failed = []
-        for job, gen in zip(pending, generations):
+        for k, (job, gen) in enumerate(zip(pending, generations)):
             job.raw.append(gen.text if gen.error is None else f"[request failed: {gen.error}]")
             job.constrained.append(gen.constrained)
             job.prompt_tokens += gen.prompt_tokens
             job.completion_tokens += gen.completion_tokens
             parsed = _parse(job, gen)
+            screen(job.variant, job.base, parsed,
+                   formats.bounds(wanted[k]) if wanted is not None and gen.constrained == "regex" else {})
             last = attempt == 1
             if not _usable(job, parsed) and not last:
                 failed.append(job)
@@ -209,9 +212,58 @@ def _run(jobs: list[_Job], teacher: TeacherEngine, sampling: Sampling, retry: Sa
 
 
 def _usable(job: _Job, parsed: parsing.Parsed) -> bool:
-    """Whether an attempt gave the variant anything: as in the reference, a row is retried only
-    when nothing parsed; an `ins` answer is what its variant stands on (see _finish)."""
-    return "new_answer" in parsed.fields if job.variant == "ins" else bool(parsed.fields)
+    """Whether an attempt gave the variant every field it needs; screened (see `screen`), an
+    attempt has all of its fields or none, and one with none is asked again."""
+    return set(BY_NAME[job.variant].fields) <= set(parsed.fields)
+
+
+# the parse status of each content check (reflectune.checks), in the order they are made
+CHECKS = ("cut", "degenerate", "fragment", "review", "script")
+
+
+def screen(variant: str, base: dict[str, str], parsed: parsing.Parsed, bounds: dict[str, int]) -> None:
+    """Make unusable the parsed fields whose content is not what the field promises
+    (reflectune.checks): cut by the token limit or closed by the form's length bound, a copy of
+    the text it replaces, a new instruction that is a piece of the analysis, an answer that
+    reviews an answer, letters of a script the pair neither has nor asks for. Each such field
+    gets its parse status in `parsed.flags`. A variant stands on all of its fields: when one is
+    unusable, the others are dropped with it, so the variant falls back whole to its base
+    pair and selection can never choose it."""
+    fields = parsed.fields
+    context = (base["instruction"], base["input"], base["output"])
+    for name in BY_NAME[variant].fields:
+        if name not in fields:
+            continue
+        value = fields[name]
+        bound = checks.bounded(value, bounds.get(name))
+        found = [("cut", "cut off at the token limit" if name in parsed.cut else bound)]
+        replaces = base["instruction"] if name == "new_instruction" else base["output"]
+        found.append(("degenerate", "repeats the original unchanged" if _same(value, replaces) else None))
+        if name == "new_instruction":
+            found.append(("fragment", checks.fragment(value)))
+            found.append(("script", checks.foreign_script(value, *context)))
+        else:
+            # a new answer answers the new instruction, a better answer its base pair's
+            asked = fields.get("new_instruction", base["instruction"])
+            found.append(("review", checks.review(value, asked, "" if name == "new_answer" else base["input"])))
+            found.append(("script", checks.foreign_script(value, *context, asked)))
+        status, why = next(((s, w) for s, w in found if w), (None, None))
+        if status:
+            del fields[name]
+            parsed.problems[name] = why
+            parsed.flags[name] = status
+            if status == "degenerate":
+                parsed.degenerate.add(name)
+    parsed.cut &= set(fields)
+    if fields and set(fields) != set(BY_NAME[variant].fields):
+        unusable = next(n for n in BY_NAME[variant].fields if n not in fields)
+        for name in list(fields):
+            del fields[name]
+            parsed.problems[name] = f"dropped with the unusable {_label(unusable)}: the variant is its base pair"
+
+
+def _label(name: str) -> str:
+    return name.replace("_", " ")
 
 
 def _chat(job: _Job) -> prompts.Messages:
@@ -238,7 +290,7 @@ def _same(a: str, b: str) -> bool:
 def _finish(job: _Job, parsed: parsing.Parsed, teacher_id: str) -> dict:
     b = job.base
     # a field that repeats what it was to replace is present and closed but no rewrite:
-    # degenerate, like a loop
+    # degenerate, like a loop (screen has already made it so on the pipeline's path)
     for name, original in (("new_instruction", b["instruction"]), ("better_answer", b["output"])):
         if name in parsed.fields and _same(parsed.fields[name], original):
             del parsed.fields[name]
@@ -263,8 +315,11 @@ def _finish(job: _Job, parsed: parsing.Parsed, teacher_id: str) -> dict:
     version = BY_NAME[job.variant].prompt_version
     for name in parsed.cut:
         parsed.problems[name] = "cut off at the token limit, kept as written"
+    flagged = [parsed.flags[n] for n in BY_NAME[job.variant].fields if n in parsed.flags]
     if not parsed.problems:
         status = "ok"
+    elif flagged:  # a content check made the variant unusable: its own status
+        status = flagged[0]
     elif not parsed.fields:
         # nothing usable: the original's fields; loops are told apart from a missing form
         status = "degenerate" if parsed.degenerate else "fallback"

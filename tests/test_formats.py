@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from reflectune import formats
+from reflectune import checks, formats
 from reflectune.parsing import parse
 
 INS = ("Vague: it names a topic and asks for nothing.\n[New Instruction] Compare two sorting algorithms by "
@@ -62,11 +62,11 @@ def test_json_answers_map_to_the_marked_form():
 
 def test_loops_are_degenerate_and_prose_is_not():
     loop = "The answer is weak for this task. " * 20
-    assert "mostly repetition" in formats.degenerate(loop)
-    assert "8-character runs" in formats.degenerate("=" * 80)
+    assert "mostly repetition" in checks.degenerate(loop)
+    assert "8-character runs" in checks.degenerate("=" * 80)
     prose = ("Photosynthesis turns light, water and carbon dioxide into sugar and oxygen. It happens in the "
              "chloroplasts, where chlorophyll absorbs mostly red and blue light.")
-    assert formats.degenerate(prose) is None and formats.degenerate("Yes.") is None
+    assert checks.degenerate(prose) is None and checks.degenerate("Yes.") is None
 
 
 def test_a_degenerate_field_is_well_formed_but_unusable():

@@ -4,7 +4,7 @@ retries, and generation held to the output format."""
 import pytest
 
 from reflectune import prompts
-from reflectune.records import VARIANT, check_columns
+from reflectune.records import PARSE_STATUSES, VARIANT, check_columns
 from reflectune.reflection import Sampling, reflect
 
 
@@ -46,25 +46,29 @@ def test_packaged_teacher_end_to_end(teacher, reflection_records):
     check_columns(variants, VARIANT, "reflect")
     assert variants.height == 3 * reflection_records.height
     assert sorted(variants["variant"].unique().to_list()) == ["ins", "ins_res", "res"]
+    by = {(r["source_index"], r["variant"]): r for r in variants.iter_rows(named=True)}
+    keys = ("sample_id", "source_index", "instruction", "input", "output")
+    originals = {r["source_index"]: r for r in reflection_records.iter_rows(named=True)}
+    base_of = lambda row: {k: (by[(row["source_index"], "ins")] if row["variant"] == "ins_res"
+                               else originals[row["source_index"]])[k] for k in keys}
     for row in variants.iter_rows(named=True):
         # every row ends with a variant or a recorded fallback, raw text kept
-        assert row["parse_status"] in ("ok", "degenerate", "partial", "fallback")
+        assert row["parse_status"] in PARSE_STATUSES and row["parse_status"] != "partial"
         assert (row["parse_status"] == "ok") == (row["parse_detail"] is None)
         assert len(row["raw_text"]) in (1, 2) and row["completion_tokens"] > 0 and row["prompt_tokens"] > 0
-        # a row is retried exactly when its first attempt gave no usable field (whether that
-        # attempt was cut off is not recorded, so both readings bound it)
+        # a row is retried exactly when its first attempt was unusable (whether that attempt was
+        # cut off is not recorded, so both readings bound it)
         if len(row["raw_text"]) == 2:
-            assert not _first_fields(row, cut_off=True)
+            assert not _first_fields(row, base_of(row), cut_off=True)
         else:
-            assert _first_fields(row, cut_off=False)
+            assert _first_fields(row, base_of(row), cut_off=False)
         assert row["output"].strip() and row["instruction"].strip()
         assert row["teacher"].startswith("transformers:packaged:smollm2-135m-instruct@")
-    by = {(r["source_index"], r["variant"]): r for r in variants.iter_rows(named=True)}
     for r in reflection_records.iter_rows(named=True):
         ins, res, ins_res = (by[(r["source_index"], v)] for v in ("ins", "res", "ins_res"))
         assert res["instruction"] == r["instruction"] and res["input"] == r["input"]
         assert ins_res["instruction"] == ins["instruction"] and ins_res["input"] == ins["input"]
-        if res["parse_status"] == "fallback":
+        if res["parse_status"] != "ok":  # unusable, for whatever reason: the original's answer
             assert res["output"] == r["output"]
         assert ins["prompt_version"] == prompts.INSTRUCTION_VERSION and res["prompt_version"] == prompts.RESPONSE_VERSION
     # first attempts greedy; rows whose fields did not parse in 48 tokens got a retry, sampled
@@ -79,13 +83,15 @@ BASE = {"sample_id": "s1", "source_index": 0, "instruction": "Name a fruit.", "i
         "output": "Apple."}
 
 
-def _variant(variant, text, cut_off=False):
-    """A variant row from a teacher text, through the same parse and finish as reflect."""
+def _variant(variant, text, cut_off=False, bounds=None):
+    """A variant row from a teacher text, through the same parse, screen and finish as reflect."""
     from reflectune import parsing
-    from reflectune.reflection import _finish, _Job
+    from reflectune.reflection import _finish, _Job, screen
 
     wanted = ("new_instruction", "new_answer") if variant == "ins" else ("better_answer",)
-    return _finish(_Job(dict(BASE), variant, [text]), parsing.parse(text, wanted, cut_off=cut_off), "t")
+    parsed = parsing.parse(text, wanted, cut_off=cut_off)
+    screen(variant, BASE, parsed, bounds or {})
+    return _finish(_Job(dict(BASE), variant, [text]), parsed, "t")
 
 
 def test_an_ins_variant_without_a_usable_answer_is_the_original_pair():
@@ -101,19 +107,38 @@ def test_an_ins_variant_without_a_usable_answer_is_the_original_pair():
     assert looped["instruction"] == "Name a fruit." and looped["parse_status"] == "degenerate"
 
 
-def test_an_answer_cut_off_by_the_limit_is_kept_and_marked():
+def test_an_answer_cut_off_by_the_limit_or_closed_by_the_bound_is_cut_and_falls_back():
     row = _variant("ins", "[New Instruction] Compare three fruits. [End]\n[New Answer] Apples have vitamin C, bananas",
                    cut_off=True)
-    assert row["instruction"] == "Compare three fruits." and row["input"] == ""
-    assert row["output"] == "Apples have vitamin C, bananas"
-    assert row["parse_status"] == "partial" and "cut off at the token limit, kept as written" in row["parse_detail"]
+    # the variant stands on both fields: it falls back whole, its status the reason
+    assert (row["instruction"], row["input"], row["output"]) == ("Name a fruit.", "red ones", "Apple.")
+    assert row["parse_status"] == "cut" and "new_answer: cut off at the token limit" in row["parse_detail"]
+    assert "new_instruction: dropped with the unusable new answer" in row["parse_detail"]
     res = _variant("res", "Too short.\n[Better Answer] An apple is a round fruit that", cut_off=True)
-    assert res["output"] == "An apple is a round fruit that" and res["parse_status"] == "partial"
+    assert res["output"] == "Apple." and res["parse_status"] == "cut"
+    # the grammar closed the field at its bound: the demo's "... understanding of the salm"
+    text = "A better answer would explain the mechanism and give the reader an understanding of the salm"
+    bounded = _variant("res", f"Too short.\n[Better Answer] {text} [End]", bounds={"better_answer": len(text)})
+    assert bounded["parse_status"] == "cut" and "closed it" in bounded["parse_detail"] and bounded["output"] == "Apple."
+    room = _variant("res", f"Too short.\n[Better Answer] {text}. [End]", bounds={"better_answer": len(text) + 40})
+    assert room["parse_status"] == "ok"
     whole = _variant("res", "Too short.\n[Better Answer] An apple is a round fruit. [End]")
     assert whole["parse_status"] == "ok" and whole["parse_detail"] is None
 
 
-WELL_FORMED = ["ok", "degenerate"]
+def test_the_reference_post_processing_keeps_a_cut_answer():
+    """Without the screen, _finish is the released code's post-processing: a cut answer is kept
+    (`partial`); the selection cross-check (test_selection_reference) relies on it."""
+    from reflectune import parsing
+    from reflectune.reflection import _finish, _Job
+
+    text = "Too short.\n[Better Answer] An apple is a round fruit that"
+    row = _finish(_Job(dict(BASE), "res", [text]), parsing.parse(text, ("better_answer",), cut_off=True), "t")
+    assert row["output"] == "An apple is a round fruit that" and row["parse_status"] == "partial"
+
+
+# the form was there, whatever its content: every status but a missing form
+WELL_FORMED = [s for s in PARSE_STATUSES if s not in ("fallback", "partial")]
 
 
 @pytest.mark.slow  # generates for about 15 s
@@ -127,13 +152,16 @@ def test_constrained_generation_with_transformers(teacher, reflection_records):
         assert len(row["constrained"]) == len(row["raw_text"])
 
 
-def _first_fields(row, cut_off):
+def _first_fields(row, base, cut_off):
+    """Whether the row's first attempt was usable, read again through parse and screen (the
+    bounds are not recorded: the content checks alone)."""
     from reflectune.parsing import parse
+    from reflectune.reflection import screen
 
     wanted = ("new_instruction", "new_answer") if row["variant"] == "ins" else ("better_answer",)
-    fields = parse(row["raw_text"][0], wanted, cut_off=cut_off).fields
-    # an ins variant stands on its new answer
-    return "new_answer" in fields if row["variant"] == "ins" else bool(fields)
+    parsed = parse(row["raw_text"][0], wanted, cut_off=cut_off)
+    screen(row["variant"], base, parsed, {})
+    return set(wanted) <= set(parsed.fields)
 
 
 def test_progress_moves_with_the_tokens_and_the_plan_grows_with_retries(teacher, reflection_records):

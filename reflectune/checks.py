@@ -1,0 +1,194 @@
+"""What a parsed field must be to be usable as training data: the checks a grammar cannot make.
+
+A constraint guarantees the form (analysis, then the marked fields), not the content. A small
+teacher that is still reviewing when the form opens the answer field goes on reviewing inside
+it; a field closed by the form's length bound ends mid-word; a sampler pushed off its language
+drifts into another script mid-sentence; a new instruction can be a piece of the analysis.
+Each check takes the field's text and the pair it was written for and returns why the field
+is unusable, or None. The reasons name the evidence, so a reader of `parse_detail` can see it.
+
+The checks are deliberately narrow: a clean rewrite in any form (lists, code, tables, short
+answers, letters) passes, and the pair's own request wins over a signal (an instruction that
+asks for feedback on an answer may be answered with feedback).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# -- repetition -----------------------------------------------------------------------------
+
+
+def degenerate(text: str) -> str | None:
+    """Why a field is mostly repetition, or None. Word 4-grams for prose (a loop repeats
+    them), character 8-grams for text without spaces."""
+    words = text.split()
+    if len(words) >= 12:
+        grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+        ratio = len(set(grams)) / len(grams)
+        if ratio < 0.5:
+            return f"mostly repetition: {ratio:.0%} of its word 4-grams are distinct"
+    elif len(text) >= 48:
+        grams = [text[i : i + 8] for i in range(len(text) - 7)]
+        ratio = len(set(grams)) / len(grams)
+        if ratio < 0.3:
+            return f"mostly repetition: {ratio:.0%} of its 8-character runs are distinct"
+    return None
+
+
+# -- an answer that reviews an answer --------------------------------------------------------
+
+_ANSWER = r"(?:answer|response|reply|solution)"
+# talk about another answer: "the answer provided", "the original answer", "the answer is
+# correct but"; not "your answer was very helpful", which a letter may say
+_VERDICT = (r"(?:correct|incorrect|accurate|inaccurate|quite|too|very|not|mostly|partially|generally|somewhat|"
+            r"concise|brief|short|incomplete|vague|good|well|helpful|unhelpful|relevant|irrelevant|missing|lacking|"
+            r"overly|rather|fairly|technically|a\s+good|a\s+great|a\s+decent|on\s+the\s+right)")
+_ABOUT_ANSWER = re.compile(
+    rf"\b(?:the|this|that|your|my)\s+(?:original|given|provided|previous|initial|current|existing|above|old|first)"
+    rf"\s+{_ANSWER}\b"
+    rf"|\b(?:the|this)\s+{_ANSWER}\s+(?:provided|given|above|you\s+gave|you\s+provided)\b"
+    rf"|\b(?:the|this)\s+{_ANSWER}\s+(?:is|was)\s+{_VERDICT}\b"
+    rf"|\b(?:the|this)\s+{_ANSWER}\s+(?:does\s+not|doesn't|did\s+not|didn't|lacks|fails|misses|could\s+be|"
+    rf"should\s+be|should\s+have|only|simply|merely|correctly|accurately|addresses|mentions|states)\b",
+    re.IGNORECASE)
+# a verdict on another text and the promise of a rewrite
+_REVISION = re.compile(
+    r"\b(?:here\s+is|here's|below\s+is|following\s+is)\s+(?:a|an|the|my)\s+(?:revised|improved|better|corrected|"
+    r"updated|enhanced|rewritten|more\s+\w+)\s+(?:version|answer|response)\b"
+    r"|\b(?:but|though|although|however),?\s+(?:it\s+|there\s+are\s+\w+\s+\w+\s+where\s+it\s+)?(?:could|can|should|might)"
+    r"\s+be\s+improved\b"
+    r"|\b" + _ANSWER + r"\s+(?:could|can|should|might)\s+be\s+improved\b"
+    r"|\bareas?\s+(?:for|of|where\s+it\s+could|that\s+could|that\s+need)\s+(?:improvement|be\s+improved|improve)\b"
+    r"|\bto\s+improve\s+(?:the|this|your)\s+" + _ANSWER + r"\b"
+    r"|\b(?:revised|improved|better|corrected)\s+" + _ANSWER + r"\s*:",
+    re.IGNORECASE)
+# the review's criteria as headings: "**Relevance**:", "2. Level of Detail:", "### Accuracy"
+_CRITERIA = r"(?:helpfulness|relevance|accuracy|level\s+of\s+detail(?:\s+required)?|complexity\s+of\s+(?:the\s+)?topic|" \
+            r"knowledge\s+required|ambiguity|logical\s+reasoning(?:\s+or\s+problem\s+solving)?)"
+_HEADING = re.compile(
+    rf"(?:^|\n)[ \t]*(?:\d+[.)]\s*|[-*]\s+|#+\s*)?(?:\*\*|__)?\s*{_CRITERIA}\s*(?:\*\*|__)?\s*:"
+    rf"|\*\*\s*{_CRITERIA}\s*\*\*",
+    re.IGNORECASE)
+# what a pair asks for when a review is the right answer to it
+_ASKS_REVIEW = re.compile(r"\b(?:feedback|review\w*|critique|critici[sz]e|evaluat\w*|assess\w*|grade|grading|judge|"
+                          r"proofread|improv\w*|revis\w*|rewrit\w*|edit|editing|rephras\w*|paraphras\w*)\b"
+                          r"|\b(?:the|this|my|following|given|student'?s?)\s+(?:answer|response)\b", re.IGNORECASE)
+
+
+def review(answer: str, instruction: str, input: str = "") -> str | None:
+    """Why an answer field is a review of an answer rather than an answer, or None. An
+    instruction that itself asks for feedback, a revision or talk about an answer is answered
+    in kind, so the signals are not held against its answer."""
+    if _ASKS_REVIEW.search(f"{instruction}\n{input}"):
+        return None
+    for rx in (_ABOUT_ANSWER, _REVISION):
+        m = rx.search(answer)
+        if m:
+            return f"reviews an answer instead of answering ({_quote(m.group(0))})"
+    # two of the review's criteria as headings: one alone may be an answer's own topic
+    headings = sorted({re.sub(r"\W+", " ", m.group(0)).strip().lower() for m in _HEADING.finditer(answer)})
+    if len(headings) >= 2:
+        return f"reviews an answer instead of answering (the review's criteria as headings: {', '.join(headings)})"
+    return None
+
+
+# -- an instruction that is a piece of the analysis ------------------------------------------
+
+# words a sentence continues with but an instruction does not start with
+_CONTINUATION = re.compile(
+    r"^(?:and|or|but|so|because|since|which|that|who|whose|whereas|while|then|also|thus|therefore|hence|however|"
+    r"should|could|would|might|must|is|are|was|were|be|been|being|has|have|had|does|do|did|it|its|they|their|"
+    r"this|these|those|of|to|for|with|by|as|in|on|at|from|than)\b")
+_ABOUT_INSTRUCTION = re.compile(
+    r"\b(?:the|this|that|your|original|given|new)\s+(?:original\s+|given\s+|new\s+)?(?:instruction|question|prompt|task)"
+    r"\s+(?:is|was|should|could|would|lacks|fails|does\s+not|doesn't|asks|only|simply|requires|needs|can\s+be)\b",
+    re.IGNORECASE)
+
+
+def fragment(instruction: str) -> str | None:
+    """Why a new instruction is a piece of the teacher's analysis, not an instruction, or None:
+    it starts mid-sentence, carries the review's headings, or judges an instruction."""
+    text = instruction.lstrip()
+    if not text:
+        return None
+    first = text[0]
+    if first in ",;:)]}.!?" or (first.islower() and _CONTINUATION.match(text)):
+        return f"starts mid-sentence ({_quote(text[:40])})"
+    m = _HEADING.search(text)
+    if m:
+        return f"carries the review's headings ({_quote(m.group(0))})"
+    m = _ABOUT_INSTRUCTION.search(text)
+    if m:
+        return f"judges an instruction instead of giving one ({_quote(m.group(0))})"
+    return None
+
+
+# -- text in a script the pair does not ask for ----------------------------------------------
+
+# Scripts named by languages an instruction may ask for. Latin is every pair's (English,
+# names, code); Greek letters are mathematics' as much as Greek's; the rest must be asked for
+# or already be in the pair.
+_LANGUAGES = {
+    "HAN": r"chinese|mandarin|cantonese|japanese|kanji|hanzi",
+    "HIRAGANA": r"japanese|hiragana",
+    "KATAKANA": r"japanese|katakana",
+    "HANGUL": r"korean|hangul",
+    "CYRILLIC": r"russian|ukrainian|bulgarian|serbian|belarusian|macedonian|kazakh|mongolian|cyrillic",
+    "ARABIC": r"arabic|persian|farsi|urdu|pashto",
+    "HEBREW": r"hebrew|yiddish",
+    "DEVANAGARI": r"hindi|marathi|nepali|sanskrit|devanagari",
+    "THAI": r"thai",
+    "ARMENIAN": r"armenian",
+    "GEORGIAN": r"georgian",
+    "BENGALI": r"bengali|bangla",
+    "TAMIL": r"tamil",
+}
+_ALWAYS = {"LATIN", "GREEK"}
+
+
+def _script(ch: str) -> str | None:
+    if not ch.isalpha() or ch.isascii():
+        return "LATIN" if ch.isascii() and ch.isalpha() else None
+    name = unicodedata.name(ch, "")
+    if name.startswith("CJK") or "IDEOGRAPH" in name:
+        return "HAN"
+    return name.split(" ")[0] if name else None
+
+
+def scripts(text: str) -> set[str]:
+    """The scripts of the letters in `text` (Unicode character names' first word; CJK
+    ideographs as HAN)."""
+    return {s for s in map(_script, text) if s}
+
+
+def foreign_script(field: str, *context: str) -> str | None:
+    """Why a field holds letters of a script that neither its context (the original pair and
+    the instruction the field answers) has nor asks for, or None."""
+    joined = "\n".join(context)
+    allowed = _ALWAYS | scripts(joined)
+    asked = {s for s, names in _LANGUAGES.items() if re.search(rf"\b(?:{names})\b", joined, re.IGNORECASE)}
+    extra = scripts(field) - allowed - asked
+    if not extra:
+        return None
+    script = sorted(extra)[0]
+    at = next(i for i, ch in enumerate(field) if _script(ch) == script)
+    return f"switches into {script.title()} script ({_quote(field[max(0, at - 24) : at + 8])})"
+
+
+# -- a field its bound closed ----------------------------------------------------------------
+
+# a field this close to its bound in characters was closed by the bound, not by the writer
+BOUND_MARGIN = 2
+
+
+def bounded(value: str, bound: int | None) -> str | None:
+    """Why a field ended at the form's length bound (the grammar closed it), or None."""
+    if bound is not None and len(value) >= bound - BOUND_MARGIN:
+        return f"cut: the form's bound of {bound} characters closed it ({_quote(value[-30:])})"
+    return None
+
+
+def _quote(text: str) -> str:
+    return repr(" ".join(text.split()))

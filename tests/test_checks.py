@@ -1,0 +1,153 @@
+"""The content checks a grammar cannot make (pure: no model): real teacher text that must be
+flagged, and clean rewrites in many forms that never may be."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reflectune import checks, parsing
+from reflectune.reflection import _finish, _Job, screen
+
+LABELLED = Path(__file__).parent / "data" / "labelled_rewrites.jsonl"
+
+# What the packaged 1.5B teacher wrote in the demo's answer fields, as the report showed it
+# among the "most helpful rewrites" (each with the pair it was written for).
+REVIEWS = [
+    ("explain", "The answer provided does not explain anything at all. It simply states \"Sure.\" which is not "
+     "helpful. A good explanation would describe the topic"),
+    ("Give three tips for keeping a sourdough starter healthy.",
+     "Your answer is quite good, but there are a few areas where it could be improved:\n\n1. **Relevance**: The "
+     "tips are relevant"),
+    ("What is photosynthesis?", "The given answer is correct but could be improved by adding more detail. Here's a "
+     "revised version: Photosynthesis is the process by which plants"),
+    ("Write a haiku about autumn rain.", "The haiku captures the mood well.\n\n**Helpfulness**: it answers the "
+     "request.\n**Accuracy**: it follows the 5-7-5 form."),
+    ("Name three primary colors.", "The original answer lists the colors but gives no explanation of why they "
+     "are primary."),
+]
+FRAGMENTS = [
+    "should be more specific and targeted to a single type of animal.\n2. **Level of Detail Required**: The "
+    "instruction",
+    "and the answer lacks depth. A better instruction would ask for a comparison",
+    "The original instruction is too vague: it names a topic without asking for anything.",
+    "**Complexity of Topic**: Write an essay on the causes of the First World War.",
+]
+SCRIPT_SWITCHES = [
+    ("Summarize the meeting notes.", "The committee has审批 the budget for next year."),
+    ("Describe how wages changed.", "Inflation outpaced wage increases,它 meant that real incomes fell."),
+    ("Recommend a place for breakfast.", "Try the bakery on Main Street, a coffee店"),
+]
+
+# Clean rewrites in many forms: none of them may be flagged (with the instruction they answer).
+CLEAN = [
+    ("List three fruits high in vitamin C.", "- Oranges\n- Kiwis\n- Strawberries"),
+    ("Write a Python function that reverses a string.",
+     "```python\ndef reverse(s: str) -> str:\n    return s[::-1]\n```\n\nSlicing with a step of -1 walks the "
+     "string backwards."),
+    ("Compare Python lists and tuples in a table.",
+     "| | list | tuple |\n|---|---|---|\n| mutable | yes | no |\n| literal | [1, 2] | (1, 2) |"),
+    ("What is the capital of France?", "Paris"),
+    ("What is 7 times 6?", "7 x 6 = 42, so the answer is 42."),
+    ("Write an email thanking a client for a quick reply.",
+     "Subject: Thank you\n\nDear Ms. Lee,\n\nThank you for your quick response to my question about the invoice. "
+     "Your answer was very helpful.\n\nBest regards,\nSam"),
+    ("Explain what makes a search engine useful.",
+     "1. **Relevance**: the results match what the user meant.\n2. **Speed**: results arrive in under a second."),
+    ("Give feedback on this essay.", "The answer provided in the second paragraph is vague; the essay could be "
+     "improved by giving examples."),
+    ("Rewrite the sentence to be more formal: 'gonna grab food'.",
+     "Here's a revised version: \"I am going to get something to eat.\""),
+    ("Translate 'good morning' into Japanese.", "おはようございます (ohayō gozaimasu)"),
+    ("Translate the sentence into Russian.", "Библиотека открывается в девять часов."),
+    ("Give the formula for the area of a circle.", "A = πr², where r is the radius; for θ in radians an arc "
+     "is rθ long."),
+    ("Write a haiku about autumn rain.", "Cold rain on red leaves,\nthe gutter sings all evening,\nlamps come on early"),
+    ("Write a SQL query that counts orders per customer.",
+     "SELECT customer_id, COUNT(*) AS orders\nFROM orders\nGROUP BY customer_id;"),
+    ("How should a team review pull requests?", "Keep each review small, answer every comment, and approve only "
+     "what you have run."),
+]
+CLEAN_INSTRUCTIONS = [
+    "Write a 300-word essay on the causes of the First World War, citing at least two primary sources.",
+    "Given the list [3, 1, 2], write a Python function that sorts it without using sorted().",
+    "explain the process of photosynthesis in detail, step by step",
+    "Compose a formal email to a landlord asking for a repair, with a subject line.",
+    "Summarize the following paragraph in two sentences: \"Solar panels convert sunlight into electricity.\"",
+]
+
+
+@pytest.mark.parametrize("instruction,answer", REVIEWS)
+def test_an_answer_that_reviews_an_answer_is_flagged(instruction, answer):
+    assert "reviews an answer" in checks.review(answer, instruction)
+
+
+@pytest.mark.parametrize("text", FRAGMENTS)
+def test_an_instruction_that_is_a_piece_of_the_analysis_is_flagged(text):
+    assert checks.fragment(text)
+
+
+@pytest.mark.parametrize("instruction,answer", SCRIPT_SWITCHES)
+def test_a_switch_into_a_script_nobody_asked_for_is_flagged(instruction, answer):
+    assert "Han script" in checks.foreign_script(answer, instruction)
+
+
+@pytest.mark.parametrize("instruction,answer", CLEAN)
+def test_clean_answers_in_every_form_are_never_flagged(instruction, answer):
+    assert checks.review(answer, instruction) is None
+    assert checks.foreign_script(answer, instruction) is None
+    assert checks.degenerate(answer) is None
+    assert checks.bounded(answer, len(answer) + 40) is None
+
+
+@pytest.mark.parametrize("instruction", CLEAN_INSTRUCTIONS)
+def test_clean_instructions_are_never_flagged(instruction):
+    assert checks.fragment(instruction) is None
+
+
+def test_a_field_at_its_bound_is_cut():
+    assert "closed it" in checks.bounded("x" * 100, 100) and checks.bounded("x" * 90, 100) is None
+    assert checks.bounded("x" * 100, None) is None
+
+
+def test_each_check_gives_the_variant_its_own_status():
+    base = {"sample_id": "s", "source_index": 0, "instruction": "What is photosynthesis?", "input": "",
+            "output": "Plants make food from light."}
+    texts = {
+        "review": "Weak.\n[Better Answer] The given answer is correct but could be improved. Here's a revised "
+                  "version: plants use light. [End]",
+        "script": "Short.\n[Better Answer] Plants turn light into sugar,它 stores energy. [End]",
+        "degenerate": "Fine.\n[Better Answer] Plants make food from light. [End]",
+        "ok": "Short.\n[Better Answer] Photosynthesis is how plants turn light, water and carbon dioxide into "
+              "sugar and oxygen. [End]",
+    }
+    for status, text in texts.items():
+        parsed = parsing.parse(text, ("better_answer",))
+        screen("res", base, parsed, {})
+        row = _finish(_Job(dict(base), "res", [text]), parsed, "t")
+        assert row["parse_status"] == status, (status, row["parse_detail"])
+        assert (row["output"] == base["output"]) == (status != "ok")
+    # an instruction reflection whose new instruction is a fragment falls back whole
+    text = ("[New Instruction] should be more specific.\n2. **Level of Detail Required**: more [End]\n"
+            "[New Answer] Photosynthesis has two stages: the light reactions and the Calvin cycle. [End]")
+    parsed = parsing.parse(text, ("new_instruction", "new_answer"))
+    screen("ins", base, parsed, {})
+    row = _finish(_Job(dict(base), "ins", [text]), parsed, "t")
+    assert row["parse_status"] == "fragment" and row["instruction"] == base["instruction"]
+    assert row["output"] == base["output"] and "dropped with the unusable new instruction" in row["parse_detail"]
+
+
+def test_the_filter_agrees_with_hand_labels_on_real_teacher_text():
+    """Rewrites the packaged teachers wrote for the bundled sample, each labelled by hand
+    (usable for training or not, and why) without looking at the filter's verdict."""
+    rows = [json.loads(line) for line in LABELLED.read_text().splitlines() if line.strip()]
+    assert len(rows) >= 50
+    confusion = {(True, True): 0, (True, False): 0, (False, True): 0, (False, False): 0}
+    for r in rows:
+        confusion[(r["usable"], r["filter"] == "ok")] += 1
+    # the filter passes what a person would train on, and stops what a person would not
+    tp, fn = confusion[(True, True)], confusion[(True, False)]
+    fp, tn = confusion[(False, True)], confusion[(False, False)]
+    assert tp + fn and fp + tn, confusion  # both kinds occur: the check can fail
+    assert tp / (tp + fp) >= 0.9, confusion  # precision of "ok"
+    assert tn / (tn + fn) >= 0.8, confusion
