@@ -163,8 +163,9 @@ def _parse_rates(parse_status: dict[str, dict[str, int]]) -> list[str]:
              + " |" for variant, counts in parse_status.items()]
     if not lines:
         return []
-    return ["## Teacher parse rates", "", f"| variant | {' | '.join(PARSE_STATUSES)} |",
-            "|---" * (len(PARSE_STATUSES) + 1) + "|", *lines, ""]
+    return ["## Teacher rewrites", "", "Usable (`ok`: every field parsed and passed the content checks) or fallen "
+            "back to the original pair, by reason (docs/method.md, *Parsing*): only usable rewrites can be selected.",
+            "", f"| variant | {' | '.join(PARSE_STATUSES)} |", "|---" * (len(PARSE_STATUSES) + 1) + "|", *lines, ""]
 
 
 def _score_rows(decisions: pl.DataFrame) -> list[str]:

@@ -106,10 +106,8 @@ def lines(manifest: dict[str, Any]) -> list[str]:
         spend = manifest.get("teacher_spend")
         if spend:
             out.append(spend_line(spend))
-    for variant, statuses in c.get("parse_status", {}).items():
-        total = sum(statuses.values()) or 1
-        out.append(f"teacher parse status, {variant}: " + ", ".join(
-            f"{s} {n}/{total} ({n / total:.0%})" for s, n in statuses.items()))
+    out += usable_lines(c.get("parse_status", {}), sum(rewrites.values()), c["selected_rows"],
+                        c.get("selected_rewrites_usable"))
     t = manifest.get("training", {})
     out.append(f"training: {t['rows']} rows, {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}"
                + (f", by epoch {' -> '.join(f'{x:.3f}' for x in t['epoch_losses'])}" if t.get("epoch_losses") else "")
@@ -125,6 +123,30 @@ def lines(manifest: dict[str, Any]) -> list[str]:
         out.append(f"evaluation: {ev.get('reason', 'not run')}")
     if manifest.get("report"):
         out.append(f"report: {manifest['report']}")
+    return out
+
+
+def usable_lines(parse_status: dict[str, dict[str, int]], rewrites: int, selected: int,
+                 selected_usable: int | None) -> list[str]:
+    """What the teacher's rewrites were worth, per variant: usable (its parse status ok, every
+    content check passed) or fallen back to the original with each reason; then the usable rate
+    of everything generated and the rewrites' share of the selection. Nothing where no teacher
+    ran."""
+    if not parse_status:
+        return []
+    out = []
+    for variant, statuses in parse_status.items():
+        total = sum(statuses.values()) or 1
+        usable = statuses.get("ok", 0)
+        reasons = ", ".join(f"{s} {n}" for s, n in statuses.items() if s != "ok")
+        out.append(f"teacher rewrites, {variant}: usable {usable}/{total} ({usable / total:.0%})"
+                   + (f"; fell back to the original: {reasons}" if reasons else ""))
+    generated = sum(sum(s.values()) for s in parse_status.values()) or 1
+    usable = sum(s.get("ok", 0) for s in parse_status.values())
+    share = f"{rewrites / selected:.0%}" if selected else "none"
+    checked = f", {selected_usable} of them usable" if selected_usable is not None else ""
+    out.append(f"usable rewrites: {usable}/{generated} generated ({usable / generated:.0%}); the selection is "
+               f"{share} rewrites ({rewrites} of {selected}{checked})")
     return out
 
 

@@ -202,7 +202,7 @@ def _run(jobs: list[_Job], teacher: TeacherEngine, sampling: Sampling, retry: Sa
             job.completion_tokens += gen.completion_tokens
             parsed = _parse(job, gen)
             screen(job.variant, job.base, parsed,
-                   formats.bounds(wanted[k]) if wanted is not None and gen.constrained == "regex" else {})
+                   formats.bounds(wanted[k]) if wanted is not None and gen.constrained in ("regex", "json_schema") else {})
             last = attempt == 1
             if not _usable(job, parsed) and not last:
                 failed.append(job)

@@ -45,10 +45,11 @@ def render(decisions: pl.DataFrame, manifest: dict[str, Any], evaluation: dict[s
         "<h2>IFD against r-IFD</h2><p>Dashed lines: the selection thresholds (a kept pair has IFD &lt; 1 and "
         "r-IFD &lt; 1). Values above 2 are drawn at the edge.</p>", _scatter(decisions),
         "<h2>Selection branches</h2>", _branches(manifest["counts"].get("per_branch", {})),
-        "<h2>Teacher parsing</h2>", _parse_table(manifest["counts"].get("parse_status", {})),
+        "<h2>Teacher rewrites: usable or fallen back</h2>", _parse_table(manifest["counts"].get("parse_status", {})),
         "<h2>Token usage and cost</h2>", _usage(usage, manifest.get("teacher_spend"), price_in, price_out),
         "<h2>Most and least helpful rewrites</h2><p>IFD change of the instruction-and-response rewrite "
-        "(ins_res) against the original: a higher IFD means the student finds the pair more instructive.</p>",
+        "(ins_res) against the original, among the usable rewrites: a higher IFD means the student finds the "
+        "pair more instructive.</p>",
         _rewrites(decisions),
     ]
     if evaluation:
@@ -153,15 +154,19 @@ def _branches(per_branch: dict[str, int]) -> str:
 
 
 def _parse_table(parse_status: dict[str, dict[str, int]]) -> str:
-    """The run's parse-status counts per variant; no rows where no teacher ran (cherry, superfilter)."""
+    """Per variant: the usable rewrites and those that fell back to the original pair, by
+    reason; no rows where no teacher ran (cherry, superfilter)."""
     rows = []
     for variant, counts in parse_status.items():
         n = sum(counts.values())
-        fallback = counts.get("fallback", 0)
-        failed = n - fallback - counts.get("ok", 0)
-        detail = ", ".join(f"{_e(k)} {v}" for k, v in sorted(counts.items()))
-        rows.append(f"<tr><td>{variant}</td><td>{fallback / n:.0%}</td><td>{failed / n:.0%}</td><td>{detail}</td></tr>")
-    return ("<table><tr><th>variant</th><th>fallback to the original</th><th>other non-ok</th><th>parse status</th></tr>"
+        usable = counts.get("ok", 0)
+        reasons = ", ".join(f"{_e(k)} {v}" for k, v in counts.items() if k != "ok") or "none"
+        rows.append(f"<tr><td>{variant}</td><td>{usable / n:.0%} ({usable}/{n})</td><td>{(n - usable) / n:.0%}</td>"
+                    f"<td>{reasons}</td></tr>")
+    return ("<p>A rewrite is usable when every field parsed and passed the content checks (not cut, not a loop or "
+            "a copy, not a review of the old answer, not a fragment of the analysis, in the pair's script); the "
+            "rest fell back to the original pair and cannot be selected.</p>"
+            "<table><tr><th>variant</th><th>usable</th><th>fell back to the original</th><th>why</th></tr>"
             + "".join(rows) + "</table>")
 
 
@@ -196,10 +201,13 @@ def _rewrites(decisions: pl.DataFrame, k: int = 5) -> str:
     needed = {"orig_ifd_ppl", "ins_res_ifd_ppl"}
     if not needed <= set(decisions.columns):
         return "<p>No rewrites scored.</p>"
-    scored = decisions.filter(pl.col("orig_ifd_ppl").is_finite() & pl.col("ins_res_ifd_ppl").is_finite()).with_columns(
-        change=pl.col("ins_res_ifd_ppl") - pl.col("orig_ifd_ppl")).sort("change", descending=True)
+    # a rewrite that fell back is the original pair again: only usable ones are shown
+    usable = pl.col("ins_res_parse_status") == "ok" if "ins_res_parse_status" in decisions.columns else pl.lit(True)
+    scored = decisions.filter(pl.col("orig_ifd_ppl").is_finite() & pl.col("ins_res_ifd_ppl").is_finite() & usable
+                              ).with_columns(change=pl.col("ins_res_ifd_ppl") - pl.col("orig_ifd_ppl")
+                                             ).sort("change", descending=True)
     if not scored.height:
-        return "<p>No sample has both scores.</p>"
+        return "<p>No usable rewrite has both scores.</p>"
 
     def table(rows: pl.DataFrame, title: str) -> str:
         body = "".join(

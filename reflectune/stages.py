@@ -297,6 +297,7 @@ def select_and_write(params: RecycleParams, score_uris: list[str], intake_summar
         "per_branch": dict(sorted(per_branch.items())),
         "per_variant": {v: int(n) for v, n in selected.group_by("variant").len().iter_rows()},
         "parse_status": parse_status(decisions),
+        "selected_rewrites_usable": usable_rewrites(decisions),
     }
 
 
@@ -309,6 +310,13 @@ def parse_status(decisions: pl.DataFrame) -> dict[str, dict[str, int]]:
         if counts:
             out[variant] = {s: int(counts[s]) for s in PARSE_STATUSES if s in counts}
     return out
+
+
+def usable_rewrites(decisions: pl.DataFrame) -> int:
+    """Selected samples whose chosen variant is a usable rewrite (parse status ok): the summary
+    holds it against the rewrites selected, so a fallen-back variant in the selection shows."""
+    chosen = decisions.filter(pl.col("selected") & (pl.col("chosen") != "orig"))
+    return sum(row[f"{row['chosen']}_parse_status"] == "ok" for row in chosen.iter_rows(named=True))
 
 
 def _hash(obj: Any) -> str:

@@ -26,6 +26,8 @@ os.environ.pop("PREFECT_API_URL", None)
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "examples" / "sample.jsonl"
 MODEL = "packaged:smollm2-135m-instruct"
+# the teacher wrote the form, whatever its content: every parse status but a missing form
+WELL_FORMED = ["ok", "cut", "degenerate", "fragment", "review", "script"]
 
 
 # A test that starts a server or a vLLM engine is slow, and so is one marked by hand (training,

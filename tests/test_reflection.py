@@ -7,6 +7,8 @@ from reflectune import prompts
 from reflectune.records import PARSE_STATUSES, VARIANT, check_columns
 from reflectune.reflection import Sampling, reflect
 
+from .conftest import WELL_FORMED
+
 
 def test_prompts_cover_the_criteria_and_markers():
     ins = prompts.instruction_reflection("Name a fruit.", "", "Apple.")
@@ -137,8 +139,6 @@ def test_the_reference_post_processing_keeps_a_cut_answer():
     assert row["output"] == "An apple is a round fruit that" and row["parse_status"] == "partial"
 
 
-# the form was there, whatever its content: every status but a missing form
-WELL_FORMED = [s for s in PARSE_STATUSES if s not in ("fallback", "partial")]
 
 
 @pytest.mark.slow  # generates for about 15 s

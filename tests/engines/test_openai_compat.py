@@ -13,11 +13,10 @@ from reflectune.engines.openai_compat import OpenAITeacher, TeacherFatalError
 from reflectune.records import VARIANT, check_columns
 from reflectune.reflection import Sampling, reflect
 
-from ..conftest import ROOT, SAMPLE
+from ..conftest import ROOT, SAMPLE, WELL_FORMED
 from ..fault_proxy import FaultProxy
 
 SECRET = "sk-test-0123456789abcdef-never-print-me"
-WELL_FORMED = ["ok", "degenerate"]
 
 
 @pytest.fixture()

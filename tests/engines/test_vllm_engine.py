@@ -11,7 +11,7 @@ from reflectune import intake
 from reflectune.reflection import Sampling, reflect
 from reflectune.scoring import score_rows
 
-from ..conftest import MODEL, ROOT, SAMPLE
+from ..conftest import MODEL, ROOT, SAMPLE, WELL_FORMED
 from ..stats import median_relative_difference, spearman
 
 
@@ -82,7 +82,7 @@ def test_teacher_generation(vllm_engine):
     assert variants["teacher"][0].startswith("vllm:packaged:smollm2-135m-instruct@")
     # structured outputs hold the form: analysis, then closed fields
     assert all(how == "regex" for attempts in variants["constrained"] for how in attempts)
-    assert variants["parse_status"].is_in(["ok", "degenerate"]).mean() >= 0.85, variants["parse_status"].to_list()
+    assert variants["parse_status"].is_in(WELL_FORMED).mean() >= 0.85, variants["parse_status"].to_list()
     # all of a phase's requests go to the engine at once: 2 phases, each with at most one retry
     assert vllm_engine.calls - calls <= 4
     # progress arrives per finished generation, with its new tokens

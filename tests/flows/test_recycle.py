@@ -208,7 +208,7 @@ def check_report_in_chromium(report, evaluated: bool) -> None:
             assert len(image.getcolors(1 << 20) or []) > 3, f"plot {i} is blank"
         text = page.inner_text("body")
         browser.close()
-    for heading in ("IFD per variant", "IFD against r-IFD", "Selection branches", "Teacher parsing",
+    for heading in ("IFD per variant", "IFD against r-IFD", "Selection branches", "Teacher rewrites: usable or fallen back",
                     "Token usage and cost", "Most helpful", "Least helpful"):
         assert heading in text
     assert ("Evaluation" in text) == evaluated
