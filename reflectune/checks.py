@@ -2,8 +2,8 @@
 
 A constraint guarantees the form (analysis, then the marked fields), not the content. A small
 teacher that is still reviewing when the form opens the answer field goes on reviewing inside
-it; a field closed by the form's length bound ends mid-word; a sampler pushed off its language
-drifts into another script mid-sentence; a new instruction can be a piece of the analysis.
+it; a field the token limit closed ends mid-word; a model pushed off its language drifts into
+another script mid-sentence; a new instruction can be a piece of the analysis.
 Each check takes the field's text and the pair it was written for and returns why the field
 is unusable, or None. The reasons name the evidence, so a reader of `parse_detail` can see it.
 
@@ -175,19 +175,6 @@ def foreign_script(field: str, *context: str) -> str | None:
     script = sorted(extra)[0]
     at = next(i for i, ch in enumerate(field) if _script(ch) == script)
     return f"switches into {script.title()} script ({_quote(field[max(0, at - 24) : at + 8])})"
-
-
-# -- a field its bound closed ----------------------------------------------------------------
-
-# a field this close to its bound in characters was closed by the bound, not by the writer
-BOUND_MARGIN = 2
-
-
-def bounded(value: str, bound: int | None) -> str | None:
-    """Why a field ended at the form's length bound (the grammar closed it), or None."""
-    if bound is not None and len(value) >= bound - BOUND_MARGIN:
-        return f"cut: the form's bound of {bound} characters closed it ({_quote(value[-30:])})"
-    return None
 
 
 def _quote(text: str) -> str:

@@ -1,17 +1,26 @@
 """Output formats the teacher and the judge must follow, as constraints an engine can enforce
-at decode time, and the checks a grammar cannot make.
+at decode time.
 
-A teacher answer is a bounded free-text analysis followed by the marked fields:
+A teacher answer is an analysis followed by the marked fields:
 
-    <analysis> [New Instruction] <text> [End]
+    <analysis>
+    [New Instruction] <text> [End]
     [New Answer] <text> [End]
 
-or `<analysis> [Better Answer] <text> [End]`. The constraint is a regular expression (vLLM's
+or `<analysis>\n[Better Answer] <text> [End]`. The constraint is a regular expression (vLLM's
 structured outputs, xgrammar in transformers) or, for servers that take only JSON schemas,
-an object with the same fields. Lengths are bounded in characters, sized from the token
-budget so the closing markers always fit: the analysis can never crowd the fields out.
-Fields cannot contain "[" under a constraint: a richer character class that admits "[" not
-followed by "End]" made xgrammar's matcher about 30x slower per token on CPU.
+an object with the same fields.
+
+The analysis is bounded in words, between ANALYSIS_MIN_WORDS and a share of the token budget:
+it must be written (a small teacher that skips it goes on to review the old answer inside the
+answer field) and must end in time to leave the answer the rest of the budget. The fields are
+not bounded: a bound in characters closes a field mid-word, and near it only one-character
+tokens fit, which is where a small model drifts into CJK characters. A field the token limit
+cuts is found by the parser and falls back (reflectune.checks). Bounded repetitions of
+characters also cost xgrammar seconds to compile on CPU (over vLLM's 5 s timeout on a busy
+2-core machine), repetitions of words and unbounded fields a tenth of a second. Fields cannot
+contain "[" under a constraint: a richer character class that admits "[" not followed by
+"End]" made xgrammar's matcher about 30x slower per token on CPU.
 
 A grammar guarantees the form, not the content: reflectune.checks makes the checks it cannot.
 """
@@ -23,10 +32,14 @@ from dataclasses import dataclass
 
 from reflectune.variants import REFLECTIONS
 
-# Characters per token assumed when sizing fields from a token budget: English prose runs at
+# Characters per token assumed when sizing text from a token budget: English prose runs at
 # about 4; 3.5 leaves room for code and numbers.
 CHARS_PER_TOKEN = 3.5
-FIELD_TEXT = r"[^\[\s][^\[]{0,%d}"
+# Words per token of English prose (about 0.75), for the analysis's bound in words.
+WORDS_PER_TOKEN = 0.75
+ANALYSIS_MIN_WORDS = 10
+FIELD_TEXT = r"[^\[\s][^\[]*"
+WORD = r"[^\[\s]+\s+"
 
 
 @dataclass(frozen=True)
@@ -45,38 +58,30 @@ class OutputFormat:
 
 
 MARKERS = {"new_instruction": "New Instruction", "new_answer": "New Answer", "better_answer": "Better Answer"}
-# share of the character budget: (analysis, each field in order)
-SHARES = {"ins": (0.25, (0.2, 0.5)), "res": (0.3, (0.65,))}
+# the analysis's share of the token budget: the fields have the rest
+ANALYSIS_SHARE = {"ins": 0.3, "res": 0.3}
 FIELDS = REFLECTIONS
 
 
 def teacher_format(kind: str, max_new_tokens: int) -> OutputFormat:
     """The format of an instruction reflection (`ins`) or a response reflection (`res`, also
-    used for `ins_res`) that fits within `max_new_tokens`."""
-    budget = int(CHARS_PER_TOKEN * max_new_tokens)
-    analysis_share, field_shares = SHARES[kind]
-    analysis = max(0, int(analysis_share * budget))
-    sizes = [max(1, int(share * budget)) for share in field_shares]
+    used for `ins_res`) for a request of `max_new_tokens`."""
+    words = max(ANALYSIS_MIN_WORDS, int(ANALYSIS_SHARE[kind] * max_new_tokens * WORDS_PER_TOKEN))
     fields = FIELDS[kind]
-    regex = r"[^\[]{0,%d}" % analysis
-    for i, (name, size) in enumerate(zip(fields, sizes)):
-        regex += (r"\n" if i else "") + r"\[%s\] " % MARKERS[name] + FIELD_TEXT % (size - 1) + r" ?\[End\]"
+    regex = r"(?:%s){%d,%d}" % (WORD, ANALYSIS_MIN_WORDS, words)
+    for i, name in enumerate(fields):
+        regex += (r"\n" if i else "") + r"\[%s\] " % MARKERS[name] + FIELD_TEXT + r" ?\[End\]"
+    # a JSON server bounds the analysis in characters: words of prose at the token's characters
+    chars = int(words / WORDS_PER_TOKEN * CHARS_PER_TOKEN)
     schema = {"type": "object", "additionalProperties": False, "required": ["analysis", *fields],
-              "properties": {"analysis": {"type": "string", "maxLength": analysis},
-                             **{name: {"type": "string", "minLength": 1, "maxLength": size}
-                                for name, size in zip(fields, sizes)}}}
+              "properties": {"analysis": {"type": "string", "minLength": 1, "maxLength": chars},
+                             **{name: {"type": "string", "minLength": 1} for name in fields}}}
     return OutputFormat(f"reflection_{kind}", regex, schema, fields)
-
-
-def bounds(fmt: OutputFormat) -> dict[str, int]:
-    """Each field's length bound in characters: a field this long was closed by the form."""
-    props = fmt.json_schema["properties"]
-    return {name: props[name]["maxLength"] for name in fmt.fields}
 
 
 def fit(fmt: OutputFormat | None, max_new_tokens: int) -> OutputFormat | None:
     """`fmt` resized for a request whose budget the engine had to lower (a long prompt
-    leaves less of the context): the fields must still close within it."""
+    leaves less of the context): the analysis must still leave the fields room."""
     if fmt is None or not fmt.name.startswith("reflection_"):
         return fmt
     return teacher_format(fmt.name.removeprefix("reflection_"), max_new_tokens)

@@ -5,7 +5,7 @@ the original (res) together; phase 2 asks for the response reflection of each ne
 (ins_res). Where the engine can, the output format is enforced at decode time
 (reflectune.formats); the lineage records, per attempt, whether it was. Every parsed field is
 then screened for what a form cannot guarantee (`screen`, reflectune.checks): a field cut by
-the token limit or closed by the form's length bound, a loop or a copy, a new instruction that
+the token limit, a loop or a copy, a new instruction that
 is a piece of the analysis, an answer that reviews an answer, a switch into a script nobody
 asked for. A variant is usable (`ok`) only when every one of its fields passes; otherwise it
 gets one more try with different sampling (the reference retries only rows where nothing
@@ -195,14 +195,13 @@ def _run(jobs: list[_Job], teacher: TeacherEngine, sampling: Sampling, retry: Sa
                       for job in pending]
         generations = teacher.generate(chats, params, progress, wanted)
         failed = []
-        for k, (job, gen) in enumerate(zip(pending, generations)):
+        for job, gen in zip(pending, generations):
             job.raw.append(gen.text if gen.error is None else f"[request failed: {gen.error}]")
             job.constrained.append(gen.constrained)
             job.prompt_tokens += gen.prompt_tokens
             job.completion_tokens += gen.completion_tokens
             parsed = _parse(job, gen)
-            screen(job.variant, job.base, parsed,
-                   formats.bounds(wanted[k]) if wanted is not None and gen.constrained in ("regex", "json_schema") else {})
+            screen(job.variant, job.base, parsed)
             last = attempt == 1
             if not _usable(job, parsed) and not last:
                 failed.append(job)
@@ -221,9 +220,9 @@ def _usable(job: _Job, parsed: parsing.Parsed) -> bool:
 CHECKS = ("cut", "degenerate", "fragment", "review", "script")
 
 
-def screen(variant: str, base: dict[str, str], parsed: parsing.Parsed, bounds: dict[str, int]) -> None:
+def screen(variant: str, base: dict[str, str], parsed: parsing.Parsed) -> None:
     """Make unusable the parsed fields whose content is not what the field promises
-    (reflectune.checks): cut by the token limit or closed by the form's length bound, a copy of
+    (reflectune.checks): cut by the token limit, a copy of
     the text it replaces, a new instruction that is a piece of the analysis, an answer that
     reviews an answer, letters of a script the pair neither has nor asks for. Each such field
     gets its parse status in `parsed.flags`. A variant stands on all of its fields: when one is
@@ -235,8 +234,7 @@ def screen(variant: str, base: dict[str, str], parsed: parsing.Parsed, bounds: d
         if name not in fields:
             continue
         value = fields[name]
-        bound = checks.bounded(value, bounds.get(name))
-        found = [("cut", "cut off at the token limit" if name in parsed.cut else bound)]
+        found = [("cut", "cut off at the token limit" if name in parsed.cut else None)]
         replaces = base["instruction"] if name == "new_instruction" else base["output"]
         found.append(("degenerate", "repeats the original unchanged" if _same(value, replaces) else None))
         if name == "new_instruction":

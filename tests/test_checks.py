@@ -97,17 +97,11 @@ def test_clean_answers_in_every_form_are_never_flagged(instruction, answer):
     assert checks.review(answer, instruction) is None
     assert checks.foreign_script(answer, instruction) is None
     assert checks.degenerate(answer) is None
-    assert checks.bounded(answer, len(answer) + 40) is None
 
 
 @pytest.mark.parametrize("instruction", CLEAN_INSTRUCTIONS)
 def test_clean_instructions_are_never_flagged(instruction):
     assert checks.fragment(instruction) is None
-
-
-def test_a_field_at_its_bound_is_cut():
-    assert "closed it" in checks.bounded("x" * 100, 100) and checks.bounded("x" * 90, 100) is None
-    assert checks.bounded("x" * 100, None) is None
 
 
 def test_each_check_gives_the_variant_its_own_status():
@@ -123,7 +117,7 @@ def test_each_check_gives_the_variant_its_own_status():
     }
     for status, text in texts.items():
         parsed = parsing.parse(text, ("better_answer",))
-        screen("res", base, parsed, {})
+        screen("res", base, parsed)
         row = _finish(_Job(dict(base), "res", [text]), parsed, "t")
         assert row["parse_status"] == status, (status, row["parse_detail"])
         assert (row["output"] == base["output"]) == (status != "ok")
@@ -131,7 +125,7 @@ def test_each_check_gives_the_variant_its_own_status():
     text = ("[New Instruction] should be more specific.\n2. **Level of Detail Required**: more [End]\n"
             "[New Answer] Photosynthesis has two stages: the light reactions and the Calvin cycle. [End]")
     parsed = parsing.parse(text, ("new_instruction", "new_answer"))
-    screen("ins", base, parsed, {})
+    screen("ins", base, parsed)
     row = _finish(_Job(dict(base), "ins", [text]), parsed, "t")
     assert row["parse_status"] == "fragment" and row["instruction"] == base["instruction"]
     assert row["output"] == base["output"] and "dropped with the unusable new instruction" in row["parse_detail"]

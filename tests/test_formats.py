@@ -9,35 +9,36 @@ import pytest
 from reflectune import checks, formats
 from reflectune.parsing import parse
 
-INS = ("Vague: it names a topic and asks for nothing.\n[New Instruction] Compare two sorting algorithms by "
+INS = ("Vague: it names a topic and asks for nothing, so the answer cannot show any depth.\n[New Instruction] Compare two sorting algorithms by "
        "their time and memory. [End]\n[New Answer] Merge sort takes O(n log n) time and O(n) memory. [End]")
-RES = "The answer is too short.\n[Better Answer] Paris is the capital of France. [End]"
+RES = "The answer is too short: it names the city and says nothing more.\n[Better Answer] Paris is the capital of France. [End]"
 
 
 def test_teacher_regexes_admit_the_form_and_nothing_else():
     ins, res = formats.teacher_format("ins", 256), formats.teacher_format("res", 256)
     assert re.fullmatch(ins.regex, INS) and re.fullmatch(res.regex, RES)
     assert not re.fullmatch(res.regex, "[Better Answer]  [End]")  # an empty field
-    assert not re.fullmatch(res.regex, "Analysis.\n[Better Answer] unfinished")  # not closed
+    assert not re.fullmatch(res.regex, "The answer is far too short for the question.\n[Better Answer] unfinished")
     assert not re.fullmatch(ins.regex, INS.replace("[New Answer]", "[Better Answer]"))
-    assert not re.fullmatch(res.regex, "x" * 300 + "[Better Answer] y [End]")  # analysis over 30% of 3.5 x 256 chars
 
 
 @pytest.mark.parametrize("kind,tokens", [("ins", 64), ("ins", 1024), ("res", 256)])
-def test_the_fields_fit_the_token_budget(kind, tokens):
-    """The longest text the regex admits is within 3.5 characters a token of the budget (plus
-    the markers), so at about 4 characters a token of prose the closing [End] always fits."""
+def test_the_analysis_must_be_written_and_must_leave_the_fields_room(kind, tokens):
+    """A small teacher that skips the analysis reviews the old answer inside the answer field:
+    the analysis takes at least ANALYSIS_MIN_WORDS words, and at most its share of the budget,
+    so the fields (not bounded: the token limit cuts them, and a cut field falls back) have the
+    rest."""
     fmt = formats.teacher_format(kind, tokens)
-    analysis, *fields = [int(n) for n in re.findall(r"\{0,(\d+)\}", fmt.regex)]
-    markers = {"ins": ("[New Instruction] ", " [End]\n[New Answer] ", " [End]"),
-               "res": ("[Better Answer] ", " [End]")}[kind]
-    longest = "a" * analysis + markers[0]
-    for field, closing in zip(fields, markers[1:]):
-        longest += "b" * (field + 1) + closing
-    assert re.fullmatch(fmt.regex, longest)
-    assert not re.fullmatch(fmt.regex, "a" + longest)
-    assert formats.CHARS_PER_TOKEN == 3.5
-    assert len(longest) - sum(map(len, markers)) <= 0.96 * 3.5 * tokens
+    most = int(formats.ANALYSIS_SHARE[kind] * tokens * formats.WORDS_PER_TOKEN)
+    fields = {"ins": "\n[New Instruction] Do it. [End]\n[New Answer] " + "b " * 500 + "[End]",
+              "res": "\n[Better Answer] " + "b " * 500 + "[End]"}[kind]
+    for words in (formats.ANALYSIS_MIN_WORDS, max(most, formats.ANALYSIS_MIN_WORDS)):
+        assert re.fullmatch(fmt.regex, " ".join(["weak"] * words) + fields), words
+    assert not re.fullmatch(fmt.regex, fields.lstrip())  # no analysis
+    assert not re.fullmatch(fmt.regex, " ".join(["weak"] * (formats.ANALYSIS_MIN_WORDS - 1)) + fields)
+    assert not re.fullmatch(fmt.regex, " ".join(["weak"] * (max(most, formats.ANALYSIS_MIN_WORDS) + 1)) + fields)
+    # at about 1.3 tokens a word the longest analysis leaves the fields over half the budget
+    assert max(most, formats.ANALYSIS_MIN_WORDS) * 1.3 <= 0.5 * tokens or tokens < 100
 
 
 def test_the_judge_regex_puts_two_scores_first():

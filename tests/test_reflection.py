@@ -85,14 +85,14 @@ BASE = {"sample_id": "s1", "source_index": 0, "instruction": "Name a fruit.", "i
         "output": "Apple."}
 
 
-def _variant(variant, text, cut_off=False, bounds=None):
+def _variant(variant, text, cut_off=False):
     """A variant row from a teacher text, through the same parse, screen and finish as reflect."""
     from reflectune import parsing
     from reflectune.reflection import _finish, _Job, screen
 
     wanted = ("new_instruction", "new_answer") if variant == "ins" else ("better_answer",)
     parsed = parsing.parse(text, wanted, cut_off=cut_off)
-    screen(variant, BASE, parsed, bounds or {})
+    screen(variant, BASE, parsed)
     return _finish(_Job(dict(BASE), variant, [text]), parsed, "t")
 
 
@@ -109,7 +109,7 @@ def test_an_ins_variant_without_a_usable_answer_is_the_original_pair():
     assert looped["instruction"] == "Name a fruit." and looped["parse_status"] == "degenerate"
 
 
-def test_an_answer_cut_off_by_the_limit_or_closed_by_the_bound_is_cut_and_falls_back():
+def test_an_answer_cut_off_by_the_limit_is_cut_and_falls_back():
     row = _variant("ins", "[New Instruction] Compare three fruits. [End]\n[New Answer] Apples have vitamin C, bananas",
                    cut_off=True)
     # the variant stands on both fields: it falls back whole, its status the reason
@@ -118,12 +118,6 @@ def test_an_answer_cut_off_by_the_limit_or_closed_by_the_bound_is_cut_and_falls_
     assert "new_instruction: dropped with the unusable new answer" in row["parse_detail"]
     res = _variant("res", "Too short.\n[Better Answer] An apple is a round fruit that", cut_off=True)
     assert res["output"] == "Apple." and res["parse_status"] == "cut"
-    # the grammar closed the field at its bound: the demo's "... understanding of the salm"
-    text = "A better answer would explain the mechanism and give the reader an understanding of the salm"
-    bounded = _variant("res", f"Too short.\n[Better Answer] {text} [End]", bounds={"better_answer": len(text)})
-    assert bounded["parse_status"] == "cut" and "closed it" in bounded["parse_detail"] and bounded["output"] == "Apple."
-    room = _variant("res", f"Too short.\n[Better Answer] {text}. [End]", bounds={"better_answer": len(text) + 40})
-    assert room["parse_status"] == "ok"
     whole = _variant("res", "Too short.\n[Better Answer] An apple is a round fruit. [End]")
     assert whole["parse_status"] == "ok" and whole["parse_detail"] is None
 
@@ -153,14 +147,13 @@ def test_constrained_generation_with_transformers(teacher, reflection_records):
 
 
 def _first_fields(row, base, cut_off):
-    """Whether the row's first attempt was usable, read again through parse and screen (the
-    bounds are not recorded: the content checks alone)."""
+    """Whether the row's first attempt was usable, read again through parse and screen."""
     from reflectune.parsing import parse
     from reflectune.reflection import screen
 
     wanted = ("new_instruction", "new_answer") if row["variant"] == "ins" else ("better_answer",)
     parsed = parse(row["raw_text"][0], wanted, cut_off=cut_off)
-    screen(row["variant"], base, parsed, {})
+    screen(row["variant"], base, parsed)
     return set(wanted) <= set(parsed.fields)
 
 
