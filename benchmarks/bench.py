@@ -361,8 +361,112 @@ def bench_copies(n: int) -> None:
     print(f"scored once {once:.1f} s, every copy {each:.1f} s: {each / once:.2f}x less work   (up to 4x)")
 
 
+# The independent measure of a rewrite: a question worded apart from the filter's checks (it
+# shares no code with reflectune.checks), put to a judge model under a Yes/No constraint.
+USABLE_QUESTION = (
+    "You check training data for a chat assistant. Below is a user's request and the reply that would be used "
+    "to train the assistant.\n\n[Request]\n{instruction}\n\n[Reply]\n{output}\n\n"
+    "Would you train an assistant on this reply as it stands? Say No if the reply comments on or grades some "
+    "other answer instead of simply answering, if it stops in the middle of a sentence, if it suddenly changes "
+    "language without being asked to, or if the request is not a real request. Otherwise say Yes. Answer with "
+    "one word: Yes or No.")
+
+
+def _judge_usable(engine, rows: list[dict[str, str]]) -> list[bool]:
+    from reflectune.formats import OutputFormat
+    from reflectune.reflection import Sampling
+
+    yes_no = OutputFormat("verdict", "(Yes|No)", {"type": "string", "enum": ["Yes", "No"]}, ())
+    chats = [[{"role": "user", "content": USABLE_QUESTION.format(
+        instruction=(r["instruction"] + ("\n" + r["input"] if r.get("input") else ""))[:2000],
+        output=r["output"][:4000])}] for r in rows]
+    gens = engine.generate(chats, Sampling(max_new_tokens=2, constrained="on"), formats=[yes_no] * len(chats))
+    return [g.text.strip().startswith("Yes") for g in gens]
+
+
+def bench_quality(n: int) -> None:
+    """What a run hands to training, on Alpaca pairs the demo never sees: for each packaged
+    teacher at the demo's settings (vLLM, constrained, 256 new tokens), the recycle flow's
+    rewrites by parse status (usable or the reason they fell back), the selection's share of
+    rewrites, and how much of the selection an independent judge (the 1.5B model asked a
+    question worded apart from the filter) would train on. Then the filter and the judge
+    against the hand labels in tests/data/labelled_rewrites.jsonl (precision and recall)."""
+    import tempfile
+
+    import polars as pl
+
+    from reflectune.config import RecycleParams
+    from reflectune.engines.vllm_engine import VLLMEngine
+    from reflectune.flows.recycle import recycle
+    from reflectune.packaged import PACKAGED, part_paths
+
+    start_at = int(os.environ.get("BENCH_QUALITY_START", "1000"))  # the demo uses examples/sample.jsonl only
+    rows = json.loads(ALPACA.read_text())[start_at : start_at + n] if ALPACA.exists() else []
+    if not rows:
+        print("\n== quality: the Alpaca benchmark file is absent; skipped")
+        return
+    tokens = int(os.environ.get("BENCH_QUALITY_TOKENS", "256"))
+    judge_spec = os.environ.get("BENCH_JUDGE", "packaged:qwen2.5-coder-1.5b-instruct")
+    wanted = [m for m in os.environ.get("BENCH_TEACHERS", ",".join(PACKAGED)).split(",") if m]
+    print(f"\n== quality: {len(rows)} Alpaca pairs (from row {start_at}), each packaged teacher on vLLM, constrained, "
+          f"{tokens} new tokens, the released rule; judge {judge_spec}")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "pairs.jsonl"
+        data.write_text("".join(json.dumps({"instruction": r["instruction"], "input": r.get("input", ""),
+                                            "output": r["output"]}) + "\n" for r in rows))
+        for name in wanted:
+            try:
+                part_paths(name)
+            except Exception as exc:  # not installed here
+                print(f"{name:32s} skipped: {exc}")
+                continue
+            out = Path(tmp) / name
+            start = time.perf_counter()
+            manifest = recycle(RecycleParams(dataset=str(data), output=str(out), shard_size=max(1, len(rows)),
+                                             teacher={"model": f"packaged:{name}", "engine": "vllm",
+                                                      "max_new_tokens": tokens},
+                                             training={"enabled": False}))
+            wall = time.perf_counter() - start
+            selected = pl.read_parquet(out / "selected.parquet")
+            results[name] = (manifest, selected.filter(pl.col("variant") != "orig").to_dicts(), wall)
+        engine = VLLMEngine(judge_spec)
+        labelled = [json.loads(line) for line in (ROOT / "tests" / "data" / "labelled_rewrites.jsonl").read_text()
+                    .splitlines() if line.strip()]
+        verdicts = _judge_usable(engine, [r["pair"] for r in labelled])
+        judged = {name: _judge_usable(engine, rewrites) if rewrites else [] for name, (_, rewrites, _) in results.items()}
+        engine.close()
+    print(f"{'teacher':32s} {'generated':>9s} {'usable':>7s}  fell back by reason")
+    for name, (manifest, rewrites, wall) in results.items():
+        status = manifest["counts"]["parse_status"]
+        total = sum(sum(v.values()) for v in status.values())
+        usable = sum(v.get("ok", 0) for v in status.values())
+        reasons: dict[str, int] = {}
+        for v in status.values():
+            for k, c in v.items():
+                if k != "ok":
+                    reasons[k] = reasons.get(k, 0) + c
+        print(f"{name:32s} {total:9d} {usable / total:7.0%}  " + ", ".join(f"{k} {c}" for k, c in sorted(reasons.items()))
+              + f"   ({wall:.0f} s)")
+    print(f"{'teacher':32s} {'selected':>8s} {'rewrites':>8s} {'share':>6s} {'judged usable':>14s}")
+    for name, (manifest, rewrites, _) in results.items():
+        picked = manifest["counts"]["selected_rows"]
+        ok = sum(judged[name])
+        print(f"{name:32s} {picked:8d} {len(rewrites):8d} {len(rewrites) / max(picked, 1):6.0%} "
+              f"{ok:>5d}/{len(rewrites)} ({ok / max(len(rewrites), 1):.0%})")
+    # the filter and the judge against the hand labels
+    for who, says in (("filter", [r["filter"] == "ok" for r in labelled]), ("judge", verdicts)):
+        tp = sum(s and r["usable"] for s, r in zip(says, labelled))
+        fp = sum(s and not r["usable"] for s, r in zip(says, labelled))
+        fn = sum(not s and r["usable"] for s, r in zip(says, labelled))
+        tn = len(labelled) - tp - fp - fn
+        print(f"{who} on {len(labelled)} hand-labelled rewrites: precision of 'usable' {tp / max(tp + fp, 1):.0%}, "
+              f"recall {tp / max(tp + fn, 1):.0%}; of the unusable it stops {tn / max(tn + fp, 1):.0%} "
+              f"(tp {tp}, fp {fp}, fn {fn}, tn {tn})")
+
+
 SECTIONS = {"scoring": bench_scoring, "precision": bench_precision, "copies": bench_copies, "teacher": bench_teacher,
-            "formats": bench_formats, "flow": bench_flow, "methods": bench_methods, "scale": bench_scale,
+            "formats": bench_formats, "quality": bench_quality, "flow": bench_flow, "methods": bench_methods, "scale": bench_scale,
             **teacher_scale.SECTIONS}
 
 

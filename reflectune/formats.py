@@ -7,20 +7,21 @@ A teacher answer is an analysis followed by the marked fields:
     [New Instruction] <text> [End]
     [New Answer] <text> [End]
 
-or `<analysis>\n[Better Answer] <text> [End]`. The constraint is a regular expression (vLLM's
+or `<analysis> [Better Answer] <text> [End]`. The constraint is a regular expression (vLLM's
 structured outputs, xgrammar in transformers) or, for servers that take only JSON schemas,
 an object with the same fields.
 
-The analysis is bounded in words, between ANALYSIS_MIN_WORDS and a share of the token budget:
-it must be written (a small teacher that skips it goes on to review the old answer inside the
-answer field) and must end in time to leave the answer the rest of the budget. The fields are
-not bounded: a bound in characters closes a field mid-word, and near it only one-character
-tokens fit, which is where a small model drifts into CJK characters. A field the token limit
-cuts is found by the parser and falls back (reflectune.checks). Bounded repetitions of
-characters also cost xgrammar seconds to compile on CPU (over vLLM's 5 s timeout on a busy
-2-core machine), repetitions of words and unbounded fields a tenth of a second. Fields cannot
-contain "[" under a constraint: a richer character class that admits "[" not followed by
-"End]" made xgrammar's matcher about 30x slower per token on CPU.
+The analysis must be written, at least ANALYSIS_MIN_WORDS words: a small teacher that skips it
+goes on to review the old answer inside the answer field. Nothing is bounded in length but by
+the token limit, and a field it cuts falls back (reflectune.checks). Every bound tried was
+worse: a bound in characters closes a field mid-word, and near it only one-character tokens
+fit, which is where a small model drifts into CJK characters; a bound in words lets it glue
+words together or pad with blank lines once the count is reached; both force the analysis to
+stop mid-thought, and the answer field then carries the rest of the review. Bounded
+repetitions of characters also cost xgrammar 3-7 s to compile on CPU (over vLLM's 5 s timeout
+on a busy 2-core machine), the unbounded form 0.1 s. Fields cannot contain "[" under a
+constraint: a richer character class that admits "[" not followed by "End]" made xgrammar's
+matcher about 30x slower per token on CPU.
 
 A grammar guarantees the form, not the content: reflectune.checks makes the checks it cannot.
 """
@@ -35,8 +36,6 @@ from reflectune.variants import REFLECTIONS
 # Characters per token assumed when sizing text from a token budget: English prose runs at
 # about 4; 3.5 leaves room for code and numbers.
 CHARS_PER_TOKEN = 3.5
-# Words per token of English prose (about 0.75), for the analysis's bound in words.
-WORDS_PER_TOKEN = 0.75
 ANALYSIS_MIN_WORDS = 10
 FIELD_TEXT = r"[^\[\s][^\[]*"
 WORD = r"[^\[\s]+\s+"
@@ -58,33 +57,20 @@ class OutputFormat:
 
 
 MARKERS = {"new_instruction": "New Instruction", "new_answer": "New Answer", "better_answer": "Better Answer"}
-# the analysis's share of the token budget: the fields have the rest
-ANALYSIS_SHARE = {"ins": 0.3, "res": 0.3}
 FIELDS = REFLECTIONS
 
 
-def teacher_format(kind: str, max_new_tokens: int) -> OutputFormat:
+def teacher_format(kind: str) -> OutputFormat:
     """The format of an instruction reflection (`ins`) or a response reflection (`res`, also
-    used for `ins_res`) for a request of `max_new_tokens`."""
-    words = max(ANALYSIS_MIN_WORDS, int(ANALYSIS_SHARE[kind] * max_new_tokens * WORDS_PER_TOKEN))
+    used for `ins_res`)."""
     fields = FIELDS[kind]
-    regex = r"(?:%s){%d,%d}" % (WORD, ANALYSIS_MIN_WORDS, words)
+    regex = r"(?:%s){%d,}" % (WORD, ANALYSIS_MIN_WORDS)
     for i, name in enumerate(fields):
         regex += (r"\n" if i else "") + r"\[%s\] " % MARKERS[name] + FIELD_TEXT + r" ?\[End\]"
-    # a JSON server bounds the analysis in characters: words of prose at the token's characters
-    chars = int(words / WORDS_PER_TOKEN * CHARS_PER_TOKEN)
     schema = {"type": "object", "additionalProperties": False, "required": ["analysis", *fields],
-              "properties": {"analysis": {"type": "string", "minLength": 1, "maxLength": chars},
+              "properties": {"analysis": {"type": "string", "minLength": 1},
                              **{name: {"type": "string", "minLength": 1} for name in fields}}}
     return OutputFormat(f"reflection_{kind}", regex, schema, fields)
-
-
-def fit(fmt: OutputFormat | None, max_new_tokens: int) -> OutputFormat | None:
-    """`fmt` resized for a request whose budget the engine had to lower (a long prompt
-    leaves less of the context): the analysis must still leave the fields room."""
-    if fmt is None or not fmt.name.startswith("reflection_"):
-        return fmt
-    return teacher_format(fmt.name.removeprefix("reflection_"), max_new_tokens)
 
 
 def judge_format(explanation_tokens: int = 24) -> OutputFormat:

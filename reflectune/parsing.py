@@ -42,7 +42,8 @@ class Parsed:
     problems: dict[str, str] = field(default_factory=dict)  # field -> why it is unusable
     degenerate: set[str] = field(default_factory=set)  # fields present and closed, but loops
     cut: set[str] = field(default_factory=set)  # usable fields that ran into the token limit
-    # field -> the parse status a content check gave it (reflection.screen): review, cut, ...
+    # field -> the parse status that says why it is unusable, where it is not a missing form:
+    # cut (the token limit came first), and the content checks' (reflection.screen)
     flags: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -59,7 +60,11 @@ def parse(text: str, wanted: tuple[str, ...], cut_off: bool = False) -> Parsed:
     for name in wanted:
         candidates = [s for s in spans if s[2] == name]
         if not candidates:
-            out.problems[name] = f"no [{_title(name)}] marker"
+            if cut_off:  # the analysis (or an earlier field) ran to the token limit
+                out.problems[name] = f"cut off at the token limit before its [{_title(name)}] marker"
+                out.flags[name] = "cut"
+            else:
+                out.problems[name] = f"no [{_title(name)}] marker"
             continue
         reason, echoed = "", False
         for start, end, _ in reversed(candidates):

@@ -9,8 +9,8 @@ mixes with earlier results (and is part of every cache key).
 
 from __future__ import annotations
 
-INSTRUCTION_VERSION = "instruction-reflection/v2"
-RESPONSE_VERSION = "response-reflection/v2"
+INSTRUCTION_VERSION = "instruction-reflection/v3"
+RESPONSE_VERSION = "response-reflection/v3"
 
 Messages = list[dict[str, str]]
 
@@ -27,7 +27,7 @@ _INSTRUCTION_TASK = """You will be shown an instruction and the answer it receiv
 4. Write a new instruction that is complete, more complex and harder to answer directly. It must be related to the original instruction but independent of it: someone who never saw the original can answer it, so include any text or data it needs.
 5. Answer the new instruction accurately and as detailed as possible.
 
-Finish with the new instruction and its answer in exactly this format:
+Keep the review of steps 1-3 short, a few sentences: the new instruction and its answer are what matter. Finish with the new instruction and its answer in exactly this format:
 [New Instruction] your instruction [End]
 [New Answer] your answer [End]"""
 
@@ -41,7 +41,7 @@ _RESPONSE_TASK = """You will be shown an instruction, sometimes with an input th
 1. Explain why the answer is not good enough. Judge its helpfulness, relevance, accuracy and level of detail.
 2. Based on that review, write a better answer: new, complete, accurate and as detailed as possible.
 
-Finish with the better answer in exactly this format:
+Keep the review of step 1 short, a few sentences: the better answer is what matters. Finish with the better answer in exactly this format:
 [Better Answer] your answer [End]"""
 
 

@@ -15,30 +15,25 @@ RES = "The answer is too short: it names the city and says nothing more.\n[Bette
 
 
 def test_teacher_regexes_admit_the_form_and_nothing_else():
-    ins, res = formats.teacher_format("ins", 256), formats.teacher_format("res", 256)
+    ins, res = formats.teacher_format("ins"), formats.teacher_format("res")
     assert re.fullmatch(ins.regex, INS) and re.fullmatch(res.regex, RES)
     assert not re.fullmatch(res.regex, "[Better Answer]  [End]")  # an empty field
     assert not re.fullmatch(res.regex, "The answer is far too short for the question.\n[Better Answer] unfinished")
     assert not re.fullmatch(ins.regex, INS.replace("[New Answer]", "[Better Answer]"))
 
 
-@pytest.mark.parametrize("kind,tokens", [("ins", 64), ("ins", 1024), ("res", 256)])
-def test_the_analysis_must_be_written_and_must_leave_the_fields_room(kind, tokens):
+@pytest.mark.parametrize("kind", ["ins", "res"])
+def test_the_analysis_must_be_written_and_nothing_is_bounded_but_by_the_token_limit(kind):
     """A small teacher that skips the analysis reviews the old answer inside the answer field:
-    the analysis takes at least ANALYSIS_MIN_WORDS words, and at most its share of the budget,
-    so the fields (not bounded: the token limit cuts them, and a cut field falls back) have the
-    rest."""
-    fmt = formats.teacher_format(kind, tokens)
-    most = int(formats.ANALYSIS_SHARE[kind] * tokens * formats.WORDS_PER_TOKEN)
-    fields = {"ins": "\n[New Instruction] Do it. [End]\n[New Answer] " + "b " * 500 + "[End]",
-              "res": "\n[Better Answer] " + "b " * 500 + "[End]"}[kind]
-    for words in (formats.ANALYSIS_MIN_WORDS, max(most, formats.ANALYSIS_MIN_WORDS)):
+    the analysis takes at least ANALYSIS_MIN_WORDS words. No length is bounded in the form (a
+    bound closes text mid-thought); the token limit cuts, and a cut field falls back."""
+    fmt = formats.teacher_format(kind)
+    fields = {"ins": "\n[New Instruction] Do it. [End]\n[New Answer] " + "b " * 2000 + "[End]",
+              "res": "\n[Better Answer] " + "b " * 2000 + "[End]"}[kind]
+    for words in (formats.ANALYSIS_MIN_WORDS, 1000):
         assert re.fullmatch(fmt.regex, " ".join(["weak"] * words) + fields), words
     assert not re.fullmatch(fmt.regex, fields.lstrip())  # no analysis
     assert not re.fullmatch(fmt.regex, " ".join(["weak"] * (formats.ANALYSIS_MIN_WORDS - 1)) + fields)
-    assert not re.fullmatch(fmt.regex, " ".join(["weak"] * (max(most, formats.ANALYSIS_MIN_WORDS) + 1)) + fields)
-    # at about 1.3 tokens a word the longest analysis leaves the fields over half the budget
-    assert max(most, formats.ANALYSIS_MIN_WORDS) * 1.3 <= 0.5 * tokens or tokens < 100
 
 
 def test_the_judge_regex_puts_two_scores_first():
@@ -50,7 +45,7 @@ def test_the_judge_regex_puts_two_scores_first():
 
 
 def test_json_answers_map_to_the_marked_form():
-    ins = formats.teacher_format("ins", 256)
+    ins = formats.teacher_format("ins")
     text = json.dumps({"analysis": "weak", "new_instruction": "Name three moons of Jupiter.",
                        "new_answer": "Io, Europa and Ganymede."})
     parsed = parse(formats.from_json(text, ins), ins.fields)
