@@ -50,8 +50,12 @@ _ABOUT_ANSWER = re.compile(
     rf"\s+{_ANSWER}\b"
     rf"|\b(?:the|this)\s+{_ANSWER}\s+(?:provided|given|above|you\s+gave|you\s+provided)\b"
     rf"|\b(?:the|this)\s+{_ANSWER}\s+(?:is|was)\s+{_VERDICT}\b"
-    rf"|\b(?:the|this)\s+{_ANSWER}\s+(?:does\s+not|doesn't|did\s+not|didn't|lacks|fails|misses|could\s+be|"
-    rf"should\s+be|should\s+have|only|simply|merely|correctly|accurately|addresses|mentions|states)\b",
+    rf"|\b(?:the|this|your)\s+{_ANSWER}\s+(?:does\s+not|doesn't|did\s+not|didn't|lacks|fails|misses|could\s+be|"
+    rf"should\s+be|should\s+have|only|simply|merely|correctly|accurately|addresses|mentions|states|provides|"
+    rf"includes|explains|shows|covers|gives|offers|touches|focuses|highlights|captures)\b"
+    # advice on what an answer should hold, in place of holding it
+    rf"|\b(?:a|an)\s+(?:more\s+|better\s+|good\s+|improved\s+)(?:\w+\s+)?(?:{_ANSWER}|explanation|version)\s+"
+    rf"(?:would|should|could|might|must)\b",
     re.IGNORECASE)
 # a verdict on another text and the promise of a rewrite
 _REVISION = re.compile(
@@ -62,7 +66,9 @@ _REVISION = re.compile(
     r"|\b" + _ANSWER + r"\s+(?:could|can|should|might)\s+be\s+improved\b"
     r"|\bareas?\s+(?:for|of|where\s+it\s+could|that\s+could|that\s+need)\s+(?:improvement|be\s+improved|improve)\b"
     r"|\bto\s+improve\s+(?:the|this|your)\s+" + _ANSWER + r"\b"
-    r"|\b(?:revised|improved|better|corrected)\s+" + _ANSWER + r"\s*:",
+    r"|\b(?:revised|improved|better|corrected)\s+" + _ANSWER + r"\s*:"
+    r"|\b(?:how\s+about|let's|let\s+us|let\s+me)\s+(?:rewrit|revis|improv|rephras)\w*"
+    r"|\bit\s+(?:could|can|should|would)\s+be\s+(?:expanded|improved)\b",
     re.IGNORECASE)
 # the review's criteria as headings: "**Relevance**:", "2. Level of Detail:", "### Accuracy"
 _CRITERIA = r"(?:helpfulness|relevance|accuracy|level\s+of\s+detail(?:\s+required)?|complexity\s+of\s+(?:the\s+)?topic|" \

@@ -191,7 +191,8 @@ def _run(jobs: list[_Job], teacher: TeacherEngine, sampling: Sampling, retry: Sa
         chats = [_chat(job) for job in pending]
         wanted = None
         if params.constrained != "off":
-            wanted = [formats.teacher_format(BY_NAME[job.variant].reflection) for job in pending]
+            wanted = [formats.teacher_format(BY_NAME[job.variant].reflection, params.max_new_tokens)
+                      for job in pending]
         generations = teacher.generate(chats, params, progress, wanted)
         failed = []
         for job, gen in zip(pending, generations):
@@ -276,7 +277,7 @@ def _parse(job: _Job, gen: Generation) -> parsing.Parsed:
         return parsing.Parsed(problems={name: f"request failed: {gen.error}" for name in wanted})
     text = gen.text
     if gen.constrained in ("json_schema", "tool_use"):  # the fields came back as JSON: read them as marked text
-        text = formats.from_json(text, formats.teacher_format(BY_NAME[job.variant].reflection)) or text
+        text = formats.from_json(text, formats.teacher_format(BY_NAME[job.variant].reflection, 1)) or text
     return parsing.parse(text, wanted, cut_off=gen.finish_reason == "length")
 
 

@@ -25,6 +25,18 @@ REVIEWS = [
      "request.\n**Accuracy**: it follows the 5-7-5 form."),
     ("Name three primary colors.", "The original answer lists the colors but gives no explanation of why they "
      "are primary."),
+    # the packaged 1.5B teacher under the line-bounded form, on Alpaca pairs
+    ("Write a blog post discussing the effects of social media on self-esteem.",
+     "Your answer provides a good overview of the effects of social media on self-esteem, but it could be expanded "
+     "to include more specific examples and statistics."),
+    ("In no more than 100 words, write a letter to your younger self.",
+     "How about rewriting this letter to be more concise? We only need to touch on the key points. Let's try this:"
+     "\n\nDear Younger Me,"),
+    ("Create a set of rules for a card game called 'Snip Snap Snorp'.",
+     "A more comprehensive explanation would include details about the starting deck, the number of players per "
+     "team, the structure of the hands and the turn order."),
+    ("Calculate the sum of three numbers: 10, 5, and 8", "The sum of 10, 5 and 8 is 23. This answer provides the "
+     "numerical result and explains how it was obtained through addition."),
 ]
 FRAGMENTS = [
     "should be more specific and targeted to a single type of animal.\n2. **Level of Detail Required**: The "
@@ -67,6 +79,10 @@ CLEAN = [
      "SELECT customer_id, COUNT(*) AS orders\nFROM orders\nGROUP BY customer_id;"),
     ("How should a team review pull requests?", "Keep each review small, answer every comment, and approve only "
      "what you have run."),
+    ("Solve 2x + 3 = 11.", "Let's try to isolate x: subtract 3 from both sides, 2x = 8, so x = 4. It would be more "
+     "efficient to check by substituting: 2(4) + 3 = 11."),
+    ("How can a small shop grow its sales?", "A better website would help: customers who find opening hours and "
+     "prices online are more likely to visit."),
 ]
 CLEAN_INSTRUCTIONS = [
     "Write a 300-word essay on the causes of the First World War, citing at least two primary sources.",

@@ -9,31 +9,37 @@ import pytest
 from reflectune import checks, formats
 from reflectune.parsing import parse
 
-INS = ("Vague: it names a topic and asks for nothing, so the answer cannot show any depth.\n[New Instruction] Compare two sorting algorithms by "
+INS = ("Vague: it names a topic and asks for nothing.\n[New Instruction] Compare two sorting algorithms by "
        "their time and memory. [End]\n[New Answer] Merge sort takes O(n log n) time and O(n) memory. [End]")
-RES = "The answer is too short: it names the city and says nothing more.\n[Better Answer] Paris is the capital of France. [End]"
+RES = "The answer is too short.\n[Better Answer] Paris is the capital of France. [End]"
 
 
 def test_teacher_regexes_admit_the_form_and_nothing_else():
-    ins, res = formats.teacher_format("ins"), formats.teacher_format("res")
+    ins, res = formats.teacher_format("ins", 256), formats.teacher_format("res", 256)
     assert re.fullmatch(ins.regex, INS) and re.fullmatch(res.regex, RES)
     assert not re.fullmatch(res.regex, "[Better Answer]  [End]")  # an empty field
-    assert not re.fullmatch(res.regex, "The answer is far too short for the question.\n[Better Answer] unfinished")
+    assert not re.fullmatch(res.regex, "The answer is far too short.\n[Better Answer] unfinished")  # not closed
     assert not re.fullmatch(ins.regex, INS.replace("[New Answer]", "[Better Answer]"))
 
 
-@pytest.mark.parametrize("kind", ["ins", "res"])
-def test_the_analysis_must_be_written_and_nothing_is_bounded_but_by_the_token_limit(kind):
+@pytest.mark.parametrize("kind,tokens", [("ins", 64), ("ins", 1024), ("res", 256), ("res", 2048)])
+def test_the_analysis_ends_at_a_line_and_leaves_the_fields_room(kind, tokens):
     """A small teacher that skips the analysis reviews the old answer inside the answer field:
-    the analysis takes at least ANALYSIS_MIN_WORDS words. No length is bounded in the form (a
-    bound closes text mid-thought); the token limit cuts, and a cut field falls back."""
-    fmt = formats.teacher_format(kind)
-    fields = {"ins": "\n[New Instruction] Do it. [End]\n[New Answer] " + "b " * 2000 + "[End]",
-              "res": "\n[Better Answer] " + "b " * 2000 + "[End]"}[kind]
-    for words in (formats.ANALYSIS_MIN_WORDS, 1000):
-        assert re.fullmatch(fmt.regex, " ".join(["weak"] * words) + fields), words
-    assert not re.fullmatch(fmt.regex, fields.lstrip())  # no analysis
-    assert not re.fullmatch(fmt.regex, " ".join(["weak"] * (formats.ANALYSIS_MIN_WORDS - 1)) + fields)
+    the analysis takes a line at least, and at most its share of the budget in lines, so it
+    ends where a line ends and the fields (bounded only by the token limit) have the rest."""
+    fmt = formats.teacher_format(kind, tokens)
+    most = formats.analysis_lines(kind, tokens)
+    assert most == max(formats.MIN_ANALYSIS_LINES, int(formats.ANALYSIS_SHARE[kind] * tokens / formats.TOKENS_PER_LINE))
+    fields = {"ins": "[New Instruction] Do it. [End]\n[New Answer] " + "b " * 3000 + "[End]",
+              "res": "[Better Answer] " + "b " * 3000 + "[End]"}[kind]
+    line = "The answer is weak: " + "it says little " * 20 + "\n"
+    for lines in (1, most):
+        assert re.fullmatch(fmt.regex, line * lines + fields), lines
+    assert re.fullmatch(fmt.regex, line + "\n" * (most - 1) + fields)  # blank lines count
+    assert not re.fullmatch(fmt.regex, line * (most + 1) + fields)
+    assert not re.fullmatch(fmt.regex, fields)  # no analysis
+    assert not re.fullmatch(fmt.regex, "The answer is weak. " + fields)  # the marker starts a line
+    assert formats.fit(fmt, tokens // 2) == formats.teacher_format(kind, tokens // 2)
 
 
 def test_the_judge_regex_puts_two_scores_first():
@@ -45,7 +51,7 @@ def test_the_judge_regex_puts_two_scores_first():
 
 
 def test_json_answers_map_to_the_marked_form():
-    ins = formats.teacher_format("ins")
+    ins = formats.teacher_format("ins", 256)
     text = json.dumps({"analysis": "weak", "new_instruction": "Name three moons of Jupiter.",
                        "new_answer": "Io, Europa and Ganymede."})
     parsed = parse(formats.from_json(text, ins), ins.fields)

@@ -29,9 +29,8 @@ def test_retry_after_as_an_http_date():
 
 
 def test_an_answer_follows_the_form_it_was_asked_for():
-    form = formats.teacher_format("res")
-    assert _follows("The answer is short: it names one fact and explains nothing.\n[Better Answer] A longer, complete "
-                    "answer. [End]", "regex", form)
+    form = formats.teacher_format("res", 64)
+    assert _follows("The answer is short.\n[Better Answer] A longer, complete answer. [End]", "regex", form)
     assert not _follows("no markers at all", "regex", form)
     assert not _follows("Short.\n[Better Answer] never closed", "regex", form)
     assert _follows(json.dumps({"analysis": "a", "better_answer": "b"}), "json", form)

@@ -194,6 +194,7 @@ class TransformersTeacher:
 
         import torch
 
+        from reflectune.formats import fit
         from reflectune.reflection import NOT_SENT, Generation, new_tokens
 
         encoded = [self.tokenizer(t, add_special_tokens=specials)["input_ids"] for t in texts]
@@ -226,7 +227,7 @@ class TransformersTeacher:
                 params = replace(sampling, max_new_tokens=min(budgets[i] for i in batch))
                 grammars = None
                 if sampling.constrained != "off" and formats is not None:
-                    grammars = [self._grammar(formats[i]) for i in batch]
+                    grammars = [self._grammar(fit(formats[i], params.max_new_tokens)) for i in batch]
                 steps = _Steps(len(batch), params.max_new_tokens, progress)
                 for i, gen in zip(batch, self._generate_batch([encoded[i] for i in batch], params, grammars, steps)):
                     out[i] = gen

@@ -108,6 +108,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import StructuredOutputsParams
 
+        from reflectune.formats import fit
         from reflectune.reflection import NOT_SENT, Generation, new_tokens
 
         encoded = [self.tokenizer(t, add_special_tokens=specials)["input_ids"] for t in texts]
@@ -127,7 +128,7 @@ class VLLMEngine:
             if refused:
                 out[i] = Generation(error=NOT_SENT)
                 continue
-            fmt = formats[i] if constrain else None
+            fmt = fit(formats[i], budget) if constrain else None
             params = SamplingParams(
                 temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=budget,
                 seed=seed, repetition_penalty=sampling.repetition_penalty,

@@ -168,7 +168,7 @@ def test_the_openai_batch_file_runs_on_vllm_run_batch_and_its_output_is_read_bac
     pairs = [("Name a primary colour.", "Red."), ("What is 2 + 2?", "4"), ("Say hello in French.", "Bonjour.")]
     api = _OpenAIBatches("teacher", None, "no-key", 30.0)
     lines = [api.line(f"key{i}", prompts.response_reflection(q, "", a), sampling,
-                      formats.teacher_format("res") if i else None)
+                      formats.teacher_format("res", sampling.max_new_tokens) if i else None)
              for i, (q, a) in enumerate(pairs)]
     (tmp_path / "in.jsonl").write_bytes(openai_batch_file(lines[::-1]))  # order is not what matches
     serve = serve_command(MODEL, 0, "teacher")
