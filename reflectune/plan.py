@@ -55,8 +55,10 @@ def plan(uri: str, tokenizer: Any, *, column_map: dict[str, str] | None = None, 
     n = len(rows)
     count = lambda texts: sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
 
-    ins_prompts = [_chat_text(prompts.instruction_reflection(r["instruction"], r["input"], r["output"])) for r in rows]
-    res_prompts = [_chat_text(prompts.response_reflection(r["instruction"], r["input"], r["output"])) for r in rows]
+    ins_prompts = [_chat_text(prompts.instruction_reflection(r["instruction"], r["input"], r["output"], max_new_tokens))
+                   for r in rows]
+    res_prompts = [_chat_text(prompts.response_reflection(r["instruction"], r["input"], r["output"], max_new_tokens))
+                   for r in rows]
     pair_tokens = [count([r["instruction"] + "\n" + r["input"] + "\n" + r["output"]]) for r in rows]
     per_answer = [min(max_new_tokens, p + analysis_tokens) for p in pair_tokens]
     # ins, res and ins_res: the ins_res prompt is about as long as the res prompt

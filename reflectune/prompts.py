@@ -27,7 +27,7 @@ _INSTRUCTION_TASK = """You will be shown an instruction and the answer it receiv
 4. Write a new instruction that is complete, more complex and harder to answer directly. It must be related to the original instruction but independent of it: someone who never saw the original can answer it, so include any text or data it needs.
 5. Answer the new instruction accurately and as detailed as possible.
 
-Keep the review of steps 1-3 short, a few sentences: the new instruction and its answer are what matter. Finish with the new instruction and its answer in exactly this format:
+Keep the review of steps 1-3 short, a few sentences: the new instruction and its answer are what matter.{room} Finish with the new instruction and its answer in exactly this format:
 [New Instruction] your instruction [End]
 [New Answer] your answer [End]"""
 
@@ -41,7 +41,7 @@ _RESPONSE_TASK = """You will be shown an instruction, sometimes with an input th
 1. Explain why the answer is not good enough. Judge its helpfulness, relevance, accuracy and level of detail.
 2. Based on that review, write a better answer: new, complete, accurate and as detailed as possible.
 
-Keep the review of step 1 short, a few sentences: the better answer is what matters. Finish with the better answer in exactly this format:
+Keep the review of step 1 short, a few sentences: the better answer is what matters.{room} Finish with the better answer in exactly this format:
 [Better Answer] your answer [End]"""
 
 
@@ -53,18 +53,37 @@ def _pair_block(instruction: str, input: str, output: str) -> str:
     return "\n".join(parts)
 
 
-def instruction_reflection(instruction: str, input: str, output: str) -> Messages:
-    """Messages asking the teacher for a harder, self-contained instruction and its answer."""
+# Words of English prose per token, for telling the teacher its room in words.
+WORDS_PER_TOKEN = 0.75
+# The share of a request's tokens the answer may count on: the analysis (and a new
+# instruction) take the rest (reflectune.formats bounds the analysis at 30-35%).
+ANSWER_SHARE = 0.6
+
+
+def room(max_new_tokens: int | None) -> str:
+    """The sentence that tells the teacher how long its answer may be: a teacher that does not
+    know its token limit writes an answer "as detailed as possible" that the limit cuts, and a
+    cut answer is unusable. Empty where there is no limit to tell."""
+    if not max_new_tokens:
+        return ""
+    words = int(max_new_tokens * WORDS_PER_TOKEN * ANSWER_SHARE)
+    return f" The whole reply has a limit: write the answer in at most {words} words, so that it ends complete."
+
+
+def instruction_reflection(instruction: str, input: str, output: str, max_new_tokens: int | None = None) -> Messages:
+    """Messages asking the teacher for a harder, self-contained instruction and its answer;
+    `max_new_tokens`, the request's limit, is told to the teacher in words (`room`)."""
     return [
-        {"role": "system", "content": _INSTRUCTION_SYSTEM + "\n\n" + _INSTRUCTION_TASK},
+        {"role": "system", "content": _INSTRUCTION_SYSTEM + "\n\n" + _INSTRUCTION_TASK.format(room=room(max_new_tokens))},
         {"role": "user", "content": _pair_block(instruction, input, output) + "\nReview and improve this pair as instructed."},
     ]
 
 
-def response_reflection(instruction: str, input: str, output: str) -> Messages:
-    """Messages asking the teacher for a better answer to the same instruction (and input)."""
+def response_reflection(instruction: str, input: str, output: str, max_new_tokens: int | None = None) -> Messages:
+    """Messages asking the teacher for a better answer to the same instruction (and input);
+    `max_new_tokens` as in `instruction_reflection`."""
     closing = "Review this answer and write a better one as instructed."
     return [
-        {"role": "system", "content": _RESPONSE_SYSTEM + "\n\n" + _RESPONSE_TASK},
+        {"role": "system", "content": _RESPONSE_SYSTEM + "\n\n" + _RESPONSE_TASK.format(room=room(max_new_tokens))},
         {"role": "user", "content": _pair_block(instruction, input, output) + "\n" + closing},
     ]

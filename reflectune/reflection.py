@@ -188,7 +188,7 @@ def _run(jobs: list[_Job], teacher: TeacherEngine, sampling: Sampling, retry: Sa
             return
         if attempt:  # the retries were not in the plan
             more(len(pending))
-        chats = [_chat(job) for job in pending]
+        chats = [_chat(job, params.max_new_tokens) for job in pending]
         wanted = None
         if params.constrained != "off":
             wanted = [formats.teacher_format(BY_NAME[job.variant].reflection, params.max_new_tokens)
@@ -264,11 +264,11 @@ def _label(name: str) -> str:
     return name.replace("_", " ")
 
 
-def _chat(job: _Job) -> prompts.Messages:
+def _chat(job: _Job, max_new_tokens: int) -> prompts.Messages:
     b = job.base
     if BY_NAME[job.variant].reflection == "ins":
-        return prompts.instruction_reflection(b["instruction"], b["input"], b["output"])
-    return prompts.response_reflection(b["instruction"], b["input"], b["output"])
+        return prompts.instruction_reflection(b["instruction"], b["input"], b["output"], max_new_tokens)
+    return prompts.response_reflection(b["instruction"], b["input"], b["output"], max_new_tokens)
 
 
 def _parse(job: _Job, gen: Generation) -> parsing.Parsed:

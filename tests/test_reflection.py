@@ -26,6 +26,12 @@ def test_prompts_cover_the_criteria_and_markers():
     # both ask for answers as detailed as possible, as the reference's prompts do
     assert "as detailed as possible" in res[0]["content"] and "as detailed as possible" in task
     assert prompts.response_reflection("Other.", "", "y")[0] == res[0]
+    # the teacher is told its room in words, so that its answer ends before the token limit cuts it
+    assert "words" not in res[0]["content"]
+    for build in (prompts.instruction_reflection, prompts.response_reflection):
+        told = build("Name a fruit.", "", "Apple.", 256)[0]["content"]
+        assert "write the answer in at most 115 words" in told  # 256 tokens x 0.75 words x 0.6
+        assert build("Other.", "x", "y", 256)[0]["content"] == told  # still one prefix for the whole run
 
 
 class Recording:
