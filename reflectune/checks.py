@@ -44,12 +44,18 @@ _ANSWER = r"(?:answer|response|reply|solution)"
 # correct but"; not "your answer was very helpful", which a letter may say
 _VERDICT = (r"(?:correct|incorrect|accurate|inaccurate|quite|too|very|not|mostly|partially|generally|somewhat|"
             r"concise|brief|short|incomplete|vague|good|well|helpful|unhelpful|relevant|irrelevant|missing|lacking|"
-            r"overly|rather|fairly|technically|a\s+good|a\s+great|a\s+decent|on\s+the\s+right)")
+            r"overly|rather|fairly|technically|excellent|great|solid|thorough|comprehensive|informative|a\s+good|"
+            r"a\s+great|a\s+decent|on\s+the\s+right)")
 _ABOUT_ANSWER = re.compile(
     rf"\b(?:the|this|that|your|my)\s+(?:original|given|provided|previous|initial|current|existing|above|old|first)"
     rf"\s+{_ANSWER}\b"
     rf"|\b(?:the|this)\s+{_ANSWER}\s+(?:provided|given|above|you\s+gave|you\s+provided)\b"
     rf"|\b(?:the|this)\s+{_ANSWER}\s+(?:is|was)\s+{_VERDICT}\b"
+    # a review grades the answer at hand ("your answer is excellent"); a letter thanks for a
+    # past one ("your answer was very helpful")
+    rf"|\byour\s+{_ANSWER}\s+is\s+{_VERDICT}\b"
+    rf"|\bweakness(?:es)?\s+(?:of|in)\s+the\s+(?:original\s+|given\s+)?(?:{_ANSWER}|instruction)\b"
+    rf"|\b(?:write|writing)\s+(?:a|the)\s+new\s+instruction\b"
     rf"|\b(?:the|this|your)\s+{_ANSWER}\s+(?:does\s+not|doesn't|did\s+not|didn't|lacks|fails|misses|could\s+be|"
     rf"should\s+be|should\s+have|only|simply|merely|correctly|accurately|addresses|mentions|states|provides|"
     rf"includes|explains|shows|covers|gives|offers|touches|focuses|highlights|captures)\b"
@@ -81,6 +87,20 @@ _HEADING = re.compile(
 _ASKS_REVIEW = re.compile(r"\b(?:feedback|review\w*|critique|critici[sz]e|evaluat\w*|assess\w*|grade|grading|judge|"
                           r"proofread|improv\w*|revis\w*|rewrit\w*|edit|editing|rephras\w*|paraphras\w*)\b"
                           r"|\b(?:the|this|my|following|given|student'?s?)\s+(?:answer|response)\b", re.IGNORECASE)
+
+
+# the last line of a text that stops where its content should begin: a heading, or a line
+# that announces what follows ("Here's a revised version:")
+_OPENING_END = re.compile(r"(?:^|\n)[ \t]*(?:#{1,6}[ \t]+[^\n]*|[^\n]*:)[ \t]*$")
+
+
+def unfinished(text: str) -> str | None:
+    """Why a field stops where its content should begin (it ends on a heading or on a line
+    that announces what follows), or None."""
+    m = _OPENING_END.search(text.rstrip())
+    if m:
+        return f"ends where its content should begin ({_quote(m.group(0))})"
+    return None
 
 
 def review(answer: str, instruction: str, input: str = "") -> str | None:

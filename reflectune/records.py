@@ -43,8 +43,8 @@ REJECTED: dict[str, pl.DataType] = {
 # wrote: the raw text of every attempt, how parsing went, and what it cost.
 VARIANTS = variants.NAMES
 # ok: usable, every field what it promises. The rest fell back to the base pair, each for its
-# reason (reflectune.checks, reflection.screen): cut (the token limit or the form's bound closed
-# a field), degenerate (a loop, or a copy of the original), fragment (a new instruction that is
+# reason (reflectune.checks, reflection.screen): cut (the token limit cut a field, or it stops
+# where its content should begin), degenerate (a loop, or a copy of the original), fragment (a new instruction that is
 # a piece of the analysis), review (an answer that reviews an answer), script (letters of a
 # script the pair neither has nor asks for), fallback (no usable form). partial: the released
 # code's field-by-field fallback, which the pipeline no longer makes (kept to read older runs).

@@ -234,7 +234,7 @@ def screen(variant: str, base: dict[str, str], parsed: parsing.Parsed) -> None:
         if name not in fields:
             continue
         value = fields[name]
-        found = [("cut", "cut off at the token limit" if name in parsed.cut else None)]
+        found = [("cut", "cut off at the token limit" if name in parsed.cut else checks.unfinished(value))]
         replaces = base["instruction"] if name == "new_instruction" else base["output"]
         found.append(("degenerate", "repeats the original unchanged" if _same(value, replaces) else None))
         if name == "new_instruction":

@@ -37,6 +37,15 @@ REVIEWS = [
      "team, the structure of the hands and the turn order."),
     ("Calculate the sum of three numbers: 10, 5, and 8", "The sum of 10, 5 and 8 is 23. This answer provides the "
      "numerical result and explains how it was obtained through addition."),
+    ("Describe the key trends in the online gaming industry.", "Your answer is excellent! It provides a "
+     "well-rounded overview of the key features and trends."),
+    ("Calculate the product of three numbers: 10, 5, and 8", "400.\n\n### Step 3: Explain How the Weaknesses Led "
+     "to the Weakness of the Answer\nThe weakness of the answer lies in its incorrect calculation."),
+]
+UNFINISHED = [
+    "Calculate the sum of three numbers: 10, 5, and 8\n\n### Final Answer",
+    "The given answer is too short. Here's a revised version:",
+    "1. Preheat the oven.\n2. Mix the flour and sugar.\n\n## Baking",
 ]
 FRAGMENTS = [
     "should be more specific and targeted to a single type of animal.\n2. **Level of Detail Required**: The "
@@ -98,6 +107,11 @@ def test_an_answer_that_reviews_an_answer_is_flagged(instruction, answer):
     assert "reviews an answer" in checks.review(answer, instruction)
 
 
+@pytest.mark.parametrize("text", UNFINISHED)
+def test_a_field_that_stops_where_its_content_should_begin_is_unfinished(text):
+    assert "should begin" in checks.unfinished(text)
+
+
 @pytest.mark.parametrize("text", FRAGMENTS)
 def test_an_instruction_that_is_a_piece_of_the_analysis_is_flagged(text):
     assert checks.fragment(text)
@@ -113,6 +127,7 @@ def test_clean_answers_in_every_form_are_never_flagged(instruction, answer):
     assert checks.review(answer, instruction) is None
     assert checks.foreign_script(answer, instruction) is None
     assert checks.degenerate(answer) is None
+    assert checks.unfinished(answer) is None
 
 
 @pytest.mark.parametrize("instruction", CLEAN_INSTRUCTIONS)
