@@ -42,7 +42,7 @@ $(DEMO_MODELS): $(STAMP)
 
 demo: setup $(DEMO_MODELS)
 	$(BIN)/reflectune recycle examples/sample.jsonl --out $(DEMO_OUT) --shard-size 8 --limit 32 \
-	  --teacher $(DEMO_TEACHER) --teacher-engine vllm --max-new-tokens 256 \
+	  --teacher $(DEMO_TEACHER) --teacher-engine vllm --max-new-tokens 384 \
 	  --epochs 2 --batch-size 8 --per-device-batch-size 4 --learning-rate 5e-5 --train-max-length 512 \
 	  --evaluate --judge $(DEMO_TEACHER) --judge-engine vllm --eval-limit 20 --eval-max-new-tokens 48 \
 	  --baselines random,length
