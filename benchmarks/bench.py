@@ -153,6 +153,21 @@ def bench_teacher(n: int) -> None:
         print(f"{name:45s} {rate:8.1f} new tok/s  ({tokens} tokens)  {rate / base:5.2f}x one-at-a-time")
 
 
+def installed_teachers() -> list[str]:
+    """The packaged teachers BENCH_TEACHERS names (default: all) that are installed here; the
+    rest are printed as skipped."""
+    from reflectune.packaged import PACKAGED, part_paths
+
+    names = []
+    for name in [m for m in os.environ.get("BENCH_TEACHERS", ",".join(PACKAGED)).split(",") if m]:
+        try:
+            part_paths(name)
+            names.append(name)
+        except Exception as exc:  # not installed here
+            print(f"{name:32s} skipped: {exc}")
+    return names
+
+
 def bench_formats(n: int) -> None:
     """Constrained against free generation for each packaged teacher installed here, on the
     bundled sample with vLLM's offline engine: how many generations are well formed (every
@@ -160,7 +175,6 @@ def bench_formats(n: int) -> None:
     in new tokens/s. Also the repetition penalty's effect under the constraint."""
     from reflectune import intake
     from reflectune.engines.vllm_engine import VLLMEngine
-    from reflectune.packaged import PACKAGED, part_paths
     from reflectune.reflection import Sampling, reflect
 
     rows = int(os.environ.get("BENCH_FORMAT_ROWS", "41"))
@@ -171,13 +185,7 @@ def bench_formats(n: int) -> None:
           "tokens, greedy first attempt and one sampled retry, vLLM offline")
     print(f"{'teacher':32s} {'constrained':>11s} {'rep.pen.':>8s} {'well formed':>11s} {'ok':>6s} "
           f"{'new tok/s':>9s} {'vs free':>7s}")
-    wanted = [m for m in os.environ.get("BENCH_TEACHERS", ",".join(PACKAGED)).split(",") if m]
-    for name in wanted:
-        try:
-            part_paths(name)
-        except Exception as exc:  # not installed here
-            print(f"{name:32s} skipped: {exc}")
-            continue
+    for name in installed_teachers():
         engine = VLLMEngine(f"packaged:{name}")
         free_rate = None
         for constrained, penalty in [("off", 1.0), *[("on", p) for p in penalties]]:
@@ -386,7 +394,7 @@ def _judge_usable(engine, rows: list[dict[str, str]]) -> list[bool]:
 
 def bench_quality(n: int) -> None:
     """What a run hands to training, on Alpaca pairs the demo never sees: for each packaged
-    teacher at the demo's settings (vLLM, constrained, 256 new tokens), the recycle flow's
+    teacher at the demo's settings (vLLM, constrained, 384 new tokens), the recycle flow's
     rewrites by parse status (usable or the reason they fell back), the selection's share of
     rewrites, and how much of the selection an independent judge (the 1.5B model asked a
     question worded apart from the filter) would train on. Then the filter and the judge
@@ -398,16 +406,14 @@ def bench_quality(n: int) -> None:
     from reflectune.config import RecycleParams
     from reflectune.engines.vllm_engine import VLLMEngine
     from reflectune.flows.recycle import recycle
-    from reflectune.packaged import PACKAGED, part_paths
 
     start_at = int(os.environ.get("BENCH_QUALITY_START", "1000"))  # the demo uses examples/sample.jsonl only
     rows = json.loads(ALPACA.read_text())[start_at : start_at + n] if ALPACA.exists() else []
     if not rows:
         print("\n== quality: the Alpaca benchmark file is absent; skipped")
         return
-    tokens = int(os.environ.get("BENCH_QUALITY_TOKENS", "256"))
+    tokens = int(os.environ.get("BENCH_QUALITY_TOKENS", "384"))
     judge_spec = os.environ.get("BENCH_JUDGE", "packaged:qwen2.5-coder-1.5b-instruct")
-    wanted = [m for m in os.environ.get("BENCH_TEACHERS", ",".join(PACKAGED)).split(",") if m]
     print(f"\n== quality: {len(rows)} Alpaca pairs (from row {start_at}), each packaged teacher on vLLM, constrained, "
           f"{tokens} new tokens, the released rule; judge {judge_spec}")
     results = {}
@@ -415,12 +421,7 @@ def bench_quality(n: int) -> None:
         data = Path(tmp) / "pairs.jsonl"
         data.write_text("".join(json.dumps({"instruction": r["instruction"], "input": r.get("input", ""),
                                             "output": r["output"]}) + "\n" for r in rows))
-        for name in wanted:
-            try:
-                part_paths(name)
-            except Exception as exc:  # not installed here
-                print(f"{name:32s} skipped: {exc}")
-                continue
+        for name in installed_teachers():
             out = Path(tmp) / name
             start = time.perf_counter()
             manifest = recycle(RecycleParams(dataset=str(data), output=str(out), shard_size=max(1, len(rows)),
@@ -455,7 +456,11 @@ def bench_quality(n: int) -> None:
         print(f"{name:32s} {picked:8d} {len(rewrites):8d} {len(rewrites) / max(picked, 1):6.0%} "
               f"{ok:>5d}/{len(rewrites)} ({ok / max(len(rewrites), 1):.0%})")
     # the filter and the judge against the hand labels
-    for who, says in (("filter", [r["filter"] == "ok" for r in labelled]), ("judge", verdicts)):
+    from reflectune.reflection import read_text
+
+    passed = [read_text(r["variant"], {"sample_id": "s", "source_index": 0, **r["base"]}, r["text"], r["cut_off"])
+              ["parse_status"] == "ok" for r in labelled]
+    for who, says in (("filter", passed), ("judge", verdicts)):
         tp = sum(s and r["usable"] for s, r in zip(says, labelled))
         fp = sum(s and not r["usable"] for s, r in zip(says, labelled))
         fn = sum(not s and r["usable"] for s, r in zip(says, labelled))

@@ -271,6 +271,15 @@ def _chat(job: _Job, max_new_tokens: int) -> prompts.Messages:
     return prompts.response_reflection(b["instruction"], b["input"], b["output"], max_new_tokens)
 
 
+def read_text(variant: str, base: dict, text: str, cut_off: bool = False) -> dict:
+    """The variant row one teacher text makes of `base` (a record: sample_id, source_index,
+    instruction, input, output), as `reflect` makes it: parsed, screened and finished. For
+    reading a text again (tests, the quality benchmark) without a teacher."""
+    parsed = parsing.parse(text, BY_NAME[variant].fields, cut_off=cut_off)
+    screen(variant, base, parsed)
+    return _finish(_Job(dict(base), variant, [text]), parsed, "")
+
+
 def _parse(job: _Job, gen: Generation) -> parsing.Parsed:
     wanted = BY_NAME[job.variant].fields
     if gen.error is not None:

@@ -93,13 +93,9 @@ BASE = {"sample_id": "s1", "source_index": 0, "instruction": "Name a fruit.", "i
 
 def _variant(variant, text, cut_off=False):
     """A variant row from a teacher text, through the same parse, screen and finish as reflect."""
-    from reflectune import parsing
-    from reflectune.reflection import _finish, _Job, screen
+    from reflectune.reflection import read_text
 
-    wanted = ("new_instruction", "new_answer") if variant == "ins" else ("better_answer",)
-    parsed = parsing.parse(text, wanted, cut_off=cut_off)
-    screen(variant, BASE, parsed)
-    return _finish(_Job(dict(BASE), variant, [text]), parsed, "t")
+    return read_text(variant, BASE, text, cut_off)
 
 
 def test_an_ins_variant_without_a_usable_answer_is_the_original_pair():
