@@ -55,6 +55,11 @@ _ABOUT_ANSWER = re.compile(
     # past one ("your answer was very helpful")
     rf"|\byour\s+{_ANSWER}\s+is\s+{_VERDICT}\b"
     rf"|\bweakness(?:es)?\s+(?:of|in)\s+the\s+(?:original\s+|given\s+)?(?:{_ANSWER}|instruction)\b"
+    rf"|\bwhy\s+the\s+(?:original\s+|given\s+)?(?:{_ANSWER}|instruction)\s+is\s+(?:weak|not\s+good)"
+    # the teacher's comment on its own rewrite: "This revised answer provides more context"
+    rf"|\bthis\s+(?:revised\s+|new\s+|improved\s+|better\s+|updated\s+)?(?:{_ANSWER}|version|summary|explanation|"
+    rf"instruction)\s+(?:is\s+(?:now|more|complete|correct|accurate)|provides|captures|meets|includes|adds|introduces|"
+    rf"accurately|correctly|addresses|focuses|ensures|maintains)\b"
     rf"|\b(?:write|writing)\s+(?:a|the)\s+new\s+instruction\b"
     rf"|\b(?:the|this|your)\s+{_ANSWER}\s+(?:does\s+not|doesn't|did\s+not|didn't|lacks|fails|misses|could\s+be|"
     rf"should\s+be|should\s+have|only|simply|merely|correctly|accurately|addresses|mentions|states|provides|"
@@ -117,6 +122,30 @@ def review(answer: str, instruction: str, input: str = "") -> str | None:
     headings = sorted({re.sub(r"\W+", " ", m.group(0)).strip().lower() for m in _HEADING.finditer(answer)})
     if len(headings) >= 2:
         return f"reviews an answer instead of answering (the review's criteria as headings: {', '.join(headings)})"
+    return None
+
+
+# -- a field that runs on past its own end -----------------------------------------------------
+
+# the task's own words, which an answer has no reason to repeat
+_TASK_ECHO = re.compile(r"\bin\s+exactly\s+this\s+format\b|\bthe\s+whole\s+reply\s+has\s+a\s+limit\b|"
+                        r"\b(?:the\s+better\s+answer|the\s+new\s+instruction\s+and\s+its\s+answer)\s+(?:is|are)\s+"
+                        r"what\s+matters?\b", re.IGNORECASE)
+# the form's end marker written without its bracket (a field cannot hold "["), or another
+# turn of a conversation, with more text after it
+_OVERRUN = re.compile(r"(?:(?:^|\n|[.!?][ \t]+)[ \t]*End\]?\.?[^\n]*\n\s*\S"
+                      r"|(?:^|\n)[ \t]*(?:Human|User|Assistant)[ \t]*:)")
+
+
+def overrun(text: str) -> str | None:
+    """Why a field runs on past its own end (its end marker or another conversation turn,
+    then more text) or repeats the task's wording, or None."""
+    m = _OVERRUN.search(text)
+    if m:
+        return f"runs on past its end ({_quote(m.group(0)[:40])})"
+    m = _TASK_ECHO.search(text)
+    if m:
+        return f"repeats the task's wording ({_quote(m.group(0))})"
     return None
 
 

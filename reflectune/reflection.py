@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import polars as pl
 
 from reflectune import checks, formats, parsing, prompts
+from reflectune.checks import overrun
 from reflectune.records import RECORD, VARIANT, VARIANTS
 from reflectune.variants import BY_NAME
 
@@ -236,7 +237,7 @@ def screen(variant: str, base: dict[str, str], parsed: parsing.Parsed) -> None:
         value = fields[name]
         found = [("cut", "cut off at the token limit" if name in parsed.cut else checks.unfinished(value))]
         replaces = base["instruction"] if name == "new_instruction" else base["output"]
-        found.append(("degenerate", "repeats the original unchanged" if _same(value, replaces) else None))
+        found.append(("degenerate", "repeats the original unchanged" if _same(value, replaces) else overrun(value)))
         if name == "new_instruction":
             found.append(("fragment", checks.fragment(value)))
             found.append(("script", checks.foreign_script(value, *context)))

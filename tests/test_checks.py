@@ -42,6 +42,22 @@ REVIEWS = [
     ("Calculate the product of three numbers: 10, 5, and 8", "400.\n\n### Step 3: Explain How the Weaknesses Led "
      "to the Weakness of the Answer\nThe weakness of the answer lies in its incorrect calculation."),
 ]
+# the packaged 1.5B teacher in `make demo` (384 new tokens): commentary on its own rewrite, and
+# the analysis's next step carried on inside the new answer
+REVIEWS += [
+    ("Fix the grammar.", "This revised answer provides more context by specifying \"my friend\" instead of just "
+     "\"him\"."),
+    ("Generate a detailed title for a blog post on saving money on groceries.",
+     "\"Economize Every Last Cent: 10 Simple Tips\"\n\n### Step 2\n\n**Why the answer is weak for this "
+     "instruction:**"),
+    ("What is the tallest building in the world?", "The tallest building in the world is the Burj Khalifa.\n\n"
+     "### Step 2: Analyze the Weakness of the Answer"),
+]
+OVERRUNS = [
+    "This summary captures the essence of the paragraph. End\nHuman: I'm sorry, but I can't assist with that.",
+    "Autumn drizzles through the air,\nSilent yet profound.\nEnd\n\n**Explanation of Changes**",
+    "The answer is complete. The whole reply has a limit: write the answer in at most 172 words.",
+]
 UNFINISHED = [
     "Calculate the sum of three numbers: 10, 5, and 8\n\n### Final Answer",
     "The given answer is too short. Here's a revised version:",
@@ -107,6 +123,11 @@ def test_an_answer_that_reviews_an_answer_is_flagged(instruction, answer):
     assert "reviews an answer" in checks.review(answer, instruction)
 
 
+@pytest.mark.parametrize("text", OVERRUNS)
+def test_a_field_that_runs_on_past_its_end_or_echoes_the_task_is_flagged(text):
+    assert checks.overrun(text)
+
+
 @pytest.mark.parametrize("text", UNFINISHED)
 def test_a_field_that_stops_where_its_content_should_begin_is_unfinished(text):
     assert "should begin" in checks.unfinished(text)
@@ -128,6 +149,7 @@ def test_clean_answers_in_every_form_are_never_flagged(instruction, answer):
     assert checks.foreign_script(answer, instruction) is None
     assert checks.degenerate(answer) is None
     assert checks.unfinished(answer) is None
+    assert checks.overrun(answer) is None
 
 
 @pytest.mark.parametrize("instruction", CLEAN_INSTRUCTIONS)
