@@ -61,6 +61,9 @@ _ABOUT_ANSWER = re.compile(
     rf"instruction)\s+(?:is\s+(?:now|more|complete|correct|accurate)|provides|captures|meets|includes|adds|introduces|"
     rf"accurately|correctly|addresses|focuses|ensures|maintains)\b"
     rf"|\b(?:write|writing)\s+(?:a|the)\s+new\s+instruction\b"
+    rf"|\bexplanation\s+of\s+(?:the\s+)?(?:changes|improvements|better\s+answer)\b"
+    # declining, or asking the user back, in place of an answer
+    rf"|\b(?:I'm|I\s+am)\s+sorry,?\s+but\s+I\s+(?:can't|cannot|need|am\s+unable)\b"
     rf"|\b(?:the|this|your)\s+{_ANSWER}\s+(?:does\s+not|doesn't|did\s+not|didn't|lacks|fails|misses|could\s+be|"
     rf"should\s+be|should\s+have|only|simply|merely|correctly|accurately|addresses|mentions|states|provides|"
     rf"includes|explains|shows|covers|gives|offers|touches|focuses|highlights|captures)\b"
@@ -97,14 +100,21 @@ _ASKS_REVIEW = re.compile(r"\b(?:feedback|review\w*|critique|critici[sz]e|evalua
 # the last line of a text that stops where its content should begin: a heading, or a line
 # that announces what follows ("Here's a revised version:")
 _OPENING_END = re.compile(r"(?:^|\n)[ \t]*(?:#{1,6}[ \t]+[^\n]*|[^\n]*:)[ \t]*$")
+# a last line that stops inside an expression: on an operator, a comma or an open bracket
+_OPEN_END = re.compile(r"[=+\-*/,(\[{]\s*$")
 
 
 def unfinished(text: str) -> str | None:
-    """Why a field stops where its content should begin (it ends on a heading or on a line
-    that announces what follows), or None."""
-    m = _OPENING_END.search(text.rstrip())
+    """Why a field stops where its content should begin (it ends on a heading, on a line
+    that announces what follows, or inside an expression or an inline code span), or None."""
+    text = text.rstrip()
+    m = _OPENING_END.search(text)
     if m:
         return f"ends where its content should begin ({_quote(m.group(0))})"
+    if _OPEN_END.search(text) and not text.endswith("--"):
+        return f"ends inside an expression ({_quote(text[-30:])})"
+    if (text.count("`") - 6 * text.count("```")) % 2:
+        return f"ends inside a code span ({_quote(text[-30:])})"
     return None
 
 

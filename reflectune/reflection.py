@@ -237,7 +237,9 @@ def screen(variant: str, base: dict[str, str], parsed: parsing.Parsed) -> None:
         value = fields[name]
         found = [("cut", "cut off at the token limit" if name in parsed.cut else checks.unfinished(value))]
         replaces = base["instruction"] if name == "new_instruction" else base["output"]
-        found.append(("degenerate", "repeats the original unchanged" if _same(value, replaces) else overrun(value)))
+        found.append(("degenerate", "repeats the original unchanged" if _same(value, replaces) else
+                      "repeats its instruction" if name != "new_instruction" and _same(value, fields.get(
+                          "new_instruction", base["instruction"])) else overrun(value)))
         if name == "new_instruction":
             found.append(("fragment", checks.fragment(value)))
             found.append(("script", checks.foreign_script(value, *context)))

@@ -185,19 +185,19 @@ def test_each_check_gives_the_variant_its_own_status():
 
 
 def test_the_filter_agrees_with_hand_labels_on_real_teacher_text():
-    """Rewrites the packaged 1.5B teacher wrote for the bundled sample (`make demo`), every
-    attempt, each labelled by hand (would a person train on it, and why) from the pair it
-    makes, without looking at the filter's verdict. The filter reads each text again."""
+    """Every attempt the packaged 1.5B teacher wrote for the first 24 pairs of the bundled
+    sample in `make demo` (384 new tokens), each labelled by hand from the pair it makes: would
+    a person train on it, and why not (`why`). The filter reads each text again. It must pass
+    what a person would train on, and stop what it is there to stop (reviews, cuts, fragments,
+    loops, commentary); a factual error (a wrong capital, invented physics) is beyond any check
+    of form, and the labels count it apart."""
     rows = [json.loads(line) for line in LABELLED.read_text().splitlines() if line.strip()]
     assert len(rows) >= 50
-    confusion = {(True, True): 0, (True, False): 0, (False, True): 0, (False, False): 0}
-    for r in rows:
-        base = {"sample_id": "s", "source_index": 0, **r["base"]}
-        passed = read_text(r["variant"], base, r["text"], r["cut_off"])["parse_status"] == "ok"
-        confusion[(r["usable"], passed)] += 1
-    tp, fn = confusion[(True, True)], confusion[(True, False)]
-    fp, tn = confusion[(False, True)], confusion[(False, False)]
-    assert tp + fn and fp + tn, confusion  # both kinds occur: the check can fail
-    # what the filter passes, a person would train on; what a person would not, it mostly stops
-    assert tp / (tp + fp) >= 0.9, confusion
-    assert tn / (tn + fp) >= 0.8, confusion
+    passed = [read_text(r["variant"], {"sample_id": "s", "source_index": 0, **r["base"]}, r["text"], r["cut_off"])
+              ["parse_status"] == "ok" for r in rows]
+    usable = [p for p, r in zip(passed, rows) if r["usable"]]
+    formal = [p for p, r in zip(passed, rows) if not r["usable"] and not r["why"].startswith("factual")]
+    factual = [p for p, r in zip(passed, rows) if not r["usable"] and r["why"].startswith("factual")]
+    assert usable and formal and factual  # every kind occurs: the check can fail
+    assert sum(usable) / len(usable) >= 0.9, (sum(usable), len(usable))
+    assert 1 - sum(formal) / len(formal) >= 0.9, (sum(formal), len(formal))
