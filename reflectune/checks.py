@@ -68,7 +68,7 @@ _ABOUT_ANSWER = re.compile(
     rf"should\s+be|should\s+have|only|simply|merely|correctly|accurately|addresses|mentions|states|provides|"
     rf"includes|explains|shows|covers|gives|offers|touches|focuses|highlights|captures)\b"
     # advice on what an answer should hold, in place of holding it
-    rf"|\b(?:a|an)\s+(?:more\s+|better\s+|good\s+|improved\s+)(?:\w+\s+)?(?:{_ANSWER}|explanation|version)\s+"
+    rf"|\b(?:a|an)\s+(?:more\s+|better\s+|good\s+|improved\s+)(?:\w+\s+){{0,3}}(?:{_ANSWER}|explanation|version)\s+"
     rf"(?:would|should|could|might|must)\b",
     re.IGNORECASE)
 # a verdict on another text and the promise of a rewrite

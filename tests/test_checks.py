@@ -52,6 +52,8 @@ REVIEWS += [
      "instruction:**"),
     ("What is the tallest building in the world?", "The tallest building in the world is the Burj Khalifa.\n\n"
      "### Step 2: Analyze the Weakness of the Answer"),
+    ("Suggest a name for a coffee shop.", "A more comprehensive and detailed response could include:\n\"The Daily "
+     "Grind is a popular choice among coffee enthusiasts.\""),
 ]
 OVERRUNS = [
     "This summary captures the essence of the paragraph. End\nHuman: I'm sorry, but I can't assist with that.",

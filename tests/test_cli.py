@@ -114,8 +114,10 @@ def test_plan_counts_the_real_tokens_and_estimates_time(tokenizer, sample_rows):
     # what the teacher reads is its real prompts: ins once, res twice (res and ins_res)
     def tokens(chat):
         return len(tokenizer("\n".join(m["content"] for m in chat), add_special_tokens=False)["input_ids"])
-    ins = sum(tokens(prompts.instruction_reflection(r["instruction"], r.get("input", ""), r["output"])) for r in sample_rows)
-    res = sum(tokens(prompts.response_reflection(r["instruction"], r.get("input", ""), r["output"])) for r in sample_rows)
+    ins = sum(tokens(prompts.instruction_reflection(r["instruction"], r.get("input", ""), r["output"], 64))
+              for r in sample_rows)
+    res = sum(tokens(prompts.response_reflection(r["instruction"], r.get("input", ""), r["output"], 64))
+              for r in sample_rows)
     assert stages["teacher"].reads == ins + 2 * res
     assert 3 * 41 <= stages["teacher"].writes <= 3 * 41 * 64  # at most max_new_tokens per answer
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import polars as pl
 import pytest
 
 from reflectune import evaluation as ev
@@ -197,6 +198,21 @@ def test_baselines_and_test_sets_are_read_from_their_settings():
     assert EvaluationConfig().test_set_uris == [None] and ev.test_set_name(None) == "bundled"
     with pytest.raises(ValueError, match="give one or more of random, length, ifd, full"):
         EvaluationConfig(baselines="random,longest")
+
+
+def test_the_reports_most_helpful_rewrites_are_usable_ones():
+    from reflectune import report
+    from reflectune.records import DECISION
+
+    def row(i, status, ifd):
+        base = {name: None for name in DECISION} | {"sample_id": f"s{i}", "source_index": i, "orig_ifd_ppl": 0.5,
+                                                    "orig_instruction": f"orig {i}", "orig_output": "old"}
+        return base | {"ins_res_ifd_ppl": ifd, "ins_res_parse_status": status, "ins_res_instruction": f"rewrite {i}",
+                       "ins_res_output": f"{status} answer {i}"}
+    decisions = pl.DataFrame([row(0, "ok", 0.9), row(1, "review", 0.99), row(2, "ok", 0.7)], schema=DECISION)
+    page = report._rewrites(decisions)
+    assert "ok answer 0" in page and "ok answer 2" in page and "review answer 1" not in page
+    assert "No usable rewrite" in report._rewrites(decisions.filter(pl.col("ins_res_parse_status") != "ok"))
 
 
 def test_compare_sets_runs_side_by_side(tmp_path):

@@ -31,8 +31,8 @@ def emulator():
 
 
 def teacher_config(emulator, **kw):
-    return TeacherConfig(model="emulated", engine="openai", base_url=emulator.url, max_new_tokens=256,
-                         concurrency=CONCURRENCY, **kw)
+    return TeacherConfig(**{"model": "emulated", "engine": "openai", "base_url": emulator.url, "max_new_tokens": 256,
+                            "concurrency": CONCURRENCY} | kw)
 
 
 def engine_for(cfg):
@@ -59,7 +59,7 @@ def run_shards(shards, cfg, out, journal_at):
 
 
 def test_a_killed_shard_resends_only_what_it_lacks_and_another_shard_size_sends_nothing(emulator, tmp_path):
-    cfg = teacher_config(emulator)
+    cfg = teacher_config(emulator, max_new_tokens=512)  # room for every emulated answer: none is cut and retried
     [shard] = write_shards(tmp_path, 64)
     at = str(tmp_path / "run" / "journal")
     needed_before = 3 * shard.rows  # ins, res and ins_res; retries come on top
@@ -154,7 +154,7 @@ def test_a_dollar_budget_counts_at_the_users_prices(emulator, tmp_path):
 
 
 def test_the_journal_on_s3_keeps_and_replays(emulator, s3_bucket, tmp_path):
-    cfg = teacher_config(emulator)
+    cfg = teacher_config(emulator, max_new_tokens=512)  # none cut: 3 requests a row
     shards = write_shards(tmp_path, 6, limit=6)
     at = f"s3://{s3_bucket}/run/journal"
     first, _ = run_shards(shards, cfg, f"s3://{s3_bucket}/run/v", at)

@@ -209,9 +209,15 @@ def check_report_in_chromium(report, evaluated: bool) -> None:
         text = page.inner_text("body")
         browser.close()
     for heading in ("IFD per variant", "IFD against r-IFD", "Selection branches", "Teacher rewrites: usable or fallen back",
-                    "Token usage and cost", "Most helpful", "Least helpful"):
+                    "Token usage and cost", "Most and least helpful rewrites"):
         assert heading in text
     assert ("Evaluation" in text) == evaluated
+    # the most helpful rewrites are usable ones, or the report says there is none
+    decisions = pl.read_parquet(report.parent / "decisions.parquet")
+    usable = decisions.filter((pl.col("ins_res_parse_status") == "ok") & pl.col("ins_res_ifd_ppl").is_finite()
+                              & pl.col("orig_ifd_ppl").is_finite())
+    assert ("Most helpful" in text) == (usable.height > 0)
+    assert ("No usable rewrite has both scores" in text) == (usable.height == 0)
 
 
 def test_a_shard_task_that_fails_twice_is_retried(prefect_api, vllm_server, tmp_path):
