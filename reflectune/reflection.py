@@ -238,6 +238,7 @@ def screen(variant: str, base: dict[str, str], parsed: parsing.Parsed) -> None:
         found = [("cut", "cut off at the token limit" if name in parsed.cut else checks.unfinished(value))]
         replaces = base["instruction"] if name == "new_instruction" else base["output"]
         found.append(("degenerate", "repeats the original unchanged" if _same(value, replaces) else
+                      "keeps only a piece of the original" if _within(value, replaces) else
                       "repeats its instruction" if name != "new_instruction" and _same(value, fields.get(
                           "new_instruction", base["instruction"])) else overrun(value)))
         if name == "new_instruction":
@@ -295,6 +296,11 @@ def _parse(job: _Job, gen: Generation) -> parsing.Parsed:
 
 def _same(a: str, b: str) -> bool:
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+def _within(part: str, whole: str) -> bool:
+    """`part` is a piece of `whole` (a line of a poem it was to improve on), not a rewrite."""
+    return " ".join(part.lower().split()) in " ".join(whole.lower().split())
 
 
 def _finish(job: _Job, parsed: parsing.Parsed, teacher_id: str) -> dict:

@@ -167,6 +167,8 @@ def test_each_check_gives_the_variant_its_own_status():
                   "version: plants use light. [End]",
         "script": "Short.\n[Better Answer] Plants turn light into sugar,它 stores energy. [End]",
         "degenerate": "Fine.\n[Better Answer] Plants make food from light. [End]",
+        # the demo's "most helpful rewrite" of a limerick was its last line
+        "degenerate ": "Fine.\n[Better Answer] food from light [End]",
         "ok": "Short.\n[Better Answer] Photosynthesis is how plants turn light, water and carbon dioxide into "
               "sugar and oxygen. [End]",
     }
@@ -174,7 +176,7 @@ def test_each_check_gives_the_variant_its_own_status():
         parsed = parsing.parse(text, ("better_answer",))
         screen("res", base, parsed)
         row = _finish(_Job(dict(base), "res", [text]), parsed, "t")
-        assert row["parse_status"] == status, (status, row["parse_detail"])
+        assert row["parse_status"] == status.strip(), (status, row["parse_detail"])
         assert (row["output"] == base["output"]) == (status != "ok")
     # an instruction reflection whose new instruction is a fragment falls back whole
     text = ("[New Instruction] should be more specific.\n2. **Level of Detail Required**: more [End]\n"
