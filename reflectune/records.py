@@ -49,7 +49,6 @@ VARIANTS = variants.NAMES
 # script the pair neither has nor asks for), fallback (no usable form). partial: the released
 # code's field-by-field fallback, which the pipeline no longer makes (kept to read older runs).
 PARSE_STATUSES = ("ok", "cut", "degenerate", "fragment", "review", "script", "fallback", "partial")
-USABLE = "ok"
 VARIANT: dict[str, pl.DataType] = RECORD | {
     "variant": pl.String,
     "raw_text": pl.List(pl.String),

@@ -25,7 +25,6 @@ from typing import Any, Protocol
 import polars as pl
 
 from reflectune import checks, formats, parsing, prompts
-from reflectune.checks import overrun
 from reflectune.records import RECORD, VARIANT, VARIANTS
 from reflectune.variants import BY_NAME
 
@@ -217,16 +216,12 @@ def _usable(job: _Job, parsed: parsing.Parsed) -> bool:
     return set(BY_NAME[job.variant].fields) <= set(parsed.fields)
 
 
-# the parse status of each content check (reflectune.checks), in the order they are made
-CHECKS = ("cut", "degenerate", "fragment", "review", "script")
-
-
 def screen(variant: str, base: dict[str, str], parsed: parsing.Parsed) -> None:
     """Make unusable the parsed fields whose content is not what the field promises
-    (reflectune.checks): cut by the token limit, a copy of
-    the text it replaces, a new instruction that is a piece of the analysis, an answer that
-    reviews an answer, letters of a script the pair neither has nor asks for. Each such field
-    gets its parse status in `parsed.flags`. A variant stands on all of its fields: when one is
+    (reflectune.checks): cut by the token limit or stopping where its content should begin; a
+    copy or a piece of the text it replaces, or a run past its own end; a new instruction that
+    is a piece of the analysis; an answer that reviews an answer; letters of a script the pair
+    neither has nor asks for. Each such field gets its parse status in `parsed.flags`. A variant stands on all of its fields: when one is
     unusable, the others are dropped with it, so the variant falls back whole to its base
     pair and selection can never choose it."""
     fields = parsed.fields
@@ -236,11 +231,7 @@ def screen(variant: str, base: dict[str, str], parsed: parsing.Parsed) -> None:
             continue
         value = fields[name]
         found = [("cut", "cut off at the token limit" if name in parsed.cut else checks.unfinished(value))]
-        replaces = base["instruction"] if name == "new_instruction" else base["output"]
-        found.append(("degenerate", "repeats the original unchanged" if _same(value, replaces) else
-                      "keeps only a piece of the original" if _within(value, replaces) else
-                      "repeats its instruction" if name != "new_instruction" and _same(value, fields.get(
-                          "new_instruction", base["instruction"])) else overrun(value)))
+        found.append(("degenerate", _copied(name, value, base, fields)))
         if name == "new_instruction":
             found.append(("fragment", checks.fragment(value)))
             found.append(("script", checks.foreign_script(value, *context)))
@@ -262,6 +253,19 @@ def screen(variant: str, base: dict[str, str], parsed: parsing.Parsed) -> None:
         for name in list(fields):
             del fields[name]
             parsed.problems[name] = f"dropped with the unusable {_label(unusable)}: the variant is its base pair"
+
+
+def _copied(name: str, value: str, base: dict[str, str], fields: dict[str, str]) -> str | None:
+    """Why a field is no rewrite though present and closed: a copy or a piece of what it
+    replaces, an answer that repeats its instruction, a run past its own end."""
+    replaces = base["instruction"] if name == "new_instruction" else base["output"]
+    if _same(value, replaces):
+        return "repeats the original unchanged"
+    if _within(value, replaces):
+        return "keeps only a piece of the original"
+    if name != "new_instruction" and _same(value, fields.get("new_instruction", base["instruction"])):
+        return "repeats its instruction"
+    return checks.overrun(value)
 
 
 def _label(name: str) -> str:
