@@ -124,10 +124,10 @@ def review(answer: str, instruction: str, input: str = "") -> str | None:
     in kind, so the signals are not held against its answer."""
     if _ASKS_REVIEW.search(f"{instruction}\n{input}"):
         return None
-    for rx in (_ABOUT_ANSWER, _REVISION):
-        m = rx.search(answer)
-        if m:
-            return f"reviews an answer instead of answering ({_quote(m.group(0))})"
+    why = "reviews an answer instead of answering"
+    found = _first(answer, (_ABOUT_ANSWER, why), (_REVISION, why))
+    if found:
+        return found
     # two of the review's criteria as headings: one alone may be an answer's own topic
     headings = sorted({re.sub(r"\W+", " ", m.group(0)).strip().lower() for m in _HEADING.finditer(answer)})
     if len(headings) >= 2:
@@ -150,13 +150,7 @@ _OVERRUN = re.compile(r"(?:(?:^|\n|[.!?][ \t]+)[ \t]*End\]?\.?[^\n]*\n\s*\S"
 def overrun(text: str) -> str | None:
     """Why a field runs on past its own end (its end marker or another conversation turn,
     then more text) or repeats the task's wording, or None."""
-    m = _OVERRUN.search(text)
-    if m:
-        return f"runs on past its end ({_quote(m.group(0)[:40])})"
-    m = _TASK_ECHO.search(text)
-    if m:
-        return f"repeats the task's wording ({_quote(m.group(0))})"
-    return None
+    return _first(text, (_OVERRUN, "runs on past its end"), (_TASK_ECHO, "repeats the task's wording"))
 
 
 # -- an instruction that is a piece of the analysis ------------------------------------------
@@ -181,13 +175,8 @@ def fragment(instruction: str) -> str | None:
     first = text[0]
     if first in ",;:)]}.!?" or (first.islower() and _CONTINUATION.match(text)):
         return f"starts mid-sentence ({_quote(text[:40])})"
-    m = _HEADING.search(text)
-    if m:
-        return f"carries the review's headings ({_quote(m.group(0))})"
-    m = _ABOUT_INSTRUCTION.search(text)
-    if m:
-        return f"judges an instruction instead of giving one ({_quote(m.group(0))})"
-    return None
+    return _first(text, (_HEADING, "carries the review's headings"),
+                  (_ABOUT_INSTRUCTION, "judges an instruction instead of giving one"))
 
 
 # -- text in a script the pair does not ask for ----------------------------------------------
@@ -240,6 +229,15 @@ def foreign_script(field: str, *context: str) -> str | None:
     script = sorted(extra)[0]
     at = next(i for i, ch in enumerate(field) if _script(ch) == script)
     return f"switches into {script.title()} script ({_quote(field[max(0, at - 24) : at + 8])})"
+
+
+def _first(text: str, *rules: tuple[re.Pattern, str]) -> str | None:
+    """The reason of the first rule whose pattern occurs in `text`, with what it matched."""
+    for rx, why in rules:
+        m = rx.search(text)
+        if m:
+            return f"{why} ({_quote(m.group(0)[:40])})"
+    return None
 
 
 def _quote(text: str) -> str:
