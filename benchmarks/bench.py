@@ -460,18 +460,49 @@ def bench_quality(n: int) -> None:
 
     passed = [read_text(r["variant"], {"sample_id": "s", "source_index": 0, **r["base"]}, r["text"], r["cut_off"])
               ["parse_status"] == "ok" for r in labelled]
+    print(f"on {len(labelled)} hand-labelled rewrites:")
     for who, says in (("filter", passed), ("judge", verdicts)):
-        tp = sum(s and r["usable"] for s, r in zip(says, labelled))
-        fp = sum(s and not r["usable"] for s, r in zip(says, labelled))
-        fn = sum(not s and r["usable"] for s, r in zip(says, labelled))
-        tn = len(labelled) - tp - fp - fn
-        print(f"{who} on {len(labelled)} hand-labelled rewrites: precision of 'usable' {tp / max(tp + fp, 1):.0%}, "
-              f"recall {tp / max(tp + fn, 1):.0%}; of the unusable it stops {tn / max(tn + fp, 1):.0%} "
-              f"(tp {tp}, fp {fp}, fn {fn}, tn {tn})")
+        _rates(who, says, labelled)
+
+
+def bench_verify(n: int) -> None:
+    """teacher.verify against the hand labels: each packaged teacher (vLLM, constrained) asked
+    the verification of each labelled rewrite, its precision and recall for 'usable' alone and
+    after the content checks (what a run with teacher.verify keeps), beside the checks alone."""
+    from reflectune.engines.vllm_engine import VLLMEngine
+    from reflectune.reflection import Sampling, read_text, verdict, verification
+
+    labelled = [json.loads(line) for line in (ROOT / "tests" / "data" / "labelled_rewrites.jsonl").read_text()
+                .splitlines() if line.strip()]
+    passed = [read_text(r["variant"], {"sample_id": "s", "source_index": 0, **r["base"]}, r["text"], r["cut_off"])
+              ["parse_status"] == "ok" for r in labelled]
+    print(f"\n== verify: {len(labelled)} hand-labelled rewrites ({sum(r['usable'] for r in labelled)} usable), "
+          "each packaged teacher on vLLM, constrained to Yes|No")
+    _rates("checks alone", passed, labelled)
+    for name in installed_teachers():
+        engine = VLLMEngine(f"packaged:{name}")
+        start = time.perf_counter()
+        gens = verification([r["pair"] for r in labelled], engine, Sampling(constrained="on"))
+        wall = time.perf_counter() - start
+        engine.close()
+        said = [verdict(g) == "yes" for g in gens]
+        print(f"{name}: {sum(said)} Yes of {len(said)} in {wall:.0f} s "
+              f"({sum(g.prompt_tokens for g in gens) / len(gens):.0f} prompt tokens each)")
+        _rates("  verify alone", said, labelled)
+        _rates("  checks, then verify", [p and s for p, s in zip(passed, said)], labelled)
+
+
+def _rates(who: str, says: list[bool], labelled: list[dict]) -> None:
+    tp = sum(s and r["usable"] for s, r in zip(says, labelled))
+    fp = sum(s and not r["usable"] for s, r in zip(says, labelled))
+    fn = sum(not s and r["usable"] for s, r in zip(says, labelled))
+    tn = len(labelled) - tp - fp - fn
+    print(f"{who:24s} precision of 'usable' {tp / max(tp + fp, 1):4.0%}, recall {tp / max(tp + fn, 1):4.0%}; "
+          f"of the unusable it stops {tn / max(tn + fp, 1):4.0%} (tp {tp}, fp {fp}, fn {fn}, tn {tn})")
 
 
 SECTIONS = {"scoring": bench_scoring, "precision": bench_precision, "copies": bench_copies, "teacher": bench_teacher,
-            "formats": bench_formats, "quality": bench_quality, "flow": bench_flow, "methods": bench_methods, "scale": bench_scale,
+            "formats": bench_formats, "quality": bench_quality, "verify": bench_verify, "flow": bench_flow, "methods": bench_methods, "scale": bench_scale,
             **teacher_scale.SECTIONS}
 
 

@@ -107,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     pl_.add_argument("--max-length", type=int, default=_default("student.max_length"))
     pl_.add_argument("--max-new-tokens", type=int, default=_default("teacher.max_new_tokens"))
     pl_.add_argument("--epochs", type=float, default=_default("training.epochs"))
+    pl_.add_argument("--verify", action=argparse.BooleanOptionalAction, default=_default("teacher.verify"),
+                     help=config_fields(RecycleParams)["teacher.verify"].description)
     for name in ("price_input_per_m", "price_output_per_m", "batch_price_input_per_m", "batch_price_output_per_m",
                  "budget_tokens", "budget_usd"):
         pl_.add_argument(f"--{name.replace('_', '-')}", type=int if name == "budget_tokens" else float,
@@ -251,7 +253,7 @@ def _reflect(args: argparse.Namespace) -> int:
         with _progress("reflecting", unit="gen") as advance:
             variants = reflection.reflect(data.valid, teacher, args.kind, sampling, retry,
                                           progress=lambda n, tokens: advance(n, planned[0], tokens),
-                                          plan=lambda total: planned.__setitem__(0, total))
+                                          plan=lambda total: planned.__setitem__(0, total), verify=cfg.verify)
     finally:
         teacher.close()
     _write(variants, data, args.out)
@@ -335,7 +337,7 @@ def _plan(args: argparse.Namespace) -> int:
                        max_new_tokens=args.max_new_tokens, epochs=args.epochs, device=args.device,
                        teacher_params=sizes[0], student_params=sizes[1], throughput=given,
                        price_input_per_m=args.price_input_per_m, price_output_per_m=args.price_output_per_m,
-                       budget_tokens=args.budget_tokens, budget_usd=args.budget_usd,
+                       budget_tokens=args.budget_tokens, budget_usd=args.budget_usd, verify=args.verify,
                        batch_prices=_batch_prices(args) if args.teacher_engine in BATCH_ENGINES else None)
     print(plan.render(result))
     return 0

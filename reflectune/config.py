@@ -53,6 +53,10 @@ class TeacherConfig(_Config):
     constrained: Literal[CONSTRAINED] = Field(
         "auto", description="Enforce the output format (analysis, then the marked fields) at decode time: auto where "
         "the engine can (vLLM, transformers, vLLM servers, JSON-schema servers), on to fail where it cannot, off never.")
+    verify: bool = Field(False, description="Ask the teacher of each rewrite that passed the checks whether it is a "
+                         "complete answer with no commentary about another answer (one word, through the journal and "
+                         "the budget: one more request per rewrite); a No falls back with status verify. Off: the "
+                         "packaged teachers said Yes to most rewrites a person would not train on.")
     seed: int = Field(0, description="Sampling seed.")
     concurrency: int = Field(16, ge=1, description="openai: requests in flight. Batch engines: shards whose "
                              "batches are in flight at once (local mode).")

@@ -351,7 +351,9 @@ class Emulator:
         if isinstance(schema, dict):
             obj: dict[str, Any] = {}
             for name, spec in (schema.get("properties") or {}).items():
-                if spec.get("type") == "integer":
+                if spec.get("enum"):
+                    obj[name] = rng.choice(spec["enum"])
+                elif spec.get("type") == "integer":
                     obj[name] = rng.randint(spec.get("minimum", 1), spec.get("maximum", 10))
                 else:
                     size = (lo // 2, hi // 2) if name == "new_instruction" else (lo, hi)
@@ -362,6 +364,8 @@ class Emulator:
                     f"[New Answer] {words(lo, hi).capitalize()}. [End]")
         elif "[Better Answer]" in system:
             text = f"{words(15, 30).capitalize()}.\n[Better Answer] {words(lo, hi).capitalize()}. [End]"
+        elif system.rstrip().endswith("Answer with one word: Yes or No."):  # a verification
+            text = rng.choice(("Yes", "No"))
         else:
             text = words(lo, hi).capitalize() + "."
         limit = canon["max_tokens"]

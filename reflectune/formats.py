@@ -105,6 +105,16 @@ def judge_format(explanation_tokens: int = 24) -> OutputFormat:
     return OutputFormat("judgement", regex, schema, ("score_1", "score_2"))
 
 
+VERDICTS = ("Yes", "No")
+
+
+def verdict_format() -> OutputFormat:
+    """A verification's answer (teacher.verify): one word, Yes or No."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["verdict"],
+              "properties": {"verdict": {"type": "string", "enum": list(VERDICTS)}}}
+    return OutputFormat("verdict", "(%s)" % "|".join(VERDICTS), schema, ("verdict",))
+
+
 def from_json(text: str, fmt: OutputFormat) -> str | None:
     """A JSON answer (from a json_schema server) rewritten in the marked form the parser reads,
     or None when the text is not such an object."""
@@ -118,6 +128,8 @@ def from_json(text: str, fmt: OutputFormat) -> str | None:
         if not all(isinstance(obj.get(k), int | float) for k in ("score_1", "score_2")):
             return None
         return f"{obj['score_1']} {obj['score_2']}\n{obj.get('explanation', '')}"
+    if fmt.name == "verdict":
+        return obj["verdict"] if obj.get("verdict") in VERDICTS else None
     parts = [str(obj.get("analysis", ""))]
     for name in fmt.fields:
         if not isinstance(obj.get(name), str):

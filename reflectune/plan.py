@@ -4,7 +4,8 @@ time per stage from throughput that was measured (`make bench`) or is given.
 Token counts use the student's tokenizer on the real rows: the student's sequences are built
 exactly as the scorer builds them; teacher prompts are the real reflection prompts. What the
 teacher will write is not known ahead, so it is estimated as the pair restated plus
-`analysis_tokens` of reasoning, capped by max_new_tokens.
+`analysis_tokens` of reasoning, capped by max_new_tokens. With `verify`, each of the three
+rewrites of a pair costs one more request, about the pair's length read and one word written.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def plan(uri: str, tokenizer: Any, *, column_map: dict[str, str] | None = None, 
          device: str = "cpu", teacher_params: float = PACKAGED_PARAMS, student_params: float = PACKAGED_PARAMS,
          analysis_tokens: int = 150, throughput: dict[str, float] | None = None, price_input_per_m: float = 0.0,
          price_output_per_m: float = 0.0, budget_tokens: int | None = None, budget_usd: float | None = None,
-         batch_prices: tuple[float, float] | None = None) -> dict[str, Any]:
+         batch_prices: tuple[float, float] | None = None, verify: bool = False) -> dict[str, Any]:
     """The plan of a run. `batch_prices`: where the teacher is a batch API, its prices per
     million prompt and completion tokens (the cost is given at them, the online cost beside)."""
     data = intake.load(uri, column_map, limit)
@@ -64,6 +65,12 @@ def plan(uri: str, tokenizer: Any, *, column_map: dict[str, str] | None = None, 
     # ins, res and ins_res: the ins_res prompt is about as long as the res prompt
     teacher_reads = count(ins_prompts) + 2 * count(res_prompts)
     teacher_writes = 3 * sum(per_answer)
+    verify_tokens = 0
+    if verify:  # one verification per rewrite; a rewrite is about as long as its original
+        verify_tokens = 3 * count([_chat_text(prompts.verification(r["instruction"], r["input"], r["output"]))
+                                   for r in rows]) + 3 * n
+        teacher_reads += verify_tokens - 3 * n
+        teacher_writes += 3 * n
 
     sequences = scoring.build_sequences(rows, tokenizer, template, max_length)
     orig_tokens = sum(len(s.ids) for parts in sequences for s in parts.values() if not isinstance(s, str))
@@ -80,7 +87,7 @@ def plan(uri: str, tokenizer: Any, *, column_map: dict[str, str] | None = None, 
     online = (teacher_reads * price_input_per_m + teacher_writes * price_output_per_m) / 1e6
     cost = {"tokens": teacher_reads + teacher_writes, "usd": online,
             "priced": bool(price_input_per_m or price_output_per_m),
-            "budget_tokens": budget_tokens, "budget_usd": budget_usd}
+            "budget_tokens": budget_tokens, "budget_usd": budget_usd, "verify_tokens": verify_tokens}
     if batch_prices is not None:
         cost |= {"usd": (teacher_reads * batch_prices[0] + teacher_writes * batch_prices[1]) / 1e6,
                  "online_usd": online, "batch": True, "priced": bool(any(batch_prices) or cost["priced"])}
@@ -146,6 +153,8 @@ def render(result: dict[str, Any]) -> str:
 def cost_line(cost: dict[str, Any]) -> str:
     """The teacher's estimated spend beside the budget, and whether the estimate passes it."""
     line = f"teacher: about {cost['tokens']:,} tokens"
+    if cost.get("verify_tokens"):
+        line += f" ({cost['verify_tokens']:,} of them verifying the rewrites)"
     if cost.get("batch"):
         line += (f", ${cost['usd']:,.2f} at the batch prices (${cost['online_usd']:,.2f} through the online API); "
                  "answers within 24 hours" if cost["priced"] else

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 INSTRUCTION_VERSION = "instruction-reflection/v3"
 RESPONSE_VERSION = "response-reflection/v3"
+VERIFY_VERSION = "verify/v1"
 
 Messages = list[dict[str, str]]
 
@@ -87,3 +88,16 @@ def response_reflection(instruction: str, input: str, output: str, max_new_token
         {"role": "system", "content": _RESPONSE_SYSTEM + "\n\n" + _RESPONSE_TASK.format(room=room(max_new_tokens))},
         {"role": "user", "content": _pair_block(instruction, input, output) + "\n" + closing},
     ]
+
+
+_VERIFY_TASK = """Below is an instruction and a reply written for it.
+
+{pair}
+Is the reply a complete answer to the instruction, with no commentary about another answer? It is not when it reviews, grades or describes some other answer instead of answering, stops in the middle, or is not in the language the instruction asks for. Answer with one word: Yes or No."""
+
+
+def verification(instruction: str, input: str, output: str) -> Messages:
+    """Messages asking the teacher (teacher.verify) whether a rewrite is usable as it stands:
+    one word, Yes or No."""
+    pair = f"[Instruction]\n{instruction}\n" + (f"\n[Input]\n{input}\n" if input else "") + f"\n[Reply]\n{output}\n"
+    return [{"role": "user", "content": _VERIFY_TASK.format(pair=pair)}]

@@ -46,9 +46,10 @@ VARIANTS = variants.NAMES
 # reason (reflectune.checks, reflection.screen): cut (the token limit cut a field, or it stops
 # where its content should begin), degenerate (a loop, or a copy of the original), fragment (a new instruction that is
 # a piece of the analysis), review (an answer that reviews an answer), script (letters of a
-# script the pair neither has nor asks for), fallback (no usable form). partial: the released
+# script the pair neither has nor asks for), verify (the teacher, asked with teacher.verify,
+# did not answer that it is a complete answer), fallback (no usable form). partial: the released
 # code's field-by-field fallback, which the pipeline no longer makes (kept to read older runs).
-PARSE_STATUSES = ("ok", "cut", "degenerate", "fragment", "review", "script", "fallback", "partial")
+PARSE_STATUSES = ("ok", "cut", "degenerate", "fragment", "review", "script", "verify", "fallback", "partial")
 VARIANT: dict[str, pl.DataType] = RECORD | {
     "variant": pl.String,
     "raw_text": pl.List(pl.String),

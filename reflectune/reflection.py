@@ -10,8 +10,11 @@ is a piece of the analysis, an answer that reviews an answer, a switch into a sc
 asked for. A variant is usable (`ok`) only when every one of its fields passes; otherwise it
 gets one more try with different sampling (the reference retries only rows where nothing
 parsed) and, still unusable, falls back whole to its base pair with the reason as its parse
-status, so it ties with that pair in selection and is never chosen. Every row keeps the raw
-teacher text of every attempt, its parse status and token usage.
+status, so it ties with that pair in selection and is never chosen. With `verify`, the teacher
+is then asked of each usable variant whether it is a complete answer with no commentary about
+another answer (prompts.verification, one constrained word); a No falls back the same way with
+status `verify`. Every row keeps the raw teacher text of every attempt (and of its
+verification), its parse status and token usage.
 """
 
 from __future__ import annotations
@@ -114,10 +117,11 @@ def reflect(
     retry_sampling: Sampling | None = None,
     progress: Callable[[int, int], None] | None = None,
     plan: Callable[[int], None] | None = None,
+    verify: bool = False,
 ) -> pl.DataFrame:
     """Variant rows (records.VARIANT) for `records` (records.RECORD), ordered by source and
     variant. `progress(generations, new_tokens)` as generations are written; `plan(total)` with
-    the generations planned, again whenever retries add to them."""
+    the generations planned, again whenever retries or verifications add to them."""
     if kind not in KINDS:
         raise ValueError(f"unknown reflection kind '{kind}': choose one of {', '.join(KINDS)}")
     if sampling.constrained not in CONSTRAINED:
@@ -139,11 +143,15 @@ def reflect(
 
     more(0)
     _run(phase1, teacher, sampling, retry_sampling, progress, more)
+    if verify:  # before phase 2: an ins_res reflects on what ins turned out to be
+        _verify(phase1, teacher, sampling, progress, more)
 
     phase2 = []
     if kind == "both":
         phase2 = [_Job(_as_base(job.result), "ins_res", []) for job in phase1 if job.variant == "ins"]
         _run(phase2, teacher, sampling, retry_sampling, progress, more)
+        if verify:
+            _verify(phase2, teacher, sampling, progress, more)
 
     rows = [job.result for job in phase1 + phase2]
     rows.sort(key=lambda r: (r["source_index"], VARIANTS.index(r["variant"])))
@@ -208,6 +216,66 @@ def _run(jobs: list[_Job], teacher: TeacherEngine, sampling: Sampling, retry: Sa
             else:
                 job.result = _finish(job, parsed, teacher.teacher_id)
         pending = failed
+
+
+# new tokens a verification may write: one word, or a JSON object of one word for a server that
+# takes only JSON schemas (7 tokens compact, more as a server spaces it); a grammar stops it at the end
+VERIFY_TOKENS = 24
+VERIFY_MARK = "[verify] "  # how a verification's answer is kept among the variant's raw texts
+
+
+def _verify(jobs: list[_Job], teacher: TeacherEngine, sampling: Sampling,
+            progress: Callable[[int, int], None] | None, more: Callable[[int], None]) -> None:
+    """Verify each usable variant (`verification`); a variant not answered Yes falls back whole
+    to its base pair with status `verify`. The answers are kept among the variant's raw texts
+    and count in its tokens."""
+    todo = [job for job in jobs if job.result["parse_status"] == "ok"]
+    if not todo:
+        return
+    more(len(todo))
+    for job, gen in zip(todo, verification([job.result for job in todo], teacher, sampling, progress)):
+        row = job.result
+        row["raw_text"].append(VERIFY_MARK + (gen.text if gen.error is None else f"[request failed: {gen.error}]"))
+        row["constrained"].append(gen.constrained)
+        row["prompt_tokens"] += gen.prompt_tokens
+        row["completion_tokens"] += gen.completion_tokens
+        said = verdict(gen)
+        if said == "yes":
+            continue
+        why = (f"the verification failed: {gen.error}" if gen.error is not None else
+               f"the teacher answered {gen.text.strip()[:40]!r} to whether it is a complete answer with no "
+               "commentary about another answer" if said == "no" else
+               f"the verification's answer {gen.text.strip()[:40]!r} is neither Yes nor No")
+        row.update({name: job.base[name] for name in ("instruction", "input", "output")},
+                   parse_status="verify", parse_detail=why)
+
+
+def verification(rows: Sequence[dict], teacher: TeacherEngine, sampling: Sampling,
+                 progress: Callable[[int, int], None] | None = None) -> list[Generation]:
+    """Ask the teacher of each pair (instruction, input, output), greedily and in one word held
+    to Yes|No where the engine can (`sampling.constrained`), whether the output is a complete
+    answer with no commentary about another answer. Through `teacher` as given: behind the
+    journal and the budget on the pipeline's path."""
+    from dataclasses import replace
+
+    params = replace(sampling, temperature=0.0, top_p=1.0, max_new_tokens=VERIFY_TOKENS, repetition_penalty=1.0)
+    chats = [prompts.verification(r["instruction"], r["input"], r["output"]) for r in rows]
+    wanted = [formats.verdict_format()] * len(chats) if params.constrained != "off" else None
+    return teacher.generate(chats, params, progress, wanted)
+
+
+def verdict(gen: Generation) -> str | None:
+    """"yes" or "no" as a verification's first word says (a JSON-schema server's object read
+    as its verdict), None when it says neither or the request failed."""
+    if gen.error is not None:
+        return None
+    text = gen.text
+    if gen.constrained in ("json_schema", "tool_use"):
+        text = formats.from_json(text, formats.verdict_format()) or text
+    words = "".join(c if c.isalpha() else " " for c in text.lower()).split()
+    if words[:1] == ["verdict"]:  # a JSON object that did not parse (cut, or not held to the schema)
+        words = words[1:]
+    return words[0] if words and words[0] in ("yes", "no") else None
 
 
 def _usable(job: _Job, parsed: parsing.Parsed) -> bool:

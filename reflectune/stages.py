@@ -201,7 +201,8 @@ def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any, jo
     finished = False
     try:
         variants = reflection.reflect(records, teacher, "both", sampling, retry, progress,
-                                      plan=(lambda total: progress(0, 0, total)) if progress else None)
+                                      plan=(lambda total: progress(0, 0, total)) if progress else None,
+                                      verify=cfg.verify)
         finished = True
     finally:
         kept.close(merge=finished)

@@ -149,6 +149,14 @@ def test_plan_counts_the_real_tokens_and_estimates_time(tokenizer, sample_rows):
     assert f"budget {half:,} tokens. The estimate is 2.0x the token budget" in line
     assert "estimate is" not in plan.cost_line(priced | {"budget_tokens": 2 * cost["tokens"]})
 
+    # teacher.verify: one more request per rewrite, the verification prompt read and one word written
+    verified = plan.plan(str(SAMPLE), tokenizer, shard_size=8, max_new_tokens=64, verify=True)["teacher_cost"]
+    asks = sum(tokens(prompts.verification(r["instruction"], r.get("input", ""), r["output"])) for r in sample_rows)
+    assert verified["verify_tokens"] == 3 * asks + 3 * 41
+    assert verified["tokens"] == cost["tokens"] + verified["verify_tokens"]
+    assert f"({verified['verify_tokens']:,} of them verifying the rewrites)" in plan.cost_line(verified)
+    assert "verifying" not in plan.cost_line(cost)
+
 
 def flow_form() -> dict[str, str]:
     """The recycle flow's form as the Prefect UI renders it: each field's description, by its

@@ -3,6 +3,7 @@ near its end resends only what it lacks, another shard size sends nothing again,
 stops sending before it is passed, and the spend the journal reports is what the provider
 counted."""
 
+import json
 import os
 import signal
 import subprocess
@@ -190,3 +191,43 @@ def test_a_local_engine_journals_each_batch_and_replays(teacher, reflection_reco
     # the first run asked for each row (and the retries of unusable answers); the second for nothing
     assert asked[0] >= reflection_records.height and asked[1] == 0 and runs[0].equals(runs[1])
     assert journal.spend(at).requests == asked[0]
+
+
+def test_verification_is_paid_once_journaled_and_falls_back_on_no(emulator, tmp_path):
+    """teacher.verify: one more request per usable rewrite, through the journal and the budget;
+    a No makes the variant its base pair with status verify; a rerun pays for nothing."""
+    cfg = teacher_config(emulator, max_new_tokens=512, verify=True)  # none cut: every rewrite is verified
+    shards = write_shards(tmp_path, 6, limit=6)
+    at = str(tmp_path / "journal")
+    variants, [result] = run_shards(shards, cfg, str(tmp_path / "v"), at)
+    stats = emulator.snapshot()
+    held = journal.spend(at)
+    # 18 reflections and 18 verifications, each paid once and journaled (an ins_res whose ins
+    # fell back asks what its res asked: answered from the journal)
+    assert result.detail["generations"] == 36 and stats["duplicates"] == 0
+    assert stats["answered"] == held.requests == result.detail["requests_sent"] > 18
+    assert result.detail["requests_sent"] + result.detail["requests_replayed"] == 36
+    assert result.detail["sent_prompt_tokens"] + result.detail["sent_completion_tokens"] == held.tokens
+    originals = {r["source_index"]: r for r in intake.load(str(SAMPLE), limit=6).valid.iter_rows(named=True)}
+    by = {(r["source_index"], r["variant"]): r for r in variants.iter_rows(named=True)}
+    said = {"ok": 0, "verify": 0}
+    for row in variants.iter_rows(named=True):
+        # the emulator takes JSON schemas: the verdict comes back as an object
+        assert row["raw_text"][-1].startswith("[verify] ") and row["constrained"][-1] == "json_schema"
+        word = json.loads(row["raw_text"][-1].removeprefix("[verify] "))["verdict"]
+        said[row["parse_status"]] += 1
+        if row["parse_status"] == "ok":
+            assert word == "Yes" and row["parse_detail"] is None
+        else:  # the base pair's fields: the original's, or for ins_res what its ins became
+            base = by[(row["source_index"], "ins")] if row["variant"] == "ins_res" else originals[row["source_index"]]
+            assert [row[k] for k in ("instruction", "input", "output")] == [base[k] for k in ("instruction", "input", "output")]
+            assert word == "No" and "the teacher answered" in row["parse_detail"]
+    assert said["ok"] and said["verify"], said  # the emulator says both
+    # an ins that fell back is no new instruction for its ins_res to answer
+    for (index, variant), row in by.items():
+        if variant == "ins" and row["parse_status"] == "verify":
+            assert by[(index, "ins_res")]["instruction"] == originals[index]["instruction"]
+
+    emulator.reset_stats()
+    again, [result] = run_shards(shards, cfg, str(tmp_path / "w"), at)
+    assert emulator.snapshot()["answered"] == 0 and result.detail["requests_replayed"] == 36 and again.equals(variants)

@@ -172,3 +172,59 @@ def test_progress_moves_with_the_tokens_and_the_plan_grows_with_retries(teacher,
     variants = reflect(reflection_records, teacher, "response", Sampling(max_new_tokens=8), plan=planned.append)
     retried = int((variants["raw_text"].list.len() > 1).sum())
     assert planned[0] == reflection_records.height and planned[-1] == reflection_records.height + retried
+
+
+def test_a_verdict_is_the_first_word_and_nothing_else_counts_as_yes():
+    from reflectune.reflection import Generation, verdict
+
+    assert verdict(Generation("Yes")) == "yes" and verdict(Generation(" no.")) == "no"
+    assert verdict(Generation('{"verdict": "No"}', constrained="json_schema")) == "no"
+    assert verdict(Generation('{"verdict": "Yes', constrained="json_schema")) == "yes"  # cut before it closed
+    assert verdict(Generation("Maybe, yes")) is None and verdict(Generation("")) is None
+    assert verdict(Generation("Yes", error="timed out")) is None
+
+
+@pytest.mark.slow  # about 10 s of prefill
+def test_verification_by_the_packaged_teacher_keeps_yes_and_falls_back_on_no(teacher, tmp_path):
+    """teacher.verify with the real teacher, held to Yes|No at decode time, behind the journal:
+    each usable rewrite gets one more request, answered in one word; a No makes the variant
+    its base pair; a rerun is answered from the journal."""
+    import json
+
+    from reflectune import journal
+    from reflectune.reflection import _Job, _verify, read_text
+
+    from .conftest import ROOT
+
+    labelled = [json.loads(line) for line in (ROOT / "tests" / "data" / "labelled_rewrites.jsonl").read_text().splitlines()]
+    jobs = []
+    for r in labelled:
+        base = {"sample_id": "s", "source_index": len(jobs), **r["base"]}
+        row = read_text(r["variant"], base, r["text"], r["cut_off"])
+        if row["parse_status"] == "ok" and r["variant"] != "ins_res":
+            job = _Job(base, r["variant"], [r["text"]], ["none"])
+            job.result = row | {"raw_text": [r["text"]], "constrained": ["none"]}
+            jobs.append(job)
+        if len(jobs) == 6:
+            break
+    added = []
+    for kept in (journal.Journal(str(tmp_path), 0, 100), journal.Journal(str(tmp_path), 0, 100)):
+        for job in jobs:  # each run starts from the screened rows
+            job.result = read_text(job.variant, job.base, job.raw[0]) | {"raw_text": list(job.raw), "constrained": ["none"]}
+        engine = journal.JournaledTeacher(teacher, kept)
+        _verify(jobs, engine, Sampling(constrained="on"), None, added.append)
+        kept.close(merge=True)
+        if len(added) == 1:
+            first = [dict(job.result) for job in jobs]
+            assert engine.sent.requests == 6 and engine.sent.completion_tokens <= 6 * 2
+    assert added == [6, 6] and engine.sent.requests == 0 and engine.replayed.requests == 6
+    assert [job.result for job in jobs] == first
+    for job, row in zip(jobs, first):
+        assert row["raw_text"][-1] in ("[verify] Yes", "[verify] No") and row["constrained"][-1] == "regex"
+        assert row["prompt_tokens"] > read_text(job.variant, job.base, job.raw[0])["prompt_tokens"]
+        if row["raw_text"][-1] == "[verify] No":
+            assert row["parse_status"] == "verify" and "answered 'No'" in row["parse_detail"]
+            assert (row["instruction"], row["input"], row["output"]) == (
+                job.base["instruction"], job.base["input"], job.base["output"])
+        else:
+            assert row["parse_status"] == "ok" and row["output"] != job.base["output"]

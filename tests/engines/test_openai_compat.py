@@ -132,3 +132,20 @@ def test_a_server_without_structured_outputs_degrades_to_free_text(vllm_server, 
             reflect(reflection_records, strict, "response", Sampling(max_new_tokens=32, constrained="on"))
     finally:
         proxy.close()
+
+
+def test_verification_through_a_server_that_takes_only_json_schemas(vllm_server, reflection_records):
+    """teacher.verify's one-word answer, asked of `vllm serve` as a JSON schema and read back."""
+    from reflectune.reflection import verdict, verification
+
+    proxy = FaultProxy("127.0.0.1", vllm_server["port"], refuse=("structured_outputs",))
+    try:
+        engine = openai_teacher(proxy, vllm_server, concurrency=4)
+        pairs = reflection_records.to_dicts()
+        gens = verification(pairs, engine, Sampling(constrained="auto"))
+    finally:
+        proxy.close()
+    assert engine.constraint == "json_schema" and len(gens) == len(pairs), [(g.text, g.finish_reason) for g in gens]
+    for gen in gens:
+        assert gen.constrained == "json_schema" and json.loads(gen.text)["verdict"] in ("Yes", "No"), gen
+        assert verdict(gen) in ("yes", "no") and gen.error is None
