@@ -115,19 +115,46 @@ class Budget:
                 + " and ".join(limits))
 
 
+class _Root:
+    """What the journals of one root open in this process share, so that shards running at once
+    (a batch engine's shards all wait at once) see each other's spend the moment it is kept and
+    each other's requests in flight: the writers opened here, the spend of those closed, and
+    the worst case of every request admitted and not yet returned."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # admitting reads the total under it
+        self.live: set["Journal"] = set()
+        self.writers: set[str] = set()
+        self.closed = Spend()
+        self.in_flight = Spend()
+
+
+_ROOTS: dict[str, _Root] = {}
+_ROOTS_LOCK = threading.Lock()
+
+
+def _shared(root: str) -> _Root:
+    with _ROOTS_LOCK:
+        return _ROOTS.setdefault(root, _Root())
+
+
 class Journal:
     """The journal of one shard attempt (one writer): what it can replay, and what it keeps."""
 
     def __init__(self, root: str, lo: int, hi: int, flush_seconds: float = 1.0):
         self.root, self.lo, self.hi = root, lo, hi
         self.writer = uuid.uuid4().hex[:12]
+        self.shared = _shared(root)
+        with self.shared.lock:
+            self.shared.live.add(self)
+            self.shared.writers.add(self.writer)
         self.flush_seconds = flush_seconds
         self._pending: list[dict[str, Any]] = []
         self._kept: list[dict[str, Any]] = []  # everything this writer journaled, for the merge
         self._parts: list[str] = []
         self._seq = 0
         self.mine = Spend()  # what this writer journaled
-        self.others = Spend()  # what the rest of the journal held at the last look
+        self.others = Spend()  # what writers of other processes had kept at the last look
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._stop = threading.Event()
@@ -151,16 +178,28 @@ class Journal:
         return found
 
     def look(self) -> Spend:
-        """Refresh what the rest of the journal holds (other shards, other workers)."""
-        others = spend(self.root, exclude_writer=self.writer)
+        """Refresh what the rest of the journal holds (other workers; the shards of this process
+        are counted as they keep, see `total`)."""
+        with self.shared.lock:
+            ours = set(self.shared.writers)
+        others = Spend()
+        for f in files(self.root):
+            if f.writer not in ours:
+                others += f.spend
         with self._lock:
             self.others = others
         return others
 
     @property
     def total(self) -> Spend:
+        """Everything the journal holds: other processes' writers as last looked at, every
+        writer of this process as it keeps."""
+        with self.shared.lock:
+            here = self.shared.closed
+            for journal in self.shared.live:
+                here += journal.mine
         with self._lock:
-            return self.others + self.mine
+            return self.others + here
 
     def add(self, key: str, gen: Generation) -> None:
         row = {"key": key, "text": gen.text, "prompt_tokens": gen.prompt_tokens,
@@ -196,6 +235,10 @@ class Journal:
         if self._thread is not None:
             self._thread.join(30)
         self.flush()
+        with self.shared.lock:
+            if self in self.shared.live:
+                self.shared.live.discard(self)
+                self.shared.closed += self.mine
         if merge and self._parts:
             records.write(pl.DataFrame(self._kept, schema=JOURNAL),
                            io.join(self.root, self._name("merged", 0, self._kept)))
@@ -265,7 +308,6 @@ class JournaledTeacher:
         self.sent = Spend()
         self.replayed = Spend()
         self.batches: Counter[str] = Counter()  # a batch API's batches and lines, for this shard
-        self._reserved = Spend()
         self._lock = threading.Lock()
 
     def generate(self, chats, sampling, progress: Callable[[int, int], None] | None = None, formats=None, *,
@@ -286,23 +328,29 @@ class JournaledTeacher:
             return out
         held: dict[int, Spend] = {}
 
+        shared = self.journal.shared  # every shard of this process admits against the same spend
+
         def admitted(j: int) -> bool:
             worst = Spend(1, prompt_tokens(chats[missing[j]]), sampling.max_new_tokens)
-            with self._lock:
-                if self.budget is not None and self.budget.passes(self.journal.total + self._reserved + worst):
+            with shared.lock:
+                if self.budget is not None and self.budget.passes(self.journal.total + shared.in_flight + worst):
                     return False
-                self._reserved += worst
+                shared.in_flight += worst
                 held[j] = worst
             return True
+
+        def release(j: int) -> None:
+            worst = held.pop(j)
+            shared.in_flight += Spend(-worst.requests, -worst.prompt_tokens, -worst.completion_tokens)
 
         def returned(j: int, gen: Generation) -> None:
             if gen.error is None:  # kept before its reservation ends: the spend never dips in between
                 self.journal.add(keys[missing[j]], gen)
                 self.found[keys[missing[j]]] = gen
-            with self._lock:
+            with shared.lock:
                 if j in held:
-                    self._reserved += Spend(-held[j].requests, -held[j].prompt_tokens, -held[j].completion_tokens)
-                    del held[j]
+                    release(j)
+            with self._lock:
                 self.sent += Spend(1, gen.prompt_tokens, gen.completion_tokens)
 
         # a batch API's lines are named by their keys, and its batches kept beside the journal
@@ -314,10 +362,9 @@ class JournaledTeacher:
                                         admit=admitted if self.budget is not None else None, done=returned,
                                         **batched)
         finally:
-            with self._lock:  # whatever did not come back is no longer in flight
-                for worst in held.values():
-                    self._reserved += Spend(-worst.requests, -worst.prompt_tokens, -worst.completion_tokens)
-                held.clear()
+            with shared.lock:  # whatever did not come back is no longer in flight
+                for j in list(held):
+                    release(j)
         for j, i in enumerate(missing):
             out[i] = gens[j]
         if any(g.error == NOT_SENT for g in gens):

@@ -293,3 +293,36 @@ def test_a_retried_parent_launches_again_what_its_earlier_try_left_failed_and_co
     outcomes[:] = [Failed(message="boom")]
     with pytest.raises(ReflectuneError, match=r"GPU step train \(flow run run-1\) ended Failed: boom"):
         recycle._launch(params, "steps/gpu", {"step": "train"}, "GPU step train", "train:")
+
+
+def test_shards_whose_batches_wait_at_once_hold_one_budget(tmp_path):
+    """Batch shards run at once (teacher.concurrency) admit against one spend: what each has in
+    flight counts for the others, so the budget holds as it does online."""
+    import threading
+
+    from reflectune import journal
+    from reflectune.errors import BudgetExceededError
+
+    shards = synthetic_shards(tmp_path, n=8, size=2)
+    with Emulator(latency=0.0, answer_words=(20, 40), batch_seconds=0.3) as emulator:
+        cfg = config(emulator, "openai-batch", budget_tokens=4000)
+        engine = batch_engine(cfg, emulator)
+        stopped = []
+
+        def one(shard):
+            try:
+                stages.teacher_shard(shard, f"{tmp_path}/variants/{shard.name}.parquet", cfg, engine,
+                                     f"{tmp_path}/journal")
+            except BudgetExceededError as exc:
+                stopped.append(exc)
+
+        threads = [threading.Thread(target=one, args=(s,)) for s in shards]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        stats = emulator.snapshot()
+    held = journal.spend(f"{tmp_path}/journal")
+    assert stopped, "the budget did not stop any shard"
+    assert (held.requests, held.tokens) == (stats["answered"], stats["prompt_tokens"] + stats["completion_tokens"])
+    assert 0 < held.tokens <= 4000, held
