@@ -75,6 +75,9 @@ def _pipeline(params: RecycleParams) -> dict[str, Any]:
     if params.evaluation.enabled and train_metrics.get("trained"):
         place.baselines()
         evaluation = place.on_gpu("evaluate", evaluate_students)
+    elif params.evaluation.enabled:  # asked for, and nothing to evaluate: say why
+        why = train_metrics.get("reason", "training did not run")
+        evaluation["reason"] = f"not run: no student was trained ({why})"
 
     manifest = run.build(params, results, counts, train_metrics, evaluation, teacher=teacher_id, student=student_id,
                          scorer=stages.model_identity(params.scorer),

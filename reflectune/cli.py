@@ -1,4 +1,8 @@
-"""The `reflectune` command line."""
+"""The `reflectune` command line.
+
+Output: a command whose results are files (score, reflect, recycle) writes its progress and its
+summary to stderr and nothing to stdout; a command whose result is text (plan, compare,
+evaluate, report, models prepare) prints it to stdout. Errors go to stderr, with exit 2."""
 
 from __future__ import annotations
 
@@ -11,14 +15,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from reflectune import intake, io, preflight, records
+from reflectune import intake, io, lock, preflight, records
 from reflectune.cli_options import (RECYCLE_HELP, RECYCLE_SECTION_SHORTCUTS, RECYCLE_SHORTCUTS, _config,
                                     _config_options, _default, _dotted, recycle_params)
 from reflectune.cli_progress import _progress, _RunBars
 from reflectune.config import RecycleParams, StudentConfig, TeacherConfig, config_fields
 from reflectune.errors import Interrupted, ReflectuneError
 from reflectune.secrets import redact
-from reflectune.engines import BATCH_ENGINES, STUDENT_ENGINES, TEACHER_ENGINES
+from reflectune.engines import STUDENT_ENGINES, TEACHER_ENGINES
 from reflectune.models import DEFAULT_MODEL
 from reflectune.reflection import KINDS
 from reflectune.templates import DEFAULT_TEMPLATE, TEMPLATES
@@ -109,8 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     pl_.add_argument("--epochs", type=float, default=_default("training.epochs"))
     pl_.add_argument("--verify", action=argparse.BooleanOptionalAction, default=_default("teacher.verify"),
                      help=config_fields(RecycleParams)["teacher.verify"].description)
-    for name in ("price_input_per_m", "price_output_per_m", "batch_price_input_per_m", "batch_price_output_per_m",
-                 "budget_tokens", "budget_usd"):
+    for name in _PLAN_TEACHER:
         pl_.add_argument(f"--{name.replace('_', '-')}", type=int if name == "budget_tokens" else float,
                          default=_default(f"teacher.{name}"), help=config_fields(RecycleParams)[f"teacher.{name}"].description)
     for stage in ("teacher", "student", "train"):
@@ -213,12 +216,21 @@ def _score(args: argparse.Namespace) -> int:
 def _one_stage(model: type[BaseModel], args: argparse.Namespace) -> tuple[Any, intake.Intake]:
     """`score` and `reflect`: the stage's configuration and the valid input, both checked
     before a model loads."""
+    from reflectune.secrets import has_userinfo
+
+    cfg = _config(model, args)
+    # refused as recycle refuses them: a URL is printed and recorded, its password with it
+    leaking = [name for name, url in (("the input", args.input), ("--out", args.out),
+                                      ("--base-url", getattr(cfg, "base_url", None))) if has_userinfo(url)]
+    if leaking:
+        raise ReflectuneError(f"{' and '.join(leaking)} carries a user name or password in its URL: give the URL "
+                              "without them, and the credentials in the environment (--api-key-env names the "
+                              "variable of an API key; AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3)")
     if not args.out.endswith((".parquet", ".jsonl")):
         raise ReflectuneError(f"--out '{args.out}': use a .parquet or .jsonl file name")
     if "://" not in args.out + args.input and os.path.abspath(args.out) == os.path.abspath(args.input):
         raise ReflectuneError(f"--out '{args.out}' is the input file: writing there would overwrite it; name "
                               "another file")
-    cfg = _config(model, args)
     _check_engine(cfg.engine)
     return cfg, intake.load(args.input, intake.parse_column_map(args.map), args.limit)
 
@@ -268,13 +280,13 @@ def _reflect(args: argparse.Namespace) -> int:
 
 
 def _recycle(args: argparse.Namespace) -> int:
-    from reflectune import manifest as run
     from reflectune import progress
 
     params = recycle_params(args)
     if "vllm" in (params.teacher.engine, params.student.engine):
         _check_engine("vllm")
     preflight.check(params)
+    lock.check(params.output)  # a busy folder named at once, not after the server's start-up
     _prefect_api()
     recycle = _flows("recycle").recycle
 
@@ -289,13 +301,21 @@ def _recycle(args: argparse.Namespace) -> int:
                 progress.listen(None)
     finally:
         signal.signal(signal.SIGINT, previous)
+    _summary(manifest)
+    return 0
+
+
+def _summary(manifest: dict[str, Any]) -> None:
+    """A finished run's summary, its evaluation's table included: on stderr, as the results of
+    every command that writes files (the module's note)."""
+    from reflectune import manifest as run
+
     print(run.text(manifest), file=sys.stderr)
     ev = manifest.get("evaluation", {})
     if ev.get("evaluated"):
         from reflectune.evaluation import render_table
 
-        print(render_table(ev))
-    return 0
+        print(render_table(ev), file=sys.stderr)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -318,12 +338,18 @@ def _prefect_api() -> None:
         os.environ["PREFECT_API_URL"] = api_server.start()
 
 
+# the teacher's settings `plan` takes, as options of the same names (--budget-usd)
+_PLAN_TEACHER = ("price_input_per_m", "price_output_per_m", "batch_price_input_per_m", "batch_price_output_per_m",
+                 "budget_tokens", "budget_usd")
+
+
 def _plan(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from reflectune import plan
     from reflectune.models import resolve
 
+    teacher = _plan_teacher(args)
     try:
         sizes = plan.parse_size(args.teacher_size), plan.parse_size(args.student_size)
     except ValueError as exc:
@@ -338,39 +364,82 @@ def _plan(args: argparse.Namespace) -> int:
                        teacher_params=sizes[0], student_params=sizes[1], throughput=given,
                        price_input_per_m=args.price_input_per_m, price_output_per_m=args.price_output_per_m,
                        budget_tokens=args.budget_tokens, budget_usd=args.budget_usd, verify=args.verify,
-                       batch_prices=_batch_prices(args) if args.teacher_engine in BATCH_ENGINES else None)
+                       batch_prices=teacher.prices if teacher.batched else None)
     print(plan.render(result))
     return 0
 
 
-def _batch_prices(args: argparse.Namespace) -> tuple[float, float]:
-    """The batch API's prices for `plan`: as given, else half the online prices."""
-    cfg = TeacherConfig(engine=args.teacher_engine, price_input_per_m=args.price_input_per_m,
-                        price_output_per_m=args.price_output_per_m, batch_price_input_per_m=args.batch_price_input_per_m,
-                        batch_price_output_per_m=args.batch_price_output_per_m)
-    return cfg.prices
+def _plan_teacher(args: argparse.Namespace) -> TeacherConfig:
+    """The teacher's prices and budgets checked as `recycle` checks them (a budget of 0, a
+    dollar budget without prices), each problem named by plan's own option."""
+    import re
+
+    from reflectune.cli_options import problems
+
+    try:
+        return TeacherConfig(engine=args.teacher_engine, max_new_tokens=args.max_new_tokens,
+                             **{name: getattr(args, name) for name in _PLAN_TEACHER})
+    except ValueError as exc:
+        names = "|".join((*_PLAN_TEACHER, "max_new_tokens"))
+        text = re.sub(rf"\b(?:teacher\.)?({names})\b", lambda m: "--" + m[1].replace("_", "-"), problems(exc))
+        raise ReflectuneError(f"invalid options:\n{text}") from None
 
 
 def _compare(args: argparse.Namespace) -> int:
+    import polars as pl
+
     from reflectune import report, run_folder
 
-    runs = []
-    for d in args.dirs:
+    problems, seen, runs, samples = [], {}, [], []
+    roots = [os.path.realpath(d) if "://" not in d else d.rstrip("/") for d in args.dirs]
+    for d, root, label in zip(args.dirs, roots, _labels(roots)):
         folder = run_folder.RunFolder(d)
+        if root in seen:
+            problems.append(f"{d}: the same folder as {seen[root]}: give each run once")
+            continue
+        seen[root] = d
+        if not io.exists(d):
+            problems.append(f"{d}: no such folder: check the path")
+            continue
         try:
             summary, manifest = io.read_json(folder.evaluation), io.read_json(folder.manifest)
-        except FileNotFoundError:
-            raise ReflectuneError(f"{d}: no finished evaluation ({run_folder.MANIFEST} or the evaluation's summary is "
-                                  "missing): give folders of finished runs with --evaluate") from None
+            ids = pl.read_parquet(io.read_bytes(folder.decisions), columns=["sample_id"])["sample_id"]
+        except (FileNotFoundError, NotADirectoryError):
+            problems.append(f"{d}: no finished evaluation ({run_folder.MANIFEST}, {run_folder.DECISIONS} or the "
+                            "evaluation's summary is missing): give folders of finished runs with --evaluate")
+            continue
         if not summary.get("table"):
-            raise ReflectuneError(f"{d}: its evaluation has no table of baselines: run it again with --evaluate")
-        method = manifest.get("parameters", {}).get("selection", {}).get("method", "?")
-        runs.append((f"{d.rstrip('/').rsplit('/', 1)[-1]} ({method})", summary))
+            problems.append(f"{d}: its evaluation has no table of baselines: run it again with --evaluate")
+            continue
+        parameters = manifest.get("parameters", {})
+        runs.append((f"{label} ({parameters.get('selection', {}).get('method', '?')})", summary))
+        samples.append((d, parameters.get("dataset", "?"), set(ids.to_list())))
+    # runs are compared on one dataset: the same samples (ids are hashes of the pairs), wherever it was read
+    for d, dataset, ids in samples[1:]:
+        first, first_dataset, first_ids = samples[0]
+        if ids != first_ids:
+            problems.append(f"{d} ran on other data than {first}: {len(ids):,} samples of {dataset} against "
+                            f"{len(first_ids):,} of {first_dataset}, {len(ids & first_ids):,} in common: compare "
+                            "runs of one dataset, with the same limit and column map")
+    if problems:
+        raise ReflectuneError(problems[0] if len(problems) == 1 else
+                              "cannot compare:\n" + "\n".join(f"  {p}" for p in problems))
     print(report.compare_text(runs))
     if args.html:
         io.write_bytes(args.html, report.compare_page(runs).encode("utf-8"))
         print(f"wrote {args.html}")
     return 0
+
+
+def _labels(roots: list[str]) -> list[str]:
+    """Each folder's name, with as many of its parents as it takes to tell folders of one name
+    apart (runs/a/out and runs/b/out: a/out and b/out)."""
+    parts = [root.split("/") for root in roots]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(set(roots)):
+            return labels
+    return roots
 
 
 def _publish(args: argparse.Namespace) -> int:

@@ -40,9 +40,10 @@ class TeacherConfig(_Config):
                                     "(anthropic-batch).")
     api_key_block: str | None = Field(None, description="openai: name of a Prefect Secret block holding the API "
                                       "key; used instead of the environment when set.")
-    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="Generation limit per request, as the reference: each "
-                                "request gets at most this and at most the teacher's context minus its prompt "
-                                "(vllm and transformers engines; an openai endpoint applies its own limit).")
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="Generation limit per request, as the reference. "
+                                "vllm and transformers: at most this and at most the teacher's context minus the "
+                                "prompt. openai and the batch engines: sent as the request's max_tokens, as given (a "
+                                "server whose context cannot hold the prompt and this many tokens refuses the request).")
     temperature: float = Field(0.0, ge=0, description="First attempt's temperature; 0 is greedy, as the reference.")
     top_p: float = Field(1.0, gt=0, le=1, description="First attempt's nucleus sampling.")
     retry_temperature: float = Field(RETRY_TEMPERATURE, ge=0, description="Temperature of the one retry a row gets when its "

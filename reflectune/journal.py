@@ -55,6 +55,18 @@ class Spend:
         return (self.prompt_tokens * price_input_per_m + self.completion_tokens * price_output_per_m) / 1e6
 
 
+def dollars(amount: float) -> str:
+    """An amount of dollars, without the sign, with the digits it needs: cents from a dollar up,
+    two significant digits below (a budget of 0.005 is not "0.00", nor is a spend of 0.0012)."""
+    if amount == 0 or abs(amount) >= 1:
+        return f"{amount:,.2f}"
+    digits = 2
+    while digits < 10 and abs(amount) < 10 ** (1 - digits):
+        digits += 1
+    text = f"{amount:.{digits}f}".rstrip("0")
+    return text + "0" * (2 - len(text.partition(".")[2]))
+
+
 @dataclass(frozen=True)
 class JournalFile:
     uri: str
@@ -104,12 +116,13 @@ class Budget:
 
     def describe(self, spend: Spend) -> str:
         priced = self.price_input_per_m or self.price_output_per_m
-        cost = f"; ${spend.usd(self.price_input_per_m, self.price_output_per_m):,.2f} at the prices set" if priced else ""
+        usd = spend.usd(self.price_input_per_m, self.price_output_per_m)
+        cost = f"; ${dollars(usd)} at the prices set" if priced else ""
         limits = []
         if self.tokens is not None:
             limits.append(f"teacher.budget_tokens {self.tokens:,}")
         if self.usd is not None:
-            limits.append(f"teacher.budget_usd {self.usd:,.2f}")
+            limits.append(f"teacher.budget_usd {dollars(self.usd)}")
         return (f"spent {spend.tokens:,} tokens ({spend.prompt_tokens:,} prompt, {spend.completion_tokens:,} "
                 f"completion{cost}) in {spend.requests:,} requests, against "
                 + " and ".join(limits))

@@ -3,10 +3,12 @@
 Two runs into one folder would both do all the work (each sees the other's shards unfinished)
 and interleave their outputs. A run holds its folder with a small file naming its host,
 process and start, refreshed every HEARTBEAT seconds; a second run reads it and stops with a
-message naming the holder. A holder that died is taken over: on the same host when its
-process is gone, from another host when its heartbeat is older than STALE seconds. The same
-file works on local disks and object stores (no atomic create there: a run reads its claim
-back after a moment, and the later writer of two claims at one instant wins).
+message naming the holder and the file. A holder that died is taken over: on any host when its
+heartbeat is older than STALE seconds (a live run beats every HEARTBEAT seconds, so a claim
+that stopped beating names a run that is gone, even where its process id now belongs to an
+unrelated process), and on the same host at once when its process is gone. The same file
+works on local disks and object stores (no atomic create there: a run reads its claim back
+after a moment, and the later writer of two claims at one instant wins).
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ class OutputInUse(ReflectuneError):
     """Another run holds the output folder."""
 
 
+def check(folder: str) -> None:
+    """Raise OutputInUse when a live run holds `folder`: a command checks before it starts
+    anything slow (a Prefect server), so a busy folder is named at once. `hold` checks again."""
+    uri = run_folder.RunFolder(folder).lock
+    held = _read(uri)
+    if held and _alive(held):
+        raise _in_use(folder, uri, held)
+
+
 @contextmanager
 def hold(folder: str) -> Iterator[None]:
     uri = run_folder.RunFolder(folder).lock
@@ -40,12 +51,12 @@ def hold(folder: str) -> Iterator[None]:
              "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "beat": time.time()}
     held = _read(uri)
     if held and held.get("token") != claim["token"] and _alive(held):
-        raise _in_use(folder, held)
+        raise _in_use(folder, uri, held)
     io.write_json(claim, uri)
     time.sleep(0.05)  # a claim written at the same moment by another run: the later one stands
     held = _read(uri)
     if held and held.get("token") != claim["token"]:
-        raise _in_use(folder, held)
+        raise _in_use(folder, uri, held)
     stop = threading.Event()
 
     def beat() -> None:
@@ -81,24 +92,28 @@ def _read(uri: str) -> dict[str, Any] | None:
 
 
 def _alive(held: dict[str, Any]) -> bool:
-    if held.get("host") == socket.gethostname():
-        pid = held.get("pid")
-        if not isinstance(pid, int):
-            return False
-        if pid == os.getpid():  # an earlier run of this very process that did not let go
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # another user's live process
-            return True
+    beat = held.get("beat")
+    if not isinstance(beat, (int, float)) or time.time() - beat >= STALE:
+        return False  # no heartbeat: the run is gone, whatever holds its process id now
+    if held.get("host") != socket.gethostname():
         return True
-    return time.time() - float(held.get("beat", 0)) < STALE
+    pid = held.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():  # the latter: an earlier run of this very process
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
-def _in_use(folder: str, held: dict[str, Any]) -> OutputInUse:
+def _in_use(folder: str, uri: str, held: dict[str, Any]) -> OutputInUse:
+    beat = held.get("beat")
+    age = f", last heartbeat {time.time() - beat:.0f} s ago" if isinstance(beat, (int, float)) else ""
     return OutputInUse(
         f"output {folder} is in use by another run (host {held.get('host')}, process {held.get('pid')}, since "
-        f"{held.get('since')}): wait for it to end, or write to another folder. A run that died is taken over "
-        f"(on another host {STALE:.0f} s after its last heartbeat)")
+        f"{held.get('since')}{age}; its claim is {uri}): wait for it to end, or write "
+        f"to another folder. A claim whose heartbeat stopped {STALE:.0f} s ago is taken over by the next run; to "
+        f"take it over sooner, when you know no run writes there, delete {uri}")

@@ -10,7 +10,7 @@ from typing import Any
 from reflectune import prompts
 from reflectune.config import RecycleParams
 from reflectune.engines.batch_api import TALLY
-from reflectune.journal import Spend
+from reflectune.journal import Spend, dollars
 
 
 def build(params: RecycleParams, results: list[dict[str, Any]], counts: dict[str, Any], training: dict[str, Any],
@@ -56,7 +56,7 @@ def teacher_spend(params: RecycleParams, teacher_results: list[dict[str, Any]], 
     t = params.teacher
     this = _sum([r for r in teacher_results if not r.get("reused")], SPEND_KEYS + (TALLY if t.batched else ()))
     price_in, price_out = t.prices
-    usd = lambda p, c: round((p * price_in + c * price_out) / 1e6, 4)
+    usd = lambda p, c: round((p * price_in + c * price_out) / 1e6, 6)  # a small run's cost is under a cent
     return {
         **this,
         "sent_usd": usd(this["sent_prompt_tokens"], this["sent_completion_tokens"]),
@@ -154,9 +154,9 @@ def spend_line(spend: dict[str, Any]) -> str:
     """What the teacher cost, in one line: sent and replayed by this run, held by the journal."""
     j = spend["journal"]
     priced = spend["price_input_per_m"] or spend["price_output_per_m"]
-    cost = lambda usd: f" (${usd:,.2f})" if priced else ""
+    cost = lambda usd: f" (${dollars(usd)})" if priced else ""
     limits = [f"{spend['budget_tokens']:,} tokens" if spend.get("budget_tokens") else "",
-              f"${spend['budget_usd']:,.2f}" if spend.get("budget_usd") else ""]
+              f"${dollars(spend['budget_usd'])}" if spend.get("budget_usd") else ""]
     budget = " and ".join(x for x in limits if x)
     batches = ""
     if spend.get("priced_as") == "batch":

@@ -16,6 +16,7 @@ from typing import Any
 
 from reflectune import intake, prompts, scoring
 from reflectune.engines import BATCH_ENGINES
+from reflectune.journal import dollars
 from reflectune.reflection import MAX_NEW_TOKENS
 
 # Tokens/s measured on the reference CPU host (2 cores, fp32) with SmolLM2-135M; scaled to
@@ -156,26 +157,31 @@ def cost_line(cost: dict[str, Any]) -> str:
     if cost.get("verify_tokens"):
         line += f" ({cost['verify_tokens']:,} of them verifying the rewrites)"
     if cost.get("batch"):
-        line += (f", ${cost['usd']:,.2f} at the batch prices (${cost['online_usd']:,.2f} through the online API); "
-                 "answers within 24 hours" if cost["priced"] else
+        line += (f", ${dollars(cost['usd'])} at the batch prices (${dollars(cost['online_usd'])} through the online "
+                 "API); answers within 24 hours" if cost["priced"] else
                  " (no price given: --price-input-per-m, --price-output-per-m; a batch API's is half); answers "
                  "within 24 hours")
     else:
-        line += (f", ${cost['usd']:,.2f} at the prices given" if cost["priced"]
+        line += (f", ${dollars(cost['usd'])} at the prices given" if cost["priced"]
                  else " (no price given: --price-input-per-m, --price-output-per-m)")
     over = []
     if cost.get("budget_tokens") is not None:
         line += f"; budget {cost['budget_tokens']:,} tokens"
         if cost["tokens"] > cost["budget_tokens"]:
-            over.append(f"{cost['tokens'] / cost['budget_tokens']:.1f}x the token budget")
+            over.append(_times(cost["tokens"], cost["budget_tokens"], "token"))
     if cost.get("budget_usd") is not None:
-        line += f"; budget ${cost['budget_usd']:,.2f}"
+        line += f"; budget ${dollars(cost['budget_usd'])}"
         if cost["priced"] and cost["usd"] > cost["budget_usd"]:
-            over.append(f"{cost['usd'] / cost['budget_usd']:.1f}x the dollar budget")
+            over.append(_times(cost["usd"], cost["budget_usd"], "dollar"))
     if over:
         line += (f". The estimate is {' and '.join(over)}: the run would stop there (a rerun with a larger budget "
                  "goes on without paying twice)")
     return line
+
+
+def _times(estimate: float, budget: float, unit: str) -> str:
+    # a budget of 0 or less is refused where it is given (TeacherConfig); here it is only named
+    return f"{estimate / budget:.1f}x the {unit} budget" if budget > 0 else f"past the {unit} budget"
 
 
 def _duration(seconds: float) -> str:

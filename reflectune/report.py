@@ -13,6 +13,7 @@ import polars as pl
 
 from reflectune import io
 from reflectune import manifest as run
+from reflectune.journal import dollars
 from reflectune.records import VARIANTS
 from reflectune.run_folder import RunFolder
 
@@ -177,7 +178,7 @@ def _usage(usage: dict[str, Any], spend: dict[str, Any] | None, price_in: float,
     spend = spend or {}
     if not (price_in or price_out):
         price_in, price_out = spend.get("price_input_per_m", 0.0), spend.get("price_output_per_m", 0.0)
-    cost = lambda p, c: (f"${(p * price_in + c * price_out) / 1e6:,.2f}" if price_in or price_out else "no price set")
+    cost = lambda p, c: (f"${dollars((p * price_in + c * price_out) / 1e6)}" if price_in or price_out else "no price set")
     journal = spend.get("journal", {})
     rows = [("all generations in the variants", usage.get("generations", 0), usage.get("prompt_tokens", 0),
              usage.get("completion_tokens", 0))]

@@ -85,6 +85,19 @@ def test_reflect_refuses_a_secret_block_it_would_not_read(tmp_path, capsys):
     assert "--api-key-block 'teacher-key'" in err and "--api-key-env" in err and not out.exists()
 
 
+def test_reflect_refuses_a_password_in_a_url_as_recycle_does(tmp_path, capsys):
+    """A user name or password in --base-url (or the input, or --out) is refused before anything
+    is sent, without echoing it."""
+    from reflectune.cli import main
+
+    out = tmp_path / "variants.parquet"
+    assert main(["reflect", str(SAMPLE), "--out", str(out), "--engine", "openai", "--teacher", "m", "--base-url",
+                 "http://me:hunter2@127.0.0.1:9/v1", "--request-retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--base-url carries a user name or password in its URL: give the URL without them" in err
+    assert "hunter2" not in err and "Traceback" not in err and not out.exists()
+
+
 def test_models_prepare_and_specs(tmp_path):
     result = run_cli("models", "prepare")
     assert result.returncode == 0, result.stderr
@@ -102,6 +115,7 @@ def test_models_prepare_and_specs(tmp_path):
 
 def test_plan_counts_the_real_tokens_and_estimates_time(tokenizer, sample_rows):
     from reflectune import plan, prompts
+    from reflectune.journal import dollars
     from reflectune.scoring import build_sequences
 
     result = plan.plan(str(SAMPLE), tokenizer, shard_size=8, max_new_tokens=64)
@@ -145,7 +159,7 @@ def test_plan_counts_the_real_tokens_and_estimates_time(tokenizer, sample_rows):
                        price_output_per_m=10.0, budget_tokens=half)["teacher_cost"]
     assert priced["usd"] == pytest.approx((stages["teacher"].reads * 2.5 + stages["teacher"].writes * 10) / 1e6)
     line = plan.cost_line(priced)
-    assert f"about {cost['tokens']:,} tokens, ${priced['usd']:,.2f}" in line
+    assert f"about {cost['tokens']:,} tokens, ${dollars(priced['usd'])}" in line
     assert f"budget {half:,} tokens. The estimate is 2.0x the token budget" in line
     assert "estimate is" not in plan.cost_line(priced | {"budget_tokens": 2 * cost["tokens"]})
 
@@ -156,6 +170,27 @@ def test_plan_counts_the_real_tokens_and_estimates_time(tokenizer, sample_rows):
     assert verified["tokens"] == cost["tokens"] + verified["verify_tokens"]
     assert f"({verified['verify_tokens']:,} of them verifying the rewrites)" in plan.cost_line(verified)
     assert "verifying" not in plan.cost_line(cost)
+
+
+def test_plan_refuses_the_budgets_recycle_refuses_naming_its_own_option(capsys):
+    """A budget of 0 or less, or in dollars without prices: exit 2, one message naming plan's
+    option and the fix (not a ZeroDivisionError, not "-6514.0x", not silence). A small dollar
+    budget is printed with its digits."""
+    from reflectune.cli import main
+
+    at_least_one = "--budget-tokens: Input should be greater than or equal to 1"
+    for given, expected in ((["--budget-tokens", "0"], at_least_one), (["--budget-tokens", "-5"], at_least_one),
+                            (["--budget-usd", "0", "--price-output-per-m", "10"],
+                             "--budget-usd: Input should be greater than 0")):
+        assert main(["plan", str(SAMPLE), *given]) == 2, given
+        captured = capsys.readouterr()
+        assert expected in captured.err and "Traceback" not in captured.err and not captured.out, given
+        assert "teacher." not in captured.err, given  # plan's options, not recycle's names
+
+    assert main(["plan", str(SAMPLE), "--budget-usd", "0.004", "--price-input-per-m", "2.5",
+                 "--price-output-per-m", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "; budget $0.004. The estimate is " in out and "x the dollar budget" in out
 
 
 def flow_form() -> dict[str, str]:
@@ -345,3 +380,86 @@ def test_a_checkout_hiding_a_regular_install_is_named_with_the_fix(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "reflectune.flows is not importable" in done.stderr and "pip install -e ." in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_recycle_into_a_folder_another_run_holds_is_refused_before_a_prefect_server_starts(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """The lock is read before the command's own Prefect server starts (about 15 s): the busy
+    folder and its claim file are named at once, and no server was started (PREFECT_API_URL,
+    which starting one sets, is still unset)."""
+    from reflectune import run_folder
+    from reflectune.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / run_folder.LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 7, "beat": time.time(),
+                                                   "token": "t", "since": "now"}))
+    start = time.monotonic()
+    assert main(["recycle", str(SAMPLE), "--out", str(out), *SMALL_RUN]) == 2
+    err = capsys.readouterr().err
+    assert f"output {out} is in use by another run (host elsewhere, process 7" in err
+    assert f"delete {out / run_folder.LOCK}" in err and "Traceback" not in err
+    assert "PREFECT_API_URL" not in os.environ and time.monotonic() - start < 10
+
+
+def _finished_run(folder: Path, method: str, sample_ids: list[str], score: float) -> Path:
+    """A finished run's folder as `compare` reads it: the manifest, the evaluation's summary and
+    the decisions (one row per sample)."""
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"parameters": {"dataset": "data.jsonl",
+                                                                     "selection": {"method": method}}}))
+    row = {"baseline": "random", "test_set": "vicuna", "n": 80, "wins": 30, "ties": 30, "losses": 20,
+           "winning_score": score}
+    (folder / "evaluation.json").write_text(json.dumps({"model": "m", "judge": "j", "table": [row]}))
+    pl.DataFrame({"sample_id": sample_ids}).write_parquet(folder / "decisions.parquet")
+    return folder
+
+
+def test_compare_tells_folders_of_one_name_apart_and_refuses_what_it_cannot_compare(tmp_path, capsys):
+    """Two folders named `out` are told apart by their parents; a folder given twice, a path that
+    does not exist and a run on other data are each named, all at once, exit 2."""
+    from reflectune.cli import main
+
+    a = _finished_run(tmp_path / "runs" / "a" / "out", "selective", ["s1", "s2"], 1.125)
+    b = _finished_run(tmp_path / "runs" / "b" / "out", "cherry", ["s2", "s1"], 0.9)
+    assert main(["compare", str(a), str(b)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("a/out (selective) ") and lines[2].startswith("b/out (cherry) ")
+
+    other = _finished_run(tmp_path / "other", "selective", ["s1", "s3"], 1.0)
+    missing = tmp_path / "nowhere"
+    assert main(["compare", str(a), f"{a}/", str(missing), str(other)]) == 2
+    captured = capsys.readouterr()
+    assert not captured.out and "Traceback" not in captured.err
+    assert f"{a}/: the same folder as {a}: give each run once" in captured.err
+    assert f"{missing}: no such folder: check the path" in captured.err
+    assert f"{other} ran on other data than {a}: 2 samples of data.jsonl against 2 of data.jsonl, 1 in common" \
+        in captured.err
+
+
+def test_recycles_summary_and_its_evaluation_table_go_to_stderr_together(capsys):
+    """A command that writes files keeps stdout empty: recycle's summary and the evaluation's
+    table both go to stderr (the rule in `reflectune --help`)."""
+    from reflectune.cli import _summary, main
+
+    row = {"baseline": "random", "test_set": "vicuna", "n": 2, "wins": 1, "ties": 1, "losses": 0,
+           "winning_score": 1.5, "heldout_loss_model": None, "heldout_loss_baseline": None}
+    manifest = {"student": "s", "counts": {"input_rows": 2, "valid_rows": 2, "rejected_rows": 0, "selected_rows": 1,
+                                           "dropped_rows": 1},
+                "training": {"trained": False, "reason": "training disabled"},
+                "evaluation": {"evaluated": True, "baselines": {}, "model": "out/model", "judge": "j", "table": [row]}}
+    _summary(manifest)
+    captured = capsys.readouterr()
+    assert not captured.out
+    assert "2 input rows: 2 valid" in captured.err and "evaluation: out/model against each baseline" in captured.err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "itssummarytostderrandnothingtostdout" in "".join(capsys.readouterr().out.split())
+
+
+def test_the_max_new_tokens_help_says_what_an_api_engine_is_sent():
+    from reflectune.config import RecycleParams, config_fields
+
+    text = config_fields(RecycleParams)["teacher.max_new_tokens"].description
+    assert "sent as the request's max_tokens" in text and "applies its own limit" not in text

@@ -154,6 +154,16 @@ def test_a_dollar_budget_counts_at_the_users_prices(emulator, tmp_path):
     assert 0 < held.usd(2.5, 10.0) <= 0.01
 
 
+def test_small_dollar_amounts_are_printed_with_the_digits_they_need():
+    """A budget of $0.004 is not "0.00", nor a spend of $0.003 "$0.00": cents from a dollar up,
+    two significant digits below."""
+    budget = journal.Budget(usd=0.004, price_input_per_m=2.5, price_output_per_m=10.0)
+    assert budget.describe(journal.Spend(3, 400, 200)) == (
+        "spent 600 tokens (400 prompt, 200 completion; $0.003 at the prices set) in 3 requests, against "
+        "teacher.budget_usd 0.004")
+    assert [journal.dollars(x) for x in (0, 0.0123, 0.5, 1, 1234.5)] == ["0.00", "0.012", "0.50", "1.00", "1,234.50"]
+
+
 def test_the_journal_on_s3_keeps_and_replays(emulator, s3_bucket, tmp_path):
     cfg = teacher_config(emulator, max_new_tokens=512)  # none cut: 3 requests a row
     shards = write_shards(tmp_path, 6, limit=6)

@@ -2,6 +2,7 @@
 claim is taken over."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -39,3 +40,28 @@ def test_a_second_run_is_told_who_holds_the_folder_and_a_dead_holder_is_taken_ov
     with pytest.raises(lock.OutputInUse, match=r"host elsewhere, process 7"):
         with lock.hold(out):
             pass
+
+
+def test_a_live_unrelated_process_with_a_stopped_heartbeat_does_not_hold_the_folder(tmp_path):
+    """A claim naming a live process of this host (pid 1 here) whose heartbeat stopped a day ago
+    is a run that is gone (a live run beats every HEARTBEAT seconds): it is taken over. One that
+    still beats is refused, by `check` too, with the claim's file named as the way out."""
+    import time
+
+    out = str(tmp_path / "out")
+    claim = tmp_path / "out" / run_folder.LOCK
+    claim.parent.mkdir()
+    claim.write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "beat": time.time() - 86400,
+                                 "token": "old", "since": "yesterday"}))
+    lock.check(out)
+    with lock.hold(out):
+        assert json.loads(claim.read_text())["token"] != "old"
+
+    claim.write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "beat": time.time(), "token": "t",
+                                 "since": "now"}))
+    for attempt in (lambda: lock.check(out), lock.hold(out).__enter__):
+        with pytest.raises(lock.OutputInUse) as err:
+            attempt()
+        assert re.search(rf"process 1, since now, last heartbeat \d+ s ago; its claim is {re.escape(str(claim))}\)",
+                         str(err.value))
+        assert f"delete {claim}" in str(err.value)

@@ -56,6 +56,21 @@ def task_runs(flow_run_id, expect: dict[str, int], timeout: float = 60.0):
         time.sleep(0.5)
 
 
+def test_an_evaluation_asked_for_with_nothing_selected_says_why_it_did_not_run(prefect_api, tmp_path):
+    """--evaluate with a budget that keeps none of 3 rows: no student trains, and the summary
+    says so, not "evaluation disabled"."""
+    from reflectune import manifest as run
+    from reflectune.flows.recycle import recycle
+
+    manifest = recycle(RecycleParams(dataset=dataset(tmp_path), output=str(tmp_path / "out"), limit=3, shard_size=3,
+                                     selection={"method": "cherry", "budget": 0.1}, training=TINY_TRAIN,
+                                     evaluation={"enabled": True}, execution={"retries": 0}))
+    assert manifest["counts"]["selected_rows"] == 0
+    assert manifest["evaluation"] == {"evaluated": False, "reason": "not run: no student was trained (no selected "
+                                                                    "rows to train on)"}
+    assert "evaluation: not run: no student was trained" in run.text(manifest)
+
+
 @pytest.mark.fast
 def test_a_tiny_run_in_local_mode(prefect_api, tmp_path):
     """The fast tier's flow run: 3 rows in 2 shards, the packaged model as teacher and student

@@ -66,12 +66,12 @@ def test_a_budget_stops_the_run_and_a_larger_one_finishes_it_without_paying_twic
     assert spend["requests_sent"] == final["answered"] - stopped["answered"]
     assert (spend["journal"]["requests"], spend["journal"]["prompt_tokens"], spend["journal"]["completion_tokens"]) == (
         final["answered"], final["prompt_tokens"], final["completion_tokens"])
-    assert spend["journal"]["usd"] == round((final["prompt_tokens"] * 2.5 + final["completion_tokens"] * 10) / 1e6, 4)
+    assert spend["journal"]["usd"] == round((final["prompt_tokens"] * 2.5 + final["completion_tokens"] * 10) / 1e6, 6)
     assert manifest["counts"]["valid_rows"] == 6
     # the summary and the report say what was sent, replayed and held, and what it cost
     line = next(x for x in run.lines(manifest) if x.startswith("teacher requests:"))
     assert f"{spend['requests_sent']:,} sent" in line and f"{spend['requests_replayed']:,} replayed" in line
-    assert f"the journal holds {final['answered']:,} requests" in line and f"${spend['journal']['usd']:,.2f}" in line
+    assert f"the journal holds {final['answered']:,} requests" in line and f"${journal.dollars(spend['journal']['usd'])}" in line
     html = (out / "report.html").read_text()
     assert "replayed from the journal (not paid again)" in html and "held by the journal" in html
     assert "sk-never-shown" not in json.dumps(manifest) + done.stderr
