@@ -131,8 +131,7 @@ def load_test_set(uri: str | None = None) -> list[dict[str, str]]:
     for i, row in enumerate(rows):
         item = _test_item(row)
         if item is None:
-            raise InputFileError(f"{uri}: item {i + 1}: no instruction: give it one of the fields {list(INSTRUCTION_NAMES)}, "
-                                 "or LIMA's `conversations`")
+            raise InputFileError(f"{uri}: item {i + 1}: {_refused(row)}")
         out.append(item)
     return out
 
@@ -155,6 +154,17 @@ def _test_item(row: Any) -> dict[str, str] | None:
     return {"instruction": instruction,
             "input": next((v for k in INPUT_NAMES if isinstance(v := row.get(k, first.get(k)), str)), ""),
             "output": next((v for k in OUTPUT_NAMES if isinstance(v := row.get(k, first.get(k)), str)), "")}
+
+
+def _refused(row: Any) -> str:
+    """Why `_test_item` found no test item in `row`, and the fix."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object: give each item as an object with an instruction"
+    conversations = row.get("conversations")
+    if conversations is not None:  # LIMA's form, mistyped: advice to use it would not help
+        return (f"`conversations` is a JSON {type(conversations).__name__}, not LIMA's list of turns: give it as "
+                'an array of strings, the question first (["What is a haiku?", "A three-line poem ..."])')
+    return f"no instruction: give it one of the fields {list(INSTRUCTION_NAMES)}, or LIMA's `conversations`"
 
 
 def answer(engine: Any, tests: list[dict[str, str]], template: str, sampling: Sampling) -> list[str]:

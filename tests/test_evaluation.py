@@ -93,6 +93,16 @@ def test_test_sets_in_the_common_formats(tmp_path):
         ev.load_test_set(str(bad))
 
 
+def test_a_lima_item_whose_conversations_is_not_a_list_is_named_for_what_it_is(tmp_path):
+    """Not "no instruction ... or LIMA's conversations" to a file that has them, in the wrong type."""
+    lima = tmp_path / "lima.jsonl"
+    lima.write_text(json.dumps({"conversations": "What is a haiku?"}) + "\n")
+    with pytest.raises(Exception, match=r"lima.jsonl: item 1: `conversations` is a JSON str, not LIMA's list of "
+                                        r"turns: give it as an array of strings, the question first") as err:
+        ev.load_test_set(str(lima))
+    assert "no instruction" not in str(err.value)
+
+
 @pytest.mark.slow
 def test_evaluate_with_the_packaged_model_as_judge(tmp_path, student_fp32):
     import subprocess
