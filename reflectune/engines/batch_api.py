@@ -438,7 +438,14 @@ class _AnthropicBatches:
         return {"custom_id": key, "params": params}
 
     def create(self, tag: str, lines: list[dict[str, Any]]) -> str:
-        batch = _calling("the batch creation", self.base_url, lambda: self.client.messages.batches.create(requests=lines))
+        try:
+            batch = _calling("the batch creation", self.base_url,
+                             lambda: self.client.messages.batches.create(requests=lines))
+        except TeacherFatalError as exc:  # a run's first request: a server of another protocol refuses it in its terms
+            raise TeacherFatalError(
+                f"{exc}. anthropic-batch speaks Anthropic's Message Batches API (POST BASE/v1/messages/batches, so "
+                "teacher.base_url is BASE, without /v1); an OpenAI-compatible server's Files and Batches take "
+                "teacher.engine openai-batch") from None
         return batch.id
 
     def recover(self, entry: dict[str, Any]) -> dict[str, Any] | None:

@@ -113,6 +113,25 @@ def test_a_phase_over_the_providers_limit_is_split_and_matched_by_custom_id(tmp_
     assert batched.sort(["source_index", "variant"]).equals(online.sort(["source_index", "variant"]))
 
 
+def test_an_anthropic_batch_engine_at_a_server_of_another_form_is_told_the_mismatch():
+    """anthropic-batch given the OpenAI form of the emulator's URL (…/v1): the refusal says which
+    API the engine speaks, where it sends, and which engine an OpenAI-compatible server takes."""
+    from reflectune.engines.openai_compat import TeacherFatalError
+    from reflectune.reflection import Sampling
+
+    pytest.importorskip("anthropic")
+    with Emulator(latency=0.0) as emulator:
+        engine = BatchTeacher("emulated", provider="anthropic-batch", base_url=emulator.url, api_key="k",
+                              poll_seconds=0.1)
+        with pytest.raises(TeacherFatalError) as err:
+            engine.generate([[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=8))
+        assert not emulator.snapshot()["batches"]  # nothing created, nothing paid
+    assert "answered 404 to the batch creation" in str(err.value)
+    assert ("anthropic-batch speaks Anthropic's Message Batches API (POST BASE/v1/messages/batches, so "
+            "teacher.base_url is BASE, without /v1); an OpenAI-compatible server's Files and Batches take "
+            "teacher.engine openai-batch") in str(err.value)
+
+
 def test_an_interrupted_wait_leaves_the_batch_to_the_next_run_which_waits_for_it(tmp_path, monkeypatch):
     """Ctrl-C while a batch is pending: the batch is in the ledger; the rerun re-attaches to it
     and creates no batch for those requests."""
