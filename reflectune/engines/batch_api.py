@@ -185,7 +185,7 @@ class BatchTeacher:
                 for key in batch.keys:
                     outcome = outcomes.get(key, Outcome(error=RESEND))  # a line missing from the results was not answered
                     if outcome.gen is not None and formats[index[key]] is not None and self._api.way:
-                        outcome.gen.constrained = self._api.way  # the form every line of this API asks in
+                        outcome.gen.constrained = answered_in(self._api.way, outcome.gen.text, formats[index[key]])
                     if outcome.gen is not None:
                         tokens += outcome.gen.completion_tokens
                     if not settle(key, outcome):
@@ -306,6 +306,15 @@ def _calling(what: str, base_url: str | None, call: Callable[[], Any]) -> Any:
         raise TeacherUnavailableError(f"batch API {endpoint(base_url)} did not answer {what}: "
                                       f"{type(exc).__name__}: {message}. Rerun to resume: batches created are "
                                       "kept and waited for, not submitted again") from None
+
+
+def answered_in(way: str, text: str, fmt: Any) -> str:
+    """How a batch line's answer came back: in the form every line of the API asks in (`way`)
+    when its text is in that form, else "none": a server that ignores response_format answers
+    in free text, and its lines must not be counted as constrained."""
+    from reflectune.formats import from_json
+
+    return way if from_json(text, fmt) is not None else "none"
 
 
 # -- OpenAI: Files + Batches -----------------------------------------------------------------

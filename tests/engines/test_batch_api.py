@@ -132,6 +132,19 @@ def test_an_anthropic_batch_engine_at_a_server_of_another_form_is_told_the_misma
             "teacher.engine openai-batch") in str(err.value)
 
 
+def test_a_batch_line_answered_in_free_text_is_not_counted_as_constrained():
+    """A server that ignores response_format answers a json_schema line in free text: its
+    `constrained` says none, not json_schema; a line answered in the JSON form says json_schema."""
+    from reflectune import formats
+    from reflectune.engines.batch_api import answered_in
+
+    fmt = formats.teacher_format("res", 256)
+    free = "The answer is thin.\n[Better Answer] A fuller answer. [End]"
+    asked = json.dumps({"analysis": "The answer is thin.", "better_answer": "A fuller answer."})
+    assert answered_in("json_schema", free, fmt) == "none"
+    assert answered_in("json_schema", asked, fmt) == "json_schema"
+
+
 def test_an_interrupted_wait_leaves_the_batch_to_the_next_run_which_waits_for_it(tmp_path, monkeypatch):
     """Ctrl-C while a batch is pending: the batch is in the ledger; the rerun re-attaches to it
     and creates no batch for those requests."""
