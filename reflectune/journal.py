@@ -319,6 +319,7 @@ class JournaledTeacher:
         self.teacher_id = engine.teacher_id
         self.found = journal.load()
         self.sent = Spend()
+        self.answered = Spend()  # of those sent, the ones answered: a refused request (400) is sent, not answered
         self.replayed = Spend()
         self.batches: Counter[str] = Counter()  # a batch API's batches and lines, for this shard
         self._lock = threading.Lock()
@@ -365,6 +366,8 @@ class JournaledTeacher:
                     release(j)
             with self._lock:
                 self.sent += Spend(1, gen.prompt_tokens, gen.completion_tokens)
+                if gen.error is None:
+                    self.answered += Spend(1, gen.prompt_tokens, gen.completion_tokens)
 
         # a batch API's lines are named by their keys, and its batches kept beside the journal
         batched = {"keys": [keys[i] for i in missing], "ledger": self.journal.batches, "tally": self.batches} \

@@ -44,7 +44,7 @@ def build(params: RecycleParams, results: list[dict[str, Any]], counts: dict[str
     }
 
 
-SPEND_KEYS = ("requests_sent", "sent_prompt_tokens", "sent_completion_tokens", "requests_replayed",
+SPEND_KEYS = ("requests_sent", "requests_answered", "sent_prompt_tokens", "sent_completion_tokens", "requests_replayed",
               "replayed_prompt_tokens", "replayed_completion_tokens", "http_requests", "rate_limited")
 
 
@@ -163,7 +163,11 @@ def spend_line(spend: dict[str, Any]) -> str:
         batches = (f" in {spend.get('batches_created', 0):,} batches ({spend.get('batch_lines', 0):,} lines, "
                    f"{spend.get('batch_lines_resubmitted', 0):,} submitted again; "
                    f"{spend.get('batches_reattached', 0):,} batches waited for from an earlier run), at the batch price")
-    return (f"teacher requests: {spend['requests_sent']:,} sent{batches}, "
+    # a request the provider refused (400) or that failed was sent and not answered; older manifests lack the count
+    answered = spend.get("requests_answered", spend["requests_sent"])
+    refused = (f" ({answered:,} answered, {spend['requests_sent'] - answered:,} refused or failed)"
+               if answered != spend["requests_sent"] else "")
+    return (f"teacher requests: {spend['requests_sent']:,} sent{refused}{batches}, "
             f"{spend['sent_prompt_tokens'] + spend['sent_completion_tokens']:,} tokens{cost(spend['sent_usd'])}; "
             f"{spend['requests_replayed']:,} replayed from the journal, "
             f"{spend['replayed_prompt_tokens'] + spend['replayed_completion_tokens']:,} tokens"

@@ -220,6 +220,7 @@ def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any, jo
         "constrained": int(variants["constrained"].list.eval(pl.element() != "none").list.sum().sum()),
         **{f"parse_{s}": int(n) for s, n in status.iter_rows()},
         **spend_detail("sent", teacher.sent), **spend_detail("replayed", teacher.replayed), **http,
+        "requests_answered": teacher.answered.requests,
         **({k: teacher.batches[k] for k in TALLY} if getattr(engine, "submits_batches", False) else {}),
     }))
 

@@ -164,6 +164,27 @@ def test_small_dollar_amounts_are_printed_with_the_digits_they_need():
     assert [journal.dollars(x) for x in (0, 0.0123, 0.5, 1, 1234.5)] == ["0.00", "0.012", "0.50", "1.00", "1,234.50"]
 
 
+def test_requests_the_provider_refused_are_sent_and_not_answered(tmp_path):
+    """Two chats answered and one refused with 400: three sent, two answered (and kept), and the
+    run's summary says both."""
+    from reflectune import manifest as run
+    from reflectune.config import RecycleParams
+    from reflectune.reflection import Sampling
+
+    chats = [[{"role": "user", "content": text}] for text in ("one", "REFUSE-ME two", "three")]
+    with Emulator(latency=0.0, echo_errors="REFUSE-ME") as emulator:
+        kept = journal.Journal(str(tmp_path / "j"), 0, 2)
+        teacher = journal.JournaledTeacher(engine_for(teacher_config(emulator)), kept)
+        gens = teacher.generate(chats, Sampling(max_new_tokens=16))
+        kept.close(merge=True)
+        assert emulator.snapshot()["answered"] == 2
+    assert [g.error is None for g in gens] == [True, False, True]
+    assert (teacher.sent.requests, teacher.answered.requests) == (3, 2) == (3, journal.spend(str(tmp_path / "j")).requests)
+    detail = {**stages.spend_detail("sent", teacher.sent), "requests_answered": teacher.answered.requests}
+    spend = run.teacher_spend(RecycleParams(), [{"detail": detail}], journal.spend(str(tmp_path / "j")))
+    assert run.spend_line(spend).startswith("teacher requests: 3 sent (2 answered, 1 refused or failed), ")
+
+
 def test_the_journal_on_s3_keeps_and_replays(emulator, s3_bucket, tmp_path):
     cfg = teacher_config(emulator, max_new_tokens=512)  # none cut: 3 requests a row
     shards = write_shards(tmp_path, 6, limit=6)
