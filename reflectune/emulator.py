@@ -14,7 +14,8 @@ Like OpenAI, it refuses vLLM's own request fields (`structured_outputs`) with 40
 Limits are token buckets, as providers keep them: `requests` and `tokens` per `window`
 seconds, refilled continuously. Each answer states them in rate-limit headers (OpenAI's
 `x-ratelimit-*` or Anthropic's `anthropic-ratelimit-*` names, or none, as `vllm serve`); a
-request beyond them gets 429 with Retry-After. Faults: 5xx answers and dropped connections at
+request beyond them gets 429 with Retry-After (and the headers, unless `bare_429`: some gateways
+send a 429 of their own without them). Faults: 5xx answers and dropped connections at
 set rates. The log counts every distinct request it answered, so a test can tell what was
 paid for twice.
 
@@ -205,7 +206,8 @@ class Emulator:
                  error_rate: float = 0.0, drop_rate: float = 0.0, seed: int = 0, host: str = "127.0.0.1",
                  port: int = 0, answer_words: tuple[int, int] = (40, 120), echo_errors: str | None = None,
                  batch_seconds: float = 3.0, expire_rate: float = 0.0, batch_error_rate: float = 0.0,
-                 max_batch_requests: int | None = None, max_batch_bytes: int | None = None):
+                 max_batch_requests: int | None = None, max_batch_bytes: int | None = None,
+                 bare_429: bool = False):
         if headers not in HEADER_STYLES:
             raise ValueError(f"headers '{headers}': choose one of {', '.join(HEADER_STYLES)}")
         self.window = window
@@ -213,6 +215,7 @@ class Emulator:
         self.tokens = Bucket(tpm, window) if tpm else None
         self.headers, self.latency, self.latency_per_token = headers, latency, latency_per_token
         self.error_rate, self.drop_rate = error_rate, drop_rate
+        self.bare_429 = bare_429  # a 429 states no limits, only Retry-After
         self.answer_words = answer_words
         self.echo_errors = echo_errors  # a 400 body that echoes the request's Authorization header
         self.batch_seconds, self.expire_rate, self.batch_error_rate = batch_seconds, expire_rate, batch_error_rate
@@ -287,7 +290,7 @@ class Emulator:
                        self.tokens.wait(reply.prompt + reply.completion) if self.tokens else 0.0)
             if wait > 0:
                 self.stats.statuses["429"] += 1
-                headers = self._limit_headers() | {"retry-after": str(max(1, math.ceil(wait))),
+                headers = ({} if self.bare_429 else self._limit_headers()) | {"retry-after": str(max(1, math.ceil(wait))),
                                                    "retry-after-ms": str(max(1, math.ceil(wait * 1000)))}
                 return 429, headers, _error("Rate limit reached: retry after the time in Retry-After", "rate_limit")
             if self.requests:
@@ -993,6 +996,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--headers", choices=HEADER_STYLES, default="openai", help="rate-limit header names")
     parser.add_argument("--latency", type=float, default=0.05, help="seconds before each answer")
     parser.add_argument("--latency-per-token", type=float, default=0.0, help="added seconds per completion token")
+    parser.add_argument("--bare-429", action="store_true", help="answer 429 with Retry-After only, no rate-limit "
+                        "headers (the 200s keep them)")
     parser.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered 500 or 503")
     parser.add_argument("--drop-rate", type=float, default=0.0, help="share of connections dropped unanswered")
     parser.add_argument("--batch-seconds", type=float, default=3.0, help="seconds a batch takes from creation to end")
@@ -1003,7 +1008,8 @@ def main(argv: list[str] | None = None) -> int:
     emulator = Emulator(rpm=args.rpm, tpm=args.tpm, window=args.window, headers=args.headers, latency=args.latency,
                         latency_per_token=args.latency_per_token, error_rate=args.error_rate,
                         drop_rate=args.drop_rate, seed=args.seed, port=args.port, batch_seconds=args.batch_seconds,
-                        expire_rate=args.expire_rate, batch_error_rate=args.batch_error_rate)
+                        expire_rate=args.expire_rate, batch_error_rate=args.batch_error_rate,
+                        bare_429=args.bare_429)
     print(f"emulated teacher API at {emulator.url} (model name: any; Anthropic SDKs: {emulator.root}); stats at "
           f"{emulator.root}/emulator/stats; Ctrl-C stops it", flush=True)
     try:

@@ -6,9 +6,10 @@ Kept out of Prefect so the library reports progress the same way wherever it run
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from reflectune.errors import Interrupted
 
@@ -22,6 +23,27 @@ def check() -> None:
     """Raise Interrupted where the user asked to stop."""
     if stop.is_set():
         raise Interrupted(INTERRUPTED)
+
+
+T = TypeVar("T")
+# how often a wait looks at `stop`: a Ctrl-C ends any wait within this
+TICK = 0.1
+
+
+async def interruptible(awaitable: Awaitable[T]) -> T:
+    """Await `awaitable` (a pause, a backoff, a queue for a slot), raising Interrupted as soon as
+    the user asks to stop: a wait of minutes must not outlast a Ctrl-C."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=TICK)
+            if done:
+                return task.result()
+            check()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 INTERRUPTED = ("interrupted: finished shards are kept; to resume, run the same command again (only unfinished "

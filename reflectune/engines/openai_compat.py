@@ -4,7 +4,8 @@ Requests run concurrently under a limit. A request that fails with 429, 5xx, a t
 dropped or refused connection is retried with exponential backoff and jitter, waiting at least
 what a Retry-After header asks; when its retries are spent the endpoint is down, not the row
 at fault, so the call raises (the shard fails and is redone later, never written as a
-fallback). 401/403/404 raise at once (the key or the model is wrong and no retry can help); a
+fallback). The user's Ctrl-C ends every wait (the pacer's, a retry's backoff) and nothing is
+sent after it; requests in flight get a few seconds to bring their answers home. 401/403/404 raise at once (the key or the model is wrong and no retry can help); a
 400 fails that request only, a fact about its content. The API key is held privately and
 never appears in messages, ids or records.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import re
@@ -36,6 +38,9 @@ from reflectune import secrets
 from reflectune.errors import ReflectuneError
 
 RETRYABLE = {408, 409, 429}
+# after the user's Ctrl-C nothing more is sent; requests already sent get this long to bring
+# home the answers paid for (the journal keeps them), so the run still stops in seconds
+GRACE_SECONDS = 5.0
 FATAL = {401: "the API key was refused", 403: "the API key may not use this model",
          404: "the endpoint or the model name does not exist"}
 
@@ -184,17 +189,43 @@ class OpenAITeacher:
                     progress(1, gen.completion_tokens)
             return gen
 
+        tasks = [asyncio.ensure_future(one(i, chat, fmt)) for i, (chat, fmt) in enumerate(zip(chats, formats))]
+        telling = asyncio.ensure_future(self._tell_waits(progress)) if progress else None
         try:
-            tasks = [asyncio.ensure_future(one(i, chat, fmt)) for i, (chat, fmt) in enumerate(zip(chats, formats))]
-            try:
-                return await asyncio.gather(*tasks)
-            except BaseException:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+            pending = set(tasks)
+            while pending and not progress_hook.stop.is_set():
+                finished, pending = await asyncio.wait(pending, timeout=progress_hook.TICK,
+                                                       return_when=asyncio.FIRST_EXCEPTION)
+                failed = [t for t in finished if not t.cancelled() and t.exception() is not None]
+                if failed and not progress_hook.stop.is_set():
+                    raise failed[0].exception()
+            if progress_hook.stop.is_set():
+                if pending:  # what waits ends at once (Interrupted); what is in flight gets its grace
+                    await asyncio.wait(pending, timeout=GRACE_SECONDS)
+                progress_hook.check()
+            return [t.result() for t in tasks]
         finally:
+            for task in [*tasks, telling]:
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*tasks, *([telling] if telling else []), return_exceptions=True)
             await client.close()
+
+    async def _tell_waits(self, progress) -> None:
+        """Say on the progress bar when requests wait on the provider's limits, and for how long
+        (the tokens/s figure alone cannot tell a wait from a stall)."""
+        shown = ""
+        try:
+            while True:
+                await asyncio.sleep(1.0)
+                held = self.pacer.holding()
+                note = f"waiting {math.ceil(held[0])} s: {held[1]}" if held and held[0] >= 2.0 else ""
+                if note != shown:
+                    progress(0, 0, note=note)
+                    shown = note
+        finally:
+            if shown:
+                progress(0, 0, note="")
 
     async def _constrained(self, client, chat, sampling, fmt, admit):
         """One generation in the first way of enforcing `fmt` that this server honours.
@@ -242,12 +273,18 @@ class OpenAITeacher:
         expected = self.pacer.estimate(prompt_tokens(chat), sampling.max_new_tokens)
         last = ""
         for attempt in range(self.max_retries + 1):
-            ticket = await self.pacer.acquire(*expected)
-            if attempt == 0 and not admit():
+            # every wait ends at the user's Ctrl-C, and nothing is sent after it
+            ticket = await progress_hook.interruptible(self.pacer.acquire(*expected))
+            try:
+                if attempt == 0 and not admit():
+                    self.pacer.cancel(ticket)
+                    return Generation(error=NOT_SENT)
+                if self.shared_limit is not None:
+                    await progress_hook.interruptible(self.shared_limit())
+                progress_hook.check()
+            except BaseException:
                 self.pacer.cancel(ticket)
-                return Generation(error=NOT_SENT)
-            if self.shared_limit is not None:
-                await self.shared_limit()
+                raise
             self.usage.add(requests=1, retries=1 if attempt else 0)
             wait = None
             try:
@@ -286,7 +323,7 @@ class OpenAITeacher:
             if attempt < self.max_retries:
                 backoff = min(self.backoff_max, self.backoff_base * 2**attempt) * random.uniform(0.5, 1.0)
                 # a Retry-After pauses the pacer for every request; this one waits at least as long
-                await asyncio.sleep(max(backoff, min(wait or 0.0, self.backoff_max)))
+                await progress_hook.interruptible(asyncio.sleep(max(backoff, min(wait or 0.0, self.backoff_max))))
         self.usage.add(failed=1)
         raise TeacherUnavailableError(
             f"teacher endpoint {endpoint(self.base_url)} (model '{self.model}') did not answer in "

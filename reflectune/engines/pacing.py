@@ -12,7 +12,9 @@ Concurrency backs off on a 429 (halved, once per round of requests in flight) an
 by one per round of successes, and a Retry-After pauses every request, not only the one that
 got it. A server that states no limits (`vllm serve`) is paced by its 429s alone: each round that
 meets one sets a request rate a little under what the server kept up with, and it grows
-by 1% a second while requests succeed.
+by 1% a second while requests succeed. Where answers state limits, a 429 that states none (a
+gateway's, or one sent before any answer stated them) learns no rate: the stated limits stay
+the pace, the copies of the buckets are emptied (the provider's were) and refill at their rate.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class Pacer:
         self.completion_mean: float | None = None
         self.rate_limited = 0  # 429s seen
         self.successes: deque[float] = deque(maxlen=2048)
+        self._asked = (0.0, 0.0)  # the latest request's estimate, for `holding`
         self._clock = clock
         self._lock = threading.Lock()
 
@@ -100,6 +103,7 @@ class Pacer:
     async def acquire(self, prompt: float, completion: float) -> Ticket:
         while True:
             with self._lock:
+                self._asked = (prompt, completion)
                 wait = self._wait(prompt, completion)
                 if wait <= 0:
                     return self._take(prompt, completion)
@@ -172,20 +176,44 @@ class Pacer:
             stated = stated_limits(headers, now_utc=datetime.now(timezone.utc))
             for kind, s in stated.items():
                 self._sync(kind, s, ticket, own[kind], now)
+            if stated:
+                self.rate = None  # the provider states its limits: they pace, not a rate guessed from 429s
             if status == 429:
                 self.rate_limited += 1
                 if retry_after:
                     self.pause_until = max(self.pause_until, now + retry_after)
+                if not stated and self.buckets:
+                    # limits stated before, none now: the provider's bucket is empty, so the copies
+                    # are; they refill at the stated rate
+                    for bucket in self.buckets.values():
+                        bucket.refill(now)
+                        bucket.level = min(bucket.level, 0.0)
                 if ticket.seq > self.cut_at:  # one cut per round of requests in flight
                     self.cut_at = self.seq - 1
                     self.window = max(1.0, self.window / 2)
-                    if not stated:
+                    if not stated and not self.buckets:
                         self._learn_rate(now, retry_after)
             elif status is not None and status < 400:
                 self.successes.append(now)
                 self.window = min(float(self.max), self.window + 1.0 / self.window)
                 if self.rate is not None:
                     self.rate += GROWTH  # per success: the rate grows by GROWTH of itself per second
+
+    def holding(self) -> tuple[float, str] | None:
+        """What holds the next request back now, for a person watching: (seconds, why), or
+        None when nothing but the concurrency limit does."""
+        with self._lock:
+            now = self._clock()
+            prompt, completion = self._asked
+            waits = [(self.pause_until - now, "rate limited")]
+            for kind, bucket in self.buckets.items():
+                bucket.refill(now)
+                waits.append((bucket.wait(KINDS[kind](prompt, completion)), f"{kind.replace('_', ' ')} limit"))
+            if self.rate is not None:
+                level = min(1.0, self._rate_level + (now - self._rate_stamp) * self.rate)
+                waits.append(((1.0 - level) / self.rate, "paced after 429s"))
+        seconds, why = max(waits)
+        return (seconds, why) if seconds > 0 else None
 
     def _sync(self, kind: str, s: Stated, ticket: Ticket, own: float, now: float) -> None:
         """Bring the copy of a bucket to what the provider says is left, less what was sent

@@ -2,6 +2,7 @@
 limits kept against the provider emulator, 429s alone where no headers come, Retry-After
 pausing every request, and concurrency backing off and growing back."""
 
+import re
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -70,6 +71,63 @@ def test_stated_limits_are_kept_before_the_provider_must_refuse():
     pacer._take(100, 100)
     pacer._take(100, 100)
     assert pacer._wait(100, 100) == pytest.approx(1 / 0.97, rel=0.01)
+
+
+def test_a_429_without_headers_where_limits_are_stated_pauses_and_keeps_the_stated_pace():
+    """A gateway's 429 states no limits while the 200s do: the pause of its Retry-After, then
+    the stated pace again; no rate is guessed from the 429 (it was once 0.7 / Retry-After)."""
+    clock = Clock()
+    pacer = Pacer(4, clock=clock)
+    first = pacer._take(100, 100)
+    headers = {"x-ratelimit-limit-requests": "30", "x-ratelimit-remaining-requests": "0",
+               "x-ratelimit-reset-requests": "60s"}  # 30 a minute: one each 2 s
+    pacer.release(first, 200, headers, usage=(100, 100))
+    clock.now += 2.0
+    refused = pacer._take(100, 100)
+    pacer.release(refused, 429, {"retry-after": "20"}, retry_after=20.0)
+    assert pacer.rate is None and pacer.window == 2
+    assert pacer._wait(100, 100) == pytest.approx(20.0)
+    assert pacer.holding() == (pytest.approx(20.0), "rate limited")
+    clock.now += 20.0  # the bucket refilled while paused: requests go at the stated pace again
+    gaps = []
+    for _ in range(5):
+        wait = pacer._wait(100, 100)
+        clock.now += max(wait, 0.0)
+        gaps.append(max(wait, 0.0))
+        pacer.release(pacer._take(100, 100), 200, usage=(100, 100))
+    assert sum(gaps) <= 5 * 2.0 / 0.97 + 0.01, gaps
+
+
+def test_a_429_without_headers_before_the_first_answer_does_not_slow_the_run():
+    """The first round meets the limit before any answer stated it; the 429s state nothing (a
+    gateway's): once answers state the limits, they pace, at the limit."""
+    with Emulator(rpm=8, window=1.0, bare_429=True, latency=0.05) as emulator:
+        engine, stats = run(emulator, 48, concurrency=16)
+        utilisation = emulator.utilisation()
+    assert stats["statuses"].get("429", 0) >= 1, stats
+    assert engine.pacer.rate is None
+    assert utilisation >= 0.7, (utilisation, stats)
+    # every answer paid for is one the engine counted, none twice
+    assert (engine.usage.prompt_tokens, engine.usage.completion_tokens) == (stats["prompt_tokens"],
+                                                                            stats["completion_tokens"])
+
+
+def test_the_progress_note_says_when_requests_wait_on_a_rate_limit():
+    notes = []
+
+    def progress(done, tokens, note=None):
+        if note is not None:
+            notes.append(note)
+
+    # two requests each 10 s: the third waits about 5 s
+    with Emulator(rpm=2, window=10.0, latency=0.01) as emulator:
+        engine = OpenAITeacher("emulated", base_url=emulator.url, api_key="sk-test", concurrency=4,
+                               backoff_base=0.2, backoff_max=2.0)
+        gens = engine.generate(chats(3), Sampling(max_new_tokens=64), progress)
+    assert all(g.error is None for g in gens)
+    waits = [n for n in notes if n]
+    assert waits and all(re.fullmatch(r"waiting \d+ s: (rate limited|requests limit)", n) for n in waits), notes
+    assert notes[-1] == ""  # said no more once the wait is over
 
 
 def chats(n):
