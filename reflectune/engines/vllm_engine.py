@@ -138,9 +138,14 @@ class VLLMEngine:
         def finished(k, result):
             i, _, _, how = requests[k]
             completion = result.outputs[0]
-            out[i] = Generation(text=completion.text, prompt_tokens=len(encoded[i]),
-                                completion_tokens=len(completion.token_ids), finish_reason=completion.finish_reason,
-                                constrained=how)
+            if completion.finish_reason == "error":
+                # vLLM ends a request it could not run with no text: a failure, not an answer
+                # without its form (the parser would take it for a teacher that wrote nothing)
+                out[i] = Generation(prompt_tokens=len(encoded[i]), error=engine_failed(how), constrained=how)
+            else:
+                out[i] = Generation(text=completion.text, prompt_tokens=len(encoded[i]),
+                                    completion_tokens=len(completion.token_ids),
+                                    finish_reason=completion.finish_reason, constrained=how)
             if done:
                 done(i, out[i])
             if progress:
@@ -183,3 +188,11 @@ class VLLMEngine:
             thread = getattr(core, "output_queue_thread", None)
             if thread is not None:
                 thread.join(timeout=30)
+
+
+def engine_failed(constrained: str) -> str:
+    """A generation's error where vLLM ended the request with an error of its own."""
+    if constrained == "regex":
+        return ("vLLM failed the request: its output form did not compile (over "
+                "VLLM_REGEX_COMPILATION_TIMEOUT_S on a busy machine; vLLM's log has the cause)")
+    return "vLLM failed the request (vLLM's log has the cause)"
