@@ -101,7 +101,9 @@ def test_a_429_without_headers_where_limits_are_stated_pauses_and_keeps_the_stat
 def test_a_429_without_headers_before_the_first_answer_does_not_slow_the_run():
     """The first round meets the limit before any answer stated it; the 429s state nothing (a
     gateway's): once answers state the limits, they pace, at the limit."""
-    with Emulator(rpm=8, window=1.0, bare_429=True, latency=0.05) as emulator:
+    # 16 at once against 4 a second, answers after 0.3 s: the first round meets the limit even on a
+    # machine so busy that sending it takes a second
+    with Emulator(rpm=4, window=1.0, bare_429=True, latency=0.3) as emulator:
         engine, stats = run(emulator, 48, concurrency=16)
         utilisation = emulator.utilisation()
     assert stats["statuses"].get("429", 0) >= 1, stats

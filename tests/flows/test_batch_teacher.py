@@ -55,7 +55,7 @@ def test_a_run_killed_while_batches_wait_is_finished_by_the_rerun_without_new_ba
     assert spend["requests_sent"] == stats["answered"] == 24
     held = journal.spend(str(out / "journal"))
     assert (held.prompt_tokens, held.completion_tokens) == (stats["prompt_tokens"], stats["completion_tokens"])
-    assert spend["journal"]["usd"] == round((stats["prompt_tokens"] * 1.0 + stats["completion_tokens"] * 4.0) / 1e6, 4)
+    assert spend["journal"]["usd"] == round((stats["prompt_tokens"] * 1.0 + stats["completion_tokens"] * 4.0) / 1e6, 6)
     assert "at the batch price" in done.stdout + done.stderr
     assert manifest["counts"]["valid_rows"] == 8
     # each shard's progress artifact ends with its last batch: lines done and failed
