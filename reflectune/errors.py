@@ -48,6 +48,11 @@ class ShardFailedError(ReflectuneError):
         self.retryable = retryable
 
 
+class JournalFileError(ReflectuneError):
+    """A file of the request journal cannot be read (cut short, damaged). A retry reads it the
+    same way; deleting it mends it, at the price of its requests, so the user decides."""
+
+
 class BudgetExceededError(ReflectuneError):
     """The teacher's next request could pass the run's budget: nothing more is sent. A retry
     cannot mend it; a rerun with a larger budget goes on where it stopped."""

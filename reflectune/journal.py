@@ -14,11 +14,14 @@ only the files of its rows, and the spend of the whole journal is known from a l
     merged-<lo>-<hi>-<writer>-0-<requests>-<prompt tokens>-<completion tokens>.parquet
 
 A merged file supersedes the parts of its writer; parts of a writer that died stay, and are
-read like any other.
+read like any other. A file that cannot be read (cut short, damaged) stops the stage at once
+with JournalFileError, naming it: no retry mends it, and only the user may choose to pay its
+requests again by deleting it.
 """
 
 from __future__ import annotations
 
+import io as _io
 import re
 import threading
 import uuid
@@ -30,7 +33,7 @@ from typing import Any
 import polars as pl
 
 from reflectune import io, records
-from reflectune.errors import BudgetExceededError
+from reflectune.errors import BudgetExceededError, JournalFileError
 from reflectune.records import JOURNAL
 from reflectune.reflection import NOT_SENT, Generation, request_key
 
@@ -87,6 +90,25 @@ def files(root: str) -> list[JournalFile]:
             found.append(JournalFile(uri, kind, int(lo), int(hi), writer, Spend(int(n), int(p), int(c))))
     merged = {f.writer for f in found if f.kind == "merged"}
     return [f for f in found if f.kind == "merged" or f.writer not in merged]
+
+
+def read_file(f: JournalFile) -> pl.DataFrame:
+    """A journal file's rows. A storage failure is raised as it is (it may pass); a file that
+    is not a journal table raises JournalFileError, naming it and what deleting it costs."""
+    data = io.read_bytes(f.uri)
+    try:
+        table = pl.read_parquet(_io.BytesIO(data))
+        missing = [c for c in JOURNAL if c not in table.columns]
+        if missing:
+            raise ValueError(f"no column {', '.join(missing)}")
+    except (Exception, pl.exceptions.PanicException) as exc:  # a damaged file may make the reader panic
+        raise JournalFileError(
+            f"the request journal's file {f.uri} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}): it was cut "
+            f"short or damaged, and a retry would read it the same way. Delete it and rerun the "
+            f"same command: what it held is then sent and paid for again ({f.spend.requests:,} "
+            f"request{'s' if f.spend.requests != 1 else ''}, {f.spend.tokens:,} tokens), every other answer of the "
+            "journal is replayed") from None
+    return table
 
 
 def spend(root: str, exclude_writer: str | None = None) -> Spend:
@@ -181,10 +203,10 @@ class Journal:
 
     def load(self) -> dict[str, Generation]:
         """Every generation journaled for this writer's source rows (files that overlap them)."""
-        wanted = [f.uri for f in files(self.root) if f.lo <= self.hi and f.hi >= self.lo]
+        wanted = [f for f in files(self.root) if f.lo <= self.hi and f.hi >= self.lo]
         found: dict[str, Generation] = {}
-        for uri in wanted:
-            for row in io.read_parquet(uri).iter_rows(named=True):
+        for f in wanted:
+            for row in read_file(f).iter_rows(named=True):
                 found.setdefault(row["key"], Generation(
                     text=row["text"], prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"],
                     finish_reason=row["finish_reason"], constrained=row["constrained"]))
@@ -317,6 +339,8 @@ class JournaledTeacher:
     def __init__(self, engine: Any, journal: Journal, budget: Budget | None = None):
         self.engine, self.journal, self.budget = engine, journal, budget
         self.teacher_id = engine.teacher_id
+        # who answers, as keys know it: not where it was reached (openai_compat.identity)
+        self.identity = getattr(engine, "identity", None) or engine.teacher_id
         self.found = journal.load()
         self.sent = Spend()
         self.answered = Spend()  # of those sent, the ones answered: a refused request (400) is sent, not answered
@@ -330,8 +354,11 @@ class JournaledTeacher:
 
         n = len(chats)
         wanted = formats if formats is not None and sampling.constrained != "off" else [None] * n
-        keys = [request_key(self.teacher_id, chat, sampling, fmt) for chat, fmt in zip(chats, wanted)]
-        out: list[Generation | None] = [self.found.get(k) for k in keys]
+        keys = [request_key(self.identity, chat, sampling, fmt) for chat, fmt in zip(chats, wanted)]
+        # a journal written before keys were by identity replays at the endpoint it was written at
+        out: list[Generation | None] = [
+            self.found.get(k) or self.found.get(request_key(self.teacher_id, chat, sampling, fmt, version=1))
+            for k, chat, fmt in zip(keys, chats, wanted)]
         hits = [g for g in out if g is not None]
         for gen in hits:
             self.replayed += Spend(1, gen.prompt_tokens, gen.completion_tokens)

@@ -58,15 +58,18 @@ class Generation:
     constrained: str = "none"  # how the format was enforced: regex, json_schema, tool_use or none
 
 
-# part of every request key: a change to what a key means starts a new request journal
-REQUEST_KEY_VERSION = 1
+# part of every request key: a change to what a key means starts a new request journal.
+# 2: who answers is the engine's `identity` (no host or port); 1 had its `teacher_id`
+REQUEST_KEY_VERSION = 2
 
 
-def request_key(teacher_id: str, chat: Sequence[dict[str, str]], sampling: Sampling, fmt: Any) -> str:
-    """What makes a teacher request the same request: who answers, what is asked, how it is
-    sampled, and the output form required (None where none is enforced). The request journal
-    keeps answers by it; a batch API names its lines by it."""
-    payload = [REQUEST_KEY_VERSION, teacher_id, list(chat), asdict(sampling), fmt.regex if fmt is not None else None]
+def request_key(identity: str, chat: Sequence[dict[str, str]], sampling: Sampling, fmt: Any,
+                version: int = REQUEST_KEY_VERSION) -> str:
+    """What makes a teacher request the same request: who answers (the engine's `identity`),
+    what is asked, how it is sampled, and the output form required (None where none is
+    enforced). The request journal keeps answers by it; a batch API names its lines by it.
+    `version` 1 gives the keys of journals written before version 2 (with the `teacher_id`)."""
+    payload = [version, identity, list(chat), asdict(sampling), fmt.regex if fmt is not None else None]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
@@ -83,6 +86,9 @@ class TeacherEngine(Protocol):
     `admit(i)` is asked before chat i is sent (per request, or per batch for a batched
     engine): once it says no, nothing more is sent and the chats left get `error=NOT_SENT`.
     `done(i, generation)` is called as each generation returns, so it can be kept at once.
+    `teacher_id` names the teacher in records (an API's with the host it was reached at); an
+    engine whose records name more than who answers also has `identity`, what request keys
+    know it by (an API's protocol, model and well-known provider: openai_compat.identity).
     An engine that submits batches (`submits_batches`) also takes the requests' `keys`, a
     `ledger` of its batches and a `tally`, and may pass `note=` (its batches' lines done and
     failed) to `progress`."""

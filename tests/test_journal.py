@@ -5,6 +5,7 @@ counted."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from reflectune import intake, journal, records, stages
 from reflectune.config import TeacherConfig
 from reflectune.emulator import Emulator
 from reflectune.engines.openai_compat import OpenAITeacher
-from reflectune.errors import BudgetExceededError
+from reflectune.errors import BudgetExceededError, JournalFileError
 from reflectune.records import VARIANT, read
 
 from .conftest import ROOT, SAMPLE
@@ -262,3 +263,95 @@ def test_verification_is_paid_once_journaled_and_falls_back_on_no(emulator, tmp_
     emulator.reset_stats()
     again, [result] = run_shards(shards, cfg, str(tmp_path / "w"), at)
     assert emulator.snapshot()["answered"] == 0 and result.detail["requests_replayed"] == 36 and again.equals(variants)
+
+
+def test_a_damaged_journal_file_stops_the_shard_at_once_naming_it_and_what_deleting_it_costs(emulator, tmp_path):
+    """A file cut short is read the same way on every try: the shard fails at once (no retry),
+    sends nothing, and the message names the file and the fix; deleting it pays its requests
+    again, exactly those."""
+    from reflectune.tasks.shards import shard_failed
+
+    cfg = teacher_config(emulator, max_new_tokens=512)
+    [shard] = write_shards(tmp_path, 6, limit=6)
+    at = str(tmp_path / "journal")
+    first, _ = run_shards([shard], cfg, str(tmp_path / "v"), at)
+    [held] = journal.files(at)
+    data = open(held.uri, "rb").read()
+    with open(held.uri, "wb") as f:  # cut short, as by a full disk
+        f.write(data[: len(data) // 2])
+    emulator.reset_stats()
+    with pytest.raises(JournalFileError) as failed:
+        run_shards([shard], cfg, str(tmp_path / "w"), at)
+    assert emulator.snapshot()["answered"] == 0
+    message = str(failed.value)
+    assert held.uri in message and "Delete it and rerun the same command" in message
+    assert f"paid for again ({held.spend.requests:,} requests, {held.spend.tokens:,} tokens)" in message
+    # the shard task fails with it as it is, and Prefect is told not to retry
+    assert shard_failed("teacher", shard.name, failed.value) is failed.value and not failed.value.retryable
+    assert not os.path.exists(str(tmp_path / "w" / f"{shard.name}.parquet"))
+
+    os.remove(held.uri)
+    again, [result] = run_shards([shard], cfg, str(tmp_path / "w"), at)
+    stats = emulator.snapshot()
+    assert stats["answered"] == result.detail["requests_sent"] == held.spend.requests and stats["duplicates"] == 0
+    assert again.equals(first)
+
+
+def test_an_endpoints_identity_is_its_protocol_model_and_well_known_provider():
+    """Request keys know the teacher by what answers, not where it was reached; records name
+    where."""
+    from reflectune.engines.batch_api import batch_identity, batch_teacher_id
+
+    own = [OpenAITeacher("m", base_url=url).identity for url in (
+        "http://127.0.0.1:8000/v1", "http://127.0.0.1:8001/v1", "https://user:pw@lb.internal/v1", "http://gpu7:80/v1")]
+    assert own == ["openai:m"] * 4
+    assert OpenAITeacher("m").identity == OpenAITeacher("m", base_url="https://API.openai.com/v1").identity == "openai:m@openai"
+    assert OpenAITeacher("m", base_url="https://api.together.xyz/v1").identity == "openai:m@together"
+    assert OpenAITeacher("other", base_url="http://127.0.0.1:8000/v1").identity == "openai:other"
+    # a batch's answers are the online engine's; Anthropic's protocol is another teacher
+    assert batch_identity("openai-batch", "m", None) == "openai:m@openai"
+    assert batch_identity("anthropic-batch", "m", None) == "anthropic:m@anthropic"
+    assert batch_identity("anthropic-batch", "m", "http://127.0.0.1:9/v1") == "anthropic:m"
+    # records keep the host
+    assert OpenAITeacher("m", base_url="http://127.0.0.1:8000/v1").teacher_id == "openai:m@127.0.0.1:8000"
+    assert batch_teacher_id("anthropic-batch", "m", None) == "anthropic:m@api.anthropic.com"
+
+
+def test_the_same_model_behind_a_moved_server_is_not_paid_again(emulator, tmp_path):
+    """The server moved to another host and port: the journal answers every request; the rows
+    name the new endpoint. Another model at that server is another teacher, and is paid for."""
+    cfg = teacher_config(emulator, max_new_tokens=512)
+    shards = write_shards(tmp_path, 6, limit=6)
+    at = str(tmp_path / "journal")
+    first, [paid] = run_shards(shards, cfg, str(tmp_path / "v"), at)
+    with Emulator(latency=0.03, host="127.0.0.2") as moved:
+        url = f"http://127.0.0.2:{moved.port}/v1"
+        again, [result] = run_shards(shards, teacher_config(moved, base_url=url, max_new_tokens=512), str(tmp_path / "w"), at)
+        assert moved.snapshot()["answered"] == 0 and result.detail["requests_sent"] == 0
+        assert result.detail["requests_replayed"] == paid.detail["requests_sent"] > 0
+        assert set(again["teacher"]) == {f"openai:emulated@127.0.0.2:{moved.port}"}
+        assert again.drop("teacher").equals(first.drop("teacher"))
+
+        _, [other] = run_shards(shards, teacher_config(moved, base_url=url, max_new_tokens=512, model="other"), str(tmp_path / "x"), at)
+        assert moved.snapshot()["answered"] == other.detail["requests_sent"] > 0
+
+
+def test_a_journal_keyed_by_the_first_key_version_still_replays_at_its_endpoint(emulator, tmp_path, monkeypatch):
+    """Journals written before keys left out the host were keyed by the teacher_id (version 1):
+    they replay at the endpoint they were written against, nothing is paid again."""
+    from reflectune import reflection
+    from reflectune.engines.openai_compat import teacher_id
+
+    cfg = teacher_config(emulator, max_new_tokens=512)
+    shards = write_shards(tmp_path, 6, limit=6)
+    at = str(tmp_path / "journal")
+    # the journal as version 1 wrote it: the same writer, with version 1's keys
+    old = teacher_id(cfg.model, cfg.base_url)
+    monkeypatch.setattr(journal, "request_key",
+                        lambda _who, chat, sampling, fmt, version=1: reflection.request_key(old, chat, sampling, fmt, 1))
+    first, [paid] = run_shards(shards, cfg, str(tmp_path / "v"), at)
+    monkeypatch.undo()
+    emulator.reset_stats()
+    again, [result] = run_shards(shards, cfg, str(tmp_path / "w"), at)
+    assert emulator.snapshot()["answered"] == 0
+    assert result.detail["requests_replayed"] == paid.detail["requests_sent"] > 0 and again.equals(first)

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from reflectune import progress as progress_hook
 from reflectune import secrets
-from reflectune.engines.openai_compat import TeacherFatalError, TeacherUnavailableError, endpoint, teacher_id
+from reflectune.engines.openai_compat import TeacherFatalError, TeacherUnavailableError, endpoint, identity, teacher_id
 
 # the providers' published limits: requests per batch and bytes per input file (OpenAI) or
 # per batch creation request (Anthropic)
@@ -49,12 +49,20 @@ RESEND = "resend"
 
 
 def batch_teacher_id(provider: str, model: str, base_url: str | None) -> str:
-    """The teacher's identity: the model and the host, as the online engine of the same
-    provider has it (an answer is the model's, whichever way it was asked for)."""
+    """The teacher as records name it: the model and the host, as the online engine of the
+    same provider has it (an answer is the model's, whichever way it was asked for)."""
     if provider == "openai-batch":
         return teacher_id(model, base_url)
     host = urlsplit(base_url).netloc.rpartition("@")[2] if base_url else "api.anthropic.com"
     return f"anthropic:{model}@{host}"
+
+
+def batch_identity(provider: str, model: str, base_url: str | None) -> str:
+    """Who answers, as request keys know it (openai_compat.identity): an OpenAI batch's answers
+    are the online engine's, so a journal serves both."""
+    if provider == "openai-batch":
+        return identity("openai", model, base_url, "api.openai.com")
+    return identity("anthropic", model, base_url, "api.anthropic.com")
 
 
 class Ledger(Protocol):
@@ -117,6 +125,7 @@ class BatchTeacher:
         self.max_bytes = max_bytes or LIMITS[provider][1]
         self.max_resubmits = max_resubmits
         self.teacher_id = batch_teacher_id(provider, model, base_url)
+        self.identity = batch_identity(provider, model, base_url)
         api = _OpenAIBatches if provider == "openai-batch" else _AnthropicBatches
         self._api = api(model, base_url, self._api_key, timeout)
         self._memory = MemoryLedger()
@@ -137,7 +146,7 @@ class BatchTeacher:
         n = len(chats)
         if sampling.constrained == "off" or formats is None:
             formats = [None] * n
-        keys = list(keys) if keys is not None else [request_key(self.teacher_id, c, sampling, f)
+        keys = list(keys) if keys is not None else [request_key(self.identity, c, sampling, f)
                                                     for c, f in zip(chats, formats)]
         ledger = ledger or self._memory
         tally = tally if tally is not None else Counter()

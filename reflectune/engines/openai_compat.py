@@ -65,9 +65,28 @@ def endpoint(base_url: str | None) -> str:
 
 
 def teacher_id(model: str, base_url: str | None) -> str:
-    """The teacher's identity in records and cache keys: the served model and the host."""
+    """The teacher as records name it: the served model and the host it was reached at."""
     host = urlsplit(base_url).netloc.rpartition("@")[2] if base_url else "api.openai.com"
     return f"openai:{model}@{host}"
+
+
+# hosts that name a provider: there the provider is part of who answers, since the same model
+# name at another provider may be another build, quantization or version of it
+PROVIDERS = {"api.openai.com": "openai", "api.anthropic.com": "anthropic", "api.together.xyz": "together",
+             "api.groq.com": "groq", "api.fireworks.ai": "fireworks", "api.deepseek.com": "deepseek",
+             "api.mistral.ai": "mistral", "openrouter.ai": "openrouter", "api.deepinfra.com": "deepinfra",
+             "generativelanguage.googleapis.com": "google", "api.x.ai": "xai"}
+
+
+def identity(protocol: str, model: str, base_url: str | None, default_host: str) -> str:
+    """Who answers, as request keys know it (reflection.request_key): the protocol and the
+    model as the server names it, and at a well-known provider (PROVIDERS) the provider. Never
+    the host or the port: the same model behind a server that moved (a restarted `vllm serve`
+    on another port, a new load balancer) is the same teacher, and its answers are not paid
+    for again. Any other host is taken for a server of one's own, known by its model name."""
+    host = (urlsplit(base_url).hostname if base_url else None) or default_host
+    provider = PROVIDERS.get(host.lower())
+    return f"{protocol}:{model}" + (f"@{provider}" if provider else "")
 
 
 @dataclass
@@ -110,6 +129,7 @@ class OpenAITeacher:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.teacher_id = teacher_id(model, base_url)
+        self.identity = identity("openai", model, base_url, "api.openai.com")
         self.usage = Usage()
         # kept across calls: what the provider's limits allow now
         self.pacer = Pacer(concurrency)
