@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="instruction: ins; response: res; both: ins, res and ins_res (default)")
     reflect.add_argument("--dtype", default="auto", help="transformers and vllm: auto, float32, bfloat16")
     reflect.add_argument("--device", default="auto", help="transformers: auto, cpu or cuda[:N]")
+    reflect.add_argument("--journal", help="the request journal: every answer kept as it returns, so a rerun pays "
+                         "for nothing twice and the budget counts what it holds (default: beside --out, "
+                         "NAME.journal/)")
     _intake_options(reflect)
     reflect.set_defaults(func=_reflect, config=_config_options(
         reflect, TeacherConfig, {"model": "teacher", "request-timeout": "timeout"}, kebab=True))
@@ -260,11 +263,15 @@ def _reflect(args: argparse.Namespace) -> int:
     teacher = load_teacher(cfg.engine, cfg.model, **options)
     sampling, retry = stages.teacher_sampling(cfg)
     per_row = {"instruction": 1, "response": 1, "both": 3}[args.kind]
+    kept_at = args.journal or os.path.splitext(args.out)[0] + ".journal"
     try:
         planned = [per_row * data.valid.height]  # retries add to it
-        with _progress("reflecting", unit="gen") as advance:
-            variants = reflection.reflect(data.valid, teacher, args.kind, sampling, retry,
-                                          progress=lambda n, tokens: advance(n, planned[0], tokens),
+        # the journal and the budget, as in recycle: a rerun pays for nothing twice, a batch
+        # engine's batches are kept and found again
+        with _progress("reflecting", unit="gen") as advance, \
+                stages.journaled(teacher, cfg, kept_at, data.valid) as journaled:
+            variants = reflection.reflect(data.valid, journaled, args.kind, sampling, retry,
+                                          progress=lambda n, tokens, note=None: advance(n, planned[0], tokens, note),
                                           plan=lambda total: planned.__setitem__(0, total), verify=cfg.verify)
     finally:
         teacher.close()
@@ -273,7 +280,9 @@ def _reflect(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{v}/{s}: {n}" for v, s, n in status.iter_rows())
     print(
         f"reflectune: {data.input_rows} input rows, {data.valid.height} reflected, {data.rejected.height} rejected; "
-        f"{summary}; tokens in {variants['prompt_tokens'].sum()}, out {variants['completion_tokens'].sum()} -> {args.out}",
+        f"{summary}; tokens in {variants['prompt_tokens'].sum()}, out {variants['completion_tokens'].sum()} "
+        f"({journaled.sent.requests} requests sent, {journaled.replayed.requests} answered from the journal "
+        f"{kept_at}) -> {args.out}",
         file=sys.stderr,
     )
     return 0

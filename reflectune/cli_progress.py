@@ -54,19 +54,23 @@ class _progress:
         self.unit = unit
         self.bar = None
         self.tokens = 0
+        self.note = ""
 
     def __enter__(self) -> Callable[..., None]:
-        def advance(n: float, total: int, tokens: int = 0) -> None:
+        def advance(n: float, total: int, tokens: int = 0, note: str | None = None) -> None:
+            """`note`: what the work is waiting on (a batch API's batches), shown until replaced."""
             if self.bar is None:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=total, desc=self.label, unit=self.unit, unit_scale=True, file=sys.stderr)
             if total != self.bar.total:
                 self.bar.total = total
-            if tokens:
-                self.tokens += tokens
-                elapsed = self.bar.format_dict["elapsed"] or 1e-9
-                self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
+            if note is not None:
+                self.note = note
+            self.tokens += tokens
+            elapsed = self.bar.format_dict["elapsed"] or 1e-9
+            self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s" + (f"; {self.note}" if self.note else ""),
+                                     refresh=False)
             self.bar.update(n)
 
         return advance

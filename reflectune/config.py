@@ -96,6 +96,15 @@ class TeacherConfig(_Config):
     batch_resubmits: int = Field(3, ge=0, description="Batch engines: how often a line that expired, was cancelled "
                                  "or failed on the provider's side is submitted again, alone, in a later batch.")
 
+    @model_validator(mode="after")
+    def _priced(self) -> "TeacherConfig":
+        # here, not in RecycleParams: every command that spends on a teacher refuses it alike
+        if self.budget_usd is not None and not any(self.prices):
+            raise ValueError(f"teacher.budget_usd is {self.budget_usd} but no price is set: give "
+                             "teacher.price_input_per_m and teacher.price_output_per_m (your provider's dollars per "
+                             "million tokens)")
+        return self
+
     @property
     def batched(self) -> bool:
         """The teacher answers through a provider's batch API."""
@@ -270,9 +279,6 @@ class RecycleParams(_Config):
                                 "the credentials in the environment (teacher.api_key_env for an API key, "
                                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3) or a Prefect Secret block "
                                 "(teacher.api_key_block); a URL is recorded in the run's outputs")
-        if t.budget_usd is not None and not any(t.prices):
-            problems.append(f"teacher.budget_usd is {t.budget_usd} but no price is set: give teacher.price_input_per_m "
-                            "and teacher.price_output_per_m (your provider's dollars per million tokens)")
         if t.engine in API_ENGINES and not t.base_url and t.model.startswith("packaged:"):
             problems.append(f"teacher.engine is {t.engine} but teacher.model is a packaged model: give the served "
                             "model name (and teacher.base_url for a server other than the provider's)")

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -185,6 +186,21 @@ def teacher_budget(cfg: TeacherConfig) -> journal.Budget | None:
     return journal.Budget(cfg.budget_tokens, cfg.budget_usd, *cfg.prices)
 
 
+@contextmanager
+def journaled(engine: Any, cfg: TeacherConfig, journal_at: str, records: pl.DataFrame) -> Iterator[journal.JournaledTeacher]:
+    """`engine` behind the request journal at `journal_at` (for the source rows of `records`)
+    and the budget of `cfg`: what every command that pays a teacher sends through. The
+    journal's parts are merged when the work inside finishes."""
+    rows = records["source_index"]
+    kept = journal.Journal(journal_at, int(rows.min()) if rows.len() else 0, int(rows.max()) if rows.len() else 0)
+    finished = False
+    try:
+        yield journal.JournaledTeacher(engine, kept, teacher_budget(cfg))
+        finished = True
+    finally:
+        kept.close(merge=finished)
+
+
 def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any, journal_at: str,
                   progress: Callable[[int, int], None] | None = None) -> ShardResult:
     """The shard's ins, res and ins_res variants, written to `target`. Requests the journal at
@@ -194,18 +210,11 @@ def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any, jo
     start = time.perf_counter()
     records = read(shard.uri, RECORD, "teacher")
     sampling, retry = teacher_sampling(cfg)
-    rows = records["source_index"]
-    kept = journal.Journal(journal_at, int(rows.min()), int(rows.max()))
-    teacher = journal.JournaledTeacher(engine, kept, teacher_budget(cfg))
     usage = dict(vars(engine.usage)) if hasattr(engine, "usage") else {}
-    finished = False
-    try:
+    with journaled(engine, cfg, journal_at, records) as teacher:
         variants = reflection.reflect(records, teacher, "both", sampling, retry, progress,
                                       plan=(lambda total: progress(0, 0, total)) if progress else None,
                                       verify=cfg.verify)
-        finished = True
-    finally:
-        kept.close(merge=finished)
     check_columns(variants, VARIANT, "teacher output")
     write(variants, target)
     status = variants.group_by("parse_status").len()

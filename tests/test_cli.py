@@ -181,7 +181,9 @@ def test_plan_refuses_the_budgets_recycle_refuses_naming_its_own_option(capsys):
     at_least_one = "--budget-tokens: Input should be greater than or equal to 1"
     for given, expected in ((["--budget-tokens", "0"], at_least_one), (["--budget-tokens", "-5"], at_least_one),
                             (["--budget-usd", "0", "--price-output-per-m", "10"],
-                             "--budget-usd: Input should be greater than 0")):
+                             "--budget-usd: Input should be greater than 0"),
+                            (["--budget-usd", "0.5"], "--budget-usd is 0.5 but no price is set: give --price-input-per-m "
+                                                      "and --price-output-per-m")):
         assert main(["plan", str(SAMPLE), *given]) == 2, given
         captured = capsys.readouterr()
         assert expected in captured.err and "Traceback" not in captured.err and not captured.out, given

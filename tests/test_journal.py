@@ -265,6 +265,51 @@ def test_verification_is_paid_once_journaled_and_falls_back_on_no(emulator, tmp_
     assert emulator.snapshot()["answered"] == 0 and result.detail["requests_replayed"] == 36 and again.equals(variants)
 
 
+def reflect_command(emulator, out, *options, env=None):
+    engine = () if "--engine" in options else ("--engine", "openai")
+    return subprocess.run(
+        [sys.executable, "-m", "reflectune.cli", "reflect", str(SAMPLE), "--out", str(out), "--limit", "4",
+         "--teacher", "emulated", *engine, "--base-url", emulator.url, "--max-new-tokens", "256", *options],
+        cwd=ROOT, env={**os.environ, "OPENAI_API_KEY": "sk-reflect-never-shown", **(env or {})},
+        capture_output=True, text=True, timeout=600)
+
+
+def test_the_reflect_command_keeps_a_paid_batch_and_a_rerun_pays_nothing(tmp_path):
+    """`reflect --engine openai-batch`: the batch's answers reach the output and the journal;
+    the rerun submits no new batch."""
+    out = tmp_path / "v.jsonl"
+    with Emulator(latency=0.0, batch_seconds=0.5) as emulator:
+        options = ("--engine", "openai-batch", "--batch-poll-seconds", "0.2", "--batch-poll-max-seconds", "0.5")
+        first = reflect_command(emulator, out, *options)
+        paid = emulator.snapshot()
+        assert first.returncode == 0, first.stderr[-3000:]
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(rows) == 12 and paid["batches"]["openai"] >= 2 and paid["duplicates"] == 0
+        held = journal.spend(str(tmp_path / "v.journal"))
+        assert (held.requests, held.tokens) == (paid["answered"], paid["prompt_tokens"] + paid["completion_tokens"])
+        again = reflect_command(emulator, tmp_path / "w.jsonl", *options, "--journal", str(tmp_path / "v.journal"))
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert emulator.snapshot()["batches"] == paid["batches"] and emulator.snapshot()["answered"] == paid["answered"]
+        assert re.search(r"\(0 requests sent, \d+ answered from the journal", again.stderr), again.stderr[-500:]
+        assert [json.loads(line) for line in (tmp_path / "w.jsonl").read_text().splitlines()] == rows
+    assert "sk-reflect-never-shown" not in first.stderr + again.stderr + out.read_text()
+
+
+def test_the_reflect_command_holds_the_budget(emulator, tmp_path):
+    stopped = reflect_command(emulator, tmp_path / "v.jsonl", "--budget-tokens", "3000", "--concurrency", "2")
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    message = stopped.stderr.strip().splitlines()[-1]
+    assert "the teacher budget would be passed" in message and "Traceback" not in stopped.stderr
+    held = journal.spend(str(tmp_path / "v.journal"))
+    stats = emulator.snapshot()
+    assert 0 < held.tokens <= 3000 and held.requests == stats["answered"]
+    assert not (tmp_path / "v.jsonl").exists()
+
+    unpriced = reflect_command(emulator, tmp_path / "u.jsonl", "--budget-usd", "0.5")
+    assert unpriced.returncode == 2 and "teacher.budget_usd is 0.5 but no price is set" in unpriced.stderr
+    assert emulator.snapshot()["answered"] == stats["answered"]  # nothing sent
+
+
 def test_a_damaged_journal_file_stops_the_shard_at_once_naming_it_and_what_deleting_it_costs(emulator, tmp_path):
     """A file cut short is read the same way on every try: the shard fails at once (no retry),
     sends nothing, and the message names the file and the fix; deleting it pays its requests
