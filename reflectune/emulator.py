@@ -223,6 +223,7 @@ class Emulator:
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self.stats = Stats()
+        self.keys_seen: set[str] = set()  # the API keys requests carried (Bearer or x-api-key)
         self._files: dict[str, _File] = {}
         self._batches: dict[str, _Batch] = {}  # in the order created
         self._server = _Server((host, port), _handler(self))
@@ -244,6 +245,13 @@ class Emulator:
         with self._lock:
             self._settle_all()
             self.stats = Stats()
+
+    def saw(self, headers: Any) -> None:
+        """Note the API key a request carried."""
+        key = headers.get("x-api-key") or (headers.get("authorization") or "").removeprefix("Bearer ")
+        if key:
+            with self._lock:
+                self.keys_seen.add(key)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -933,6 +941,7 @@ def _handler(emulator: Emulator) -> type[BaseHTTPRequestHandler]:
             pass
 
         def do_GET(self) -> None:
+            emulator.saw(self.headers)
             batch = emulator.batch_route("GET", self.path, self.headers, b"")
             if batch is not None:
                 self._send_bytes(*batch)
@@ -946,6 +955,7 @@ def _handler(emulator: Emulator) -> type[BaseHTTPRequestHandler]:
                 self._send(404, {}, _error(f"no route {self.path}", "not_found"))
 
         def do_POST(self) -> None:
+            emulator.saw(self.headers)
             length = int(self.headers.get("content-length") or 0)
             raw = self.rfile.read(length) if length else b""
             if self.path.startswith("/emulator/reset"):

@@ -236,3 +236,27 @@ def test_compare_sets_runs_side_by_side(tmp_path):
     assert len(text) == 3 and text[1].split()[-1] == "1.125" and text[2].split()[-1] == "0.900"
     page = report.compare_page(runs)
     assert page.count("<svg class='plot'") == 2 and "sel (selective)" in page and "parity" in page
+
+
+@pytest.mark.parametrize("engine", ["openai", "openai-batch", "anthropic-batch"])
+def test_an_api_judge_asks_the_server_it_is_given_with_the_key_it_is_given(engine, monkeypatch):
+    """Every API judge (online or batch) goes to --base-url with the key of --api-key-env:
+    never to the provider's public endpoint with the default key."""
+    from reflectune.emulator import Emulator
+    from reflectune.engines import judge_options, load_teacher
+    from reflectune.reflection import Sampling
+
+    monkeypatch.setenv("JUDGE_KEY", "sk-judge-own")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-default-never-sent")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-default-never-sent")
+    with Emulator(latency=0.0, batch_seconds=0.2) as emulator:
+        # Anthropic's base is the server's root (it adds /v1 itself)
+        options = judge_options(engine, emulator.root if engine == "anthropic-batch" else emulator.url, "JUDGE_KEY", 4)
+        if engine != "openai":
+            options |= {"poll_seconds": 0.1, "poll_max_seconds": 0.2}
+        judge = load_teacher(engine, "emulated", **options)
+        [gen] = judge.generate([[{"role": "user", "content": "Which answer is better, 1 or 2?"}]],
+                               Sampling(max_new_tokens=32))
+        stats = emulator.snapshot()
+    assert gen.error is None and gen.text and stats["answered"] == 1, (gen, stats)
+    assert emulator.keys_seen == {"sk-judge-own"}

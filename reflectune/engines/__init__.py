@@ -53,8 +53,9 @@ def load_teacher(engine: str, spec: str, **options: Any) -> Any:
 
 
 def judge_options(engine: str, base_url: str | None, api_key_env: str | None, batch_size: int) -> dict[str, Any]:
-    """Options of `load_teacher` for the evaluation's judge: an openai judge's endpoint and key,
-    a transformers judge's batch."""
-    if engine == "openai":
+    """Options of `load_teacher` for the evaluation's judge: an API judge's endpoint and key
+    (every API engine: a batch judge given a URL must never fall back to the provider's), a
+    transformers judge's batch."""
+    if engine in API_ENGINES:
         return {"base_url": base_url} | ({"api_key_env": api_key_env} if api_key_env else {})
     return {"batch_size": batch_size} if engine == "transformers" else {}
