@@ -21,7 +21,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from reflectune import io, journal, lock, progress, stages
+from reflectune import io, journal, lock, preflight, progress, stages
 from reflectune import manifest as run
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
@@ -38,6 +38,7 @@ from reflectune.tasks.shards import student_shard, teacher_shard
 @flow(name="reflectune-recycle", task_runner=ThreadPoolTaskRunner(max_workers=32), log_prints=False)
 def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
     """Recycle an instruction dataset with Selective Reflection-Tuning."""
+    preflight.test_sets(params)  # a run started from the UI skips the command line's checks
     # one run at a time writes an output folder
     with lock.hold(params.output):
         return _pipeline(params)

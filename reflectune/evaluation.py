@@ -133,6 +133,9 @@ def load_test_set(uri: str | None = None) -> list[dict[str, str]]:
         if item is None:
             raise InputFileError(f"{uri}: item {i + 1}: {_refused(row)}")
         out.append(item)
+    if not out:
+        raise InputFileError(f"{uri}: no test items: give a JSON Lines file (or a JSON array) of objects, each with "
+                             f"one of the fields {list(INSTRUCTION_NAMES)}")
     return out
 
 

@@ -23,6 +23,17 @@ def check(params: RecycleParams) -> None:
                              "the run cannot start:\n" + "\n".join(f"  {p}" for p in problems))
     if _local(params.dataset):  # read it through once: a bad file is named in a second, not after a retry
         intake.load(params.dataset, intake.parse_column_map(params.column_map), params.limit)
+    test_sets(params)
+
+
+def test_sets(params: RecycleParams) -> None:
+    """Read the evaluation's test sets through once, when the run will evaluate: a bad or empty
+    one is named before anything trains, not after."""
+    if params.evaluation.enabled:
+        from reflectune.evaluation import load_test_set
+
+        for uri in params.evaluation.test_set_uris:
+            load_test_set(uri)
 
 
 def _local(uri: str) -> bool:

@@ -330,5 +330,26 @@ def usable_rewrites(decisions: pl.DataFrame) -> int:
     return sum(row[f"{row['chosen']}_parse_status"] == "ok" for row in chosen.iter_rows(named=True))
 
 
+def train_selected(params: RecycleParams) -> dict[str, Any]:
+    """The student fine-tuned on the selected pairs, its metrics written beside it with a key of
+    what determines it (the pairs, the student, the training settings): a rerun (after a later
+    step failed) reuses a finished training instead of training again. `reused` says which."""
+    from reflectune import training
+
+    out = RunFolder(params.output)
+    selected = read(out.selected, SELECTED, "training")
+    key = _hash([selected.select("instruction", "input", "output").to_dicts(), params.student.model_dump(),
+                 params.training.model_dump()])
+    if io.exists(out.training) and io.exists(out.model):
+        kept = io.read_json(out.training)
+        if kept.get("key") == key and kept.get("trained"):
+            return kept | {"reused": True}
+    metrics = training.train(selected.select("instruction", "input", "output"), params.student, params.training,
+                             out.model)
+    metrics = {**metrics, "key": key}
+    io.write_json(metrics, out.training)
+    return metrics | {"reused": False}
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from reflectune import card, evaluation, io, records, report, stages, training
+from reflectune import card, evaluation, io, records, report, stages
 from reflectune.config import RecycleParams
 from reflectune.run_folder import RunFolder
 
@@ -32,11 +32,9 @@ def select_and_write(params: RecycleParams, score_uris: list[str], summary: dict
 
 @task(name="train-student", tags=["reflectune", "train"])
 def train_student(params: RecycleParams) -> dict[str, Any]:
-    out = RunFolder(params.output)
-    pairs = records.read(out.selected, records.SELECTED, "training").select("instruction", "input", "output")
-    metrics = training.train(pairs, params.student, params.training, out.model)
-    io.write_json(metrics, out.training)
-    get_run_logger().info("training: %s", metrics)
+    metrics = stages.train_selected(params)
+    get_run_logger().info("training%s: %s", " (reused: the same pairs and settings trained before)"
+                          if metrics["reused"] else "", metrics)
     return metrics
 
 

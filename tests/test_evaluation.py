@@ -238,6 +238,38 @@ def test_compare_sets_runs_side_by_side(tmp_path):
     assert page.count("<svg class='plot'") == 2 and "sel (selective)" in page and "parity" in page
 
 
+def test_an_empty_test_set_is_refused_by_name(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(Exception, match=r"empty.jsonl: no test items"):
+        ev.load_test_set(str(empty))
+
+
+def test_a_bad_test_set_stops_the_run_before_anything_is_paid_or_trained(tmp_path):
+    """recycle --evaluate reads its test sets first (the command line and the flow alike)."""
+    import subprocess
+    import sys
+
+    from reflectune.config import RecycleParams
+    from reflectune.errors import InputFileError
+    from reflectune.flows.recycle import recycle
+
+    from .conftest import SAMPLE
+
+    bad = tmp_path / "tests.jsonl"
+    bad.write_text('{"prompt_id": 3, "category": "writing"}\n')
+    done = subprocess.run([sys.executable, "-m", "reflectune.cli", "recycle", str(SAMPLE), "--out", str(tmp_path / "o"),
+                           "--limit", "4", "--evaluate", "--test-sets", str(bad)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "tests.jsonl: item 1: no instruction" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "o" / "shards").exists()
+    params = RecycleParams(dataset=str(SAMPLE), output=str(tmp_path / "p"), limit=4,
+                           evaluation={"enabled": True, "test_sets": str(bad)})
+    with pytest.raises(InputFileError, match="no instruction"):
+        recycle.fn(params)
+    assert not (tmp_path / "p" / "shards").exists()
+
+
 @pytest.mark.parametrize("engine", ["openai", "openai-batch", "anthropic-batch"])
 def test_an_api_judge_asks_the_server_it_is_given_with_the_key_it_is_given(engine, monkeypatch):
     """Every API judge (online or batch) goes to --base-url with the key of --api-key-env:

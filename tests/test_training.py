@@ -129,3 +129,30 @@ def test_the_loss_of_each_epoch_is_the_mean_of_its_logged_steps():
               {"loss": 1.5, "epoch": 1.34}, {"loss": 0.5, "epoch": 2.0}]
     assert epoch_losses(logged) == [2.0, 1.0]
     assert epoch_losses([{"loss": 4.0}]) == [4.0] and epoch_losses([]) == []
+
+
+@pytest.mark.slow  # trains for about 10 s
+def test_a_rerun_reuses_the_student_trained_on_the_same_pairs(pairs, tmp_path):
+    """After a later step failed, the rerun does not train the main student again; other
+    pairs or settings do."""
+    import os
+
+    from reflectune import records, stages
+    from reflectune.config import RecycleParams
+    from reflectune.run_folder import RunFolder
+
+    out = RunFolder(str(tmp_path))
+    selected = pairs.with_columns(sample_id=pl.format("s{}", pl.int_range(pl.len())), source_index=pl.int_range(pl.len()),
+                                  variant=pl.lit("orig"), branch=pl.lit("orig"))
+    records.write(selected.select([pl.col(c) if c in selected.columns else pl.lit(None, t).alias(c)
+                                   for c, t in records.SELECTED.items()]), out.selected)
+    params = RecycleParams(dataset="x.jsonl", output=str(tmp_path),
+                           training={"epochs": 1, "batch_size": 4, "per_device_batch_size": 2, "max_length": 128})
+    first = stages.train_selected(params)
+    assert first["trained"] and not first["reused"]
+    stamp = os.path.getmtime(out.training)
+    again = stages.train_selected(params)
+    assert again["reused"] and again["key"] == first["key"] and os.path.getmtime(out.training) == stamp
+    other = stages.train_selected(params.model_copy(update={"training": params.training.model_copy(
+        update={"learning_rate": 1e-4})}))
+    assert other["trained"] and not other["reused"] and other["key"] != first["key"]
