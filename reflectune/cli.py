@@ -163,6 +163,16 @@ def _parser() -> argparse.ArgumentParser:
                     help="answer length limit (default: %(default)s, as the paper)")
     ev.add_argument("--limit", type=int, help="only the first N test items")
     ev.add_argument("--out", help="write verdicts (.jsonl or .parquet) and OUT's .json summary")
+    ev.add_argument("--journal", help="the judge's request journal: every verdict kept as it returns, so a rerun "
+                    "pays for none twice and the budget counts what it holds (default: beside --out, NAME.journal/; "
+                    "without --out, reflectune-judge.journal/)")
+    ev.add_argument("--budget-tokens", type=int, help="the judge's budget in tokens (prompt + completion): no request "
+                    "is sent that could pass it")
+    ev.add_argument("--budget-usd", type=float, help="the judge's budget in dollars (needs --price-input-per-m and "
+                    "--price-output-per-m)")
+    ev.add_argument("--price-input-per-m", type=float, default=0.0, help="the judge's dollars per million prompt tokens")
+    ev.add_argument("--price-output-per-m", type=float, default=0.0,
+                    help="the judge's dollars per million completion tokens")
     ev.set_defaults(func=_evaluate)
 
     cluster = sub.add_parser("cluster", help="Prefect server setup for deployments").add_subparsers()
@@ -483,17 +493,35 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import re
+
     import polars as pl
 
-    from reflectune import evaluation
+    from reflectune import evaluation, journal
+    from reflectune.cli_options import problems
+    from reflectune.config import EvaluationConfig
 
+    # the judge's budget as recycle's evaluation takes it, so both refuse the same settings alike
+    names = ("budget_tokens", "budget_usd", "price_input_per_m", "price_output_per_m")
+    try:
+        settings = EvaluationConfig(**{f"judge_{name}": getattr(args, name) for name in names})
+    except ValueError as exc:
+        text = re.sub(rf"\b(?:evaluation\.)?judge_({'|'.join(names)})\b", lambda m: "--" + m[1].replace("_", "-"),
+                      problems(exc))
+        raise ReflectuneError(f"invalid options:\n{text}") from None
     tests = evaluation.load_test_set(args.test_set)[: args.limit]
     _check_engine(args.judge_engine)
     _check_engine(args.engine)
+    kept_at = args.journal or (os.path.splitext(args.out)[0] + ".journal" if args.out else "reflectune-judge.journal")
+    before = journal.spend(kept_at)
     result = evaluation.evaluate(args.model, args.baseline, args.judge, tests, template=args.template,
                                  judge_engine=args.judge_engine,
                                  judge_base_url=args.base_url, judge_api_key_env=args.api_key_env,
-                                 max_new_tokens=args.max_new_tokens, engine=args.engine)
+                                 max_new_tokens=args.max_new_tokens, engine=args.engine, judge_journal=kept_at,
+                                 judge_budget=evaluation.judge_budget(settings))
+    sent = journal.spend(kept_at).requests - before.requests
+    print(f"reflectune: judge requests: {sent} sent, {2 * len(tests) - sent} answered from the journal {kept_at}",
+          file=sys.stderr)
     if args.out:
         records.write(pl.DataFrame(result.rows), args.out)
         io.write_json(result.summary, os.path.splitext(args.out)[0] + ".json")

@@ -207,7 +207,17 @@ class EvaluationConfig(_Config):
                                   "optional input and reference output); empty uses the bundled 40.")
     judge: str = Field(DEFAULT_MODEL, description="Judge model spec; for judge_engine openai the served model name.")
     judge_engine: Literal[TEACHER_ENGINES] = Field("transformers", description="Judge engine.")
-    judge_base_url: str | None = Field(None, description="openai judge: the endpoint.")
+    judge_base_url: str | None = Field(None, description="API judge (openai, openai-batch, anthropic-batch): the "
+                                       "endpoint.")
+    judge_budget_tokens: int | None = Field(None, ge=1, description="The judge's budget in tokens (prompt + "
+                                            "completion), counted in its request journal as the teacher's is: no "
+                                            "request is sent that could pass it.")
+    judge_budget_usd: float | None = Field(None, gt=0, description="The judge's budget in dollars at the judge's "
+                                           "prices (needs them).")
+    judge_price_input_per_m: float = Field(0.0, ge=0, description="The judge's price, dollars per million prompt "
+                                           "tokens.")
+    judge_price_output_per_m: float = Field(0.0, ge=0, description="The judge's price, dollars per million "
+                                            "completion tokens.")
     max_new_tokens: int = Field(1024, ge=1, description="Answer length limit of both students (the paper's evaluation: 1024).")
     limit: int | None = Field(None, ge=1, description="Only the first N test instructions.")
     seed: int = Field(0, description="Seed of the random baseline's sample of original pairs.")
@@ -218,6 +228,14 @@ class EvaluationConfig(_Config):
         if unknown or not self.baseline_kinds:
             raise ValueError(f"evaluation.baselines '{self.baselines}': give one or more of {', '.join(BASELINES)}, "
                              "separated by commas")
+        return self
+
+    @model_validator(mode="after")
+    def _priced(self) -> "EvaluationConfig":
+        if self.judge_budget_usd is not None and not (self.judge_price_input_per_m or self.judge_price_output_per_m):
+            raise ValueError(f"evaluation.judge_budget_usd is {self.judge_budget_usd} but no price is set: give "
+                             "evaluation.judge_price_input_per_m and evaluation.judge_price_output_per_m (your "
+                             "provider's dollars per million tokens)")
         return self
 
     @property

@@ -20,7 +20,7 @@ from typing import Any
 
 import polars as pl
 
-from reflectune import formats, io, records, templates, training
+from reflectune import formats, io, journal, records, templates, training
 from reflectune.config import BASELINES, RecycleParams
 from reflectune.errors import InputFileError
 from reflectune.reflection import Sampling
@@ -255,10 +255,14 @@ def compare(model: str, baselines: dict[str, str], test_sets: dict[str, list[dic
             template: str = "vicuna", judge_engine: str = "transformers", judge_base_url: str | None = None,
             judge_api_key_env: str | None = None, max_new_tokens: int = 1024, judge_max_new_tokens: int = 32,
             max_length: int = 2048, batch_size: int = 8, constrained: str = "auto",
-            engine: str = "transformers") -> dict[tuple[str, str], Result]:
+            engine: str = "transformers", judge_journal: str | None = None,
+            judge_budget: journal.Budget | None = None) -> dict[tuple[str, str], Result]:
     """`model` against each baseline on each test set: every model answers every set (one model
     loaded at a time, on `engine`: transformers or vllm), with its held-out loss; then one judge
-    compares each pair in both orders. Results by (baseline name, test set name)."""
+    compares each pair in both orders. Results by (baseline name, test set name).
+
+    The judge is paid as the teacher is: behind the request journal at `judge_journal` (a rerun
+    pays for no verdict twice) and `judge_budget` (nothing sent that could pass it)."""
     from reflectune import models
     from reflectune.engines import judge_options, load_teacher
     from reflectune.engines.hf import TransformersScorer, TransformersTeacher
@@ -282,17 +286,31 @@ def compare(model: str, baselines: dict[str, str], test_sets: dict[str, list[dic
     judge_engine_ = load_teacher(judge_engine, judge_spec,
                                  **judge_options(judge_engine, judge_base_url, judge_api_key_env, batch_size))
     judging = Sampling(0.0, 1.0, judge_max_new_tokens, 0, constrained=constrained)
-    results = {}
+    kept = journal.Journal(judge_journal, 0, 0) if judge_journal else None
+    judged = journal.JournaledTeacher(judge_engine_, kept, judge_budget) if kept else judge_engine_
+    results, finished = {}, False
     try:
         for name, spec in baselines.items():
             for set_name, tests in test_sets.items():
-                rows = judge(judge_engine_, tests, answers["model"][set_name], answers[name][set_name], judging)
+                rows = judge(judged, tests, answers["model"][set_name], answers[name][set_name], judging)
                 results[(name, set_name)] = Result(
                     models.model_id(model), models.model_id(spec), getattr(judge_engine_, "teacher_id", judge_spec),
                     rows, losses["model"][set_name], losses[name][set_name])
+        finished = True
     finally:
+        if kept is not None:
+            kept.close(merge=finished)
         judge_engine_.close()
     return results
+
+
+def judge_budget(ev: Any) -> journal.Budget | None:
+    """The judge's budget of an evaluation's settings (config.EvaluationConfig), None where none is set."""
+    if ev.judge_budget_tokens is None and ev.judge_budget_usd is None:
+        return None
+    return journal.Budget(ev.judge_budget_tokens, ev.judge_budget_usd, ev.judge_price_input_per_m,
+                          ev.judge_price_output_per_m, who="judge",
+                          settings=("evaluation.judge_budget_tokens", "evaluation.judge_budget_usd"))
 
 
 def baseline_pairs(kind: str, decisions: pl.DataFrame, n: int, tokenizer: Any = None, seed: int = 0) -> pl.DataFrame:
@@ -372,7 +390,8 @@ def evaluate_run(params: RecycleParams) -> dict[str, Any]:
     results = compare(out.model, {kind: out.baseline_model(kind) for kind in trained}, test_sets, ev.judge,
                       template=params.student.template, judge_engine=ev.judge_engine,
                       judge_base_url=ev.judge_base_url, max_new_tokens=ev.max_new_tokens,
-                      max_length=params.student.max_length)
+                      max_length=params.student.max_length, judge_journal=out.judge_journal,
+                      judge_budget=judge_budget(ev))
     verdicts = [{"baseline": kind, "test_set": name, **row} for (kind, name), r in results.items() for row in r.rows]
     table = [{**{k: r.summary.get(k) for k in records.EVALUATION}, "baseline": kind, "test_set": name}
              for (kind, name), r in results.items()]

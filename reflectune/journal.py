@@ -122,13 +122,16 @@ def spend(root: str, exclude_writer: str | None = None) -> Spend:
 
 @dataclass
 class Budget:
-    """The teacher's budget for a run: tokens (prompt + completion) and/or dollars at the
-    user's prices. None where no limit is set."""
+    """A budget for what one model is paid (the teacher's, the evaluation's judge): tokens
+    (prompt + completion) and/or dollars at the user's prices. None where no limit is set.
+    `who` and `settings` name it in its message: whose budget, and the settings that set it."""
 
     tokens: int | None = None
     usd: float | None = None
     price_input_per_m: float = 0.0
     price_output_per_m: float = 0.0
+    who: str = "teacher"
+    settings: tuple[str, str] = ("teacher.budget_tokens", "teacher.budget_usd")
 
     def passes(self, spend: Spend) -> bool:
         """Whether `spend` is beyond the budget."""
@@ -142,9 +145,9 @@ class Budget:
         cost = f"; ${dollars(usd)} at the prices set" if priced else ""
         limits = []
         if self.tokens is not None:
-            limits.append(f"teacher.budget_tokens {self.tokens:,}")
+            limits.append(f"{self.settings[0]} {self.tokens:,}")
         if self.usd is not None:
-            limits.append(f"teacher.budget_usd {dollars(self.usd)}")
+            limits.append(f"{self.settings[1]} {dollars(self.usd)}")
         return (f"spent {spend.tokens:,} tokens ({spend.prompt_tokens:,} prompt, {spend.completion_tokens:,} "
                 f"completion{cost}) in {spend.requests:,} requests, against "
                 + " and ".join(limits))
@@ -374,6 +377,8 @@ class JournaledTeacher:
         def admitted(j: int) -> bool:
             worst = Spend(1, prompt_tokens(chats[missing[j]]), sampling.max_new_tokens)
             with shared.lock:
+                if j in held:  # asked again (another form after a 400 refused the first): one reservation
+                    release(j)
                 if self.budget is not None and self.budget.passes(self.journal.total + shared.in_flight + worst):
                     return False
                 shared.in_flight += worst
@@ -412,7 +417,7 @@ class JournaledTeacher:
             out[i] = gens[j]
         if any(g.error == NOT_SENT for g in gens):
             self.journal.flush()
-            raise BudgetExceededError(f"the teacher budget would be passed by the next request: "
+            raise BudgetExceededError(f"the {self.budget.who} budget would be passed by the next request: "
                                       f"{self.budget.describe(self.journal.total)}")
         return out
 

@@ -11,6 +11,7 @@ and nowhere else.
       model/, training.json                            the trained student
       baselines/KIND.parquet, KIND-model/, KIND-training.json   each baseline's pairs, student, training
       evaluation.parquet, evaluation-table.parquet, evaluation.json   verdicts, the table, the summary
+      judge-journal/                                   every verdict of the evaluation's judge that returned
       README.md (the dataset card), report.html, manifest.json (written last)
       .reflectune-lock.json                            held while a run writes here
 
@@ -67,6 +68,11 @@ class RunFolder:
     @property
     def journal(self) -> str:
         return self._at("journal")
+
+    @property
+    def judge_journal(self) -> str:
+        """The evaluation judge's request journal."""
+        return self._at("judge-journal")
 
     # -- selection
     @property

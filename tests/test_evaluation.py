@@ -292,3 +292,48 @@ def test_an_api_judge_asks_the_server_it_is_given_with_the_key_it_is_given(engin
         stats = emulator.snapshot()
     assert gen.error is None and gen.text and stats["answered"] == 1, (gen, stats)
     assert emulator.keys_seen == {"sk-judge-own"}
+
+
+def test_the_evaluate_commands_judge_is_journaled_and_held_to_its_budget(tmp_path):
+    """`evaluate` pays its judge as recycle pays the teacher: each verdict kept as it returns (a
+    rerun sends nothing), and a budget that stops it with exit 2 before it is passed."""
+    import os
+    import subprocess
+    import sys
+
+    from reflectune import journal
+    from reflectune.emulator import Emulator
+
+    def evaluate(*options):
+        return subprocess.run(
+            [sys.executable, "-m", "reflectune.cli", "evaluate", "--model", MODEL, "--baseline", MODEL, "--limit", "2",
+             "--max-new-tokens", "8", "--judge", "emulated", "--judge-engine", "openai", "--base-url", emulator.url,
+             *options],
+            cwd=ROOT, env={**os.environ, "OPENAI_API_KEY": "sk-judge-never-shown"}, capture_output=True, text=True,
+            timeout=600)
+
+    out = tmp_path / "verdicts.jsonl"
+    with Emulator(latency=0.0, answer_words=(4, 8)) as emulator:
+        first = evaluate("--out", str(out))
+        assert first.returncode == 0, first.stderr[-3000:]
+        paid = emulator.snapshot()
+        held = journal.spend(str(tmp_path / "verdicts.journal"))
+        assert paid["answered"] == held.requests == 4 and held.tokens == paid["prompt_tokens"] + paid["completion_tokens"]
+        assert "judge requests: 4 sent, 0 answered from the journal" in first.stderr
+        verdicts = out.read_text()
+
+        again = evaluate("--out", str(out))
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert emulator.snapshot()["answered"] == 4 and "judge requests: 0 sent, 4 answered" in again.stderr
+        assert out.read_text() == verdicts
+
+        # a fresh journal and a budget for about one verdict: stopped before the budget is passed
+        stopped = evaluate("--journal", str(tmp_path / "small.journal"), "--budget-tokens", "600")
+        spent = journal.spend(str(tmp_path / "small.journal"))
+        answered = emulator.snapshot()["answered"] - 4
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    message = stopped.stderr.strip().splitlines()[-1]
+    assert message.startswith("reflectune: error: the judge budget would be passed by the next request"), message
+    assert "evaluation.judge_budget_tokens 600" in message and "Traceback" not in stopped.stderr
+    assert 0 < spent.requests == answered < 4 and spent.tokens <= 600
+    assert "sk-judge-never-shown" not in first.stderr + again.stderr + stopped.stderr + verdicts
