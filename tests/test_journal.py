@@ -400,3 +400,25 @@ def test_a_journal_keyed_by_the_first_key_version_still_replays_at_its_endpoint(
     again, [result] = run_shards(shards, cfg, str(tmp_path / "w"), at)
     assert emulator.snapshot()["answered"] == 0
     assert result.detail["requests_replayed"] == paid.detail["requests_sent"] > 0 and again.equals(first)
+
+
+def test_the_teacher_budget_holds_on_the_transformers_engine(tmp_path):
+    """The packaged model on transformers is held as a paid teacher is: its rows admitted
+    against the budget before each batch runs, the answers journaled, the budget never passed."""
+    from reflectune.engines import load_teacher
+    from reflectune.reflection import Sampling, reflect
+
+    from .conftest import MODEL
+
+    records = intake.load(str(SAMPLE), limit=3).valid
+    cfg = TeacherConfig(engine="transformers", model=MODEL, max_new_tokens=48, budget_tokens=1500)
+    engine = load_teacher("transformers", MODEL, batch_size=1)
+    at = str(tmp_path / "journal")
+    try:
+        with pytest.raises(BudgetExceededError, match="against teacher.budget_tokens 1,500"):
+            with stages.journaled(engine, cfg, at, records) as teacher:
+                reflect(records, teacher, "both", Sampling(max_new_tokens=48))
+    finally:
+        engine.close()
+    held = journal.spend(at)
+    assert 0 < held.requests < 9 and held.tokens <= 1500, held  # 3 rows ask 9 (ins, res, ins_res)

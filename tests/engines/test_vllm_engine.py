@@ -90,6 +90,24 @@ def test_teacher_generation(vllm_engine):
     assert sum(t for _, t in done) == variants["completion_tokens"].sum()
 
 
+
+def test_the_teacher_budget_holds_on_vllm(vllm_engine, tmp_path):
+    """A local engine is held as a paid one: each request admitted against the budget before
+    it runs, the answers kept in the journal, nothing sent that could pass it."""
+    from reflectune import journal, stages
+    from reflectune.config import TeacherConfig
+    from reflectune.errors import BudgetExceededError
+
+    records = intake.load(str(SAMPLE), limit=3).valid
+    cfg = TeacherConfig(engine="vllm", model=MODEL, max_new_tokens=64, budget_tokens=1500)
+    at = str(tmp_path / "journal")
+    with pytest.raises(BudgetExceededError, match="against teacher.budget_tokens 1,500"):
+        with stages.journaled(vllm_engine, cfg, at, records) as teacher:
+            reflect(records, teacher, "both", Sampling(max_new_tokens=64, constrained="on"))
+    held = journal.spend(at)
+    assert 0 < held.requests < 9 and held.tokens <= 1500, held  # 3 rows ask 9 (ins, res, ins_res)
+
+
 BLOCK_VLLM = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
