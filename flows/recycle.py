@@ -39,6 +39,7 @@ from reflectune.tasks.shards import student_shard, teacher_shard
 def recycle(params: RecycleParams = RecycleParams()) -> dict[str, Any]:
     """Recycle an instruction dataset with Selective Reflection-Tuning."""
     preflight.test_sets(params)  # a run started from the UI skips the command line's checks
+    progress.stop_on_terminate()
     # one run at a time writes an output folder
     with lock.hold(params.output):
         return _pipeline(params)

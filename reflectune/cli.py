@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except Interrupted as exc:
         print(f"reflectune: {exc}", file=sys.stderr)
-        return 130
+        return exc.exit_code
     except ReflectuneError as exc:
         print(f"reflectune: error: {redact(str(exc))}", file=sys.stderr)
         return 2
@@ -310,16 +310,26 @@ def _recycle(args: argparse.Namespace) -> int:
     recycle = _flows("recycle").recycle
 
     _quiet_user_errors()
-    previous = signal.signal(signal.SIGINT, _interrupt)
+    previous = signal.signal(signal.SIGINT, _interrupt), signal.signal(signal.SIGTERM, _terminate)
     try:
         with _RunBars() as bars:
             progress.listen(bars.event)
             try:
                 manifest = recycle(params)
+            except BaseException as exc:
+                # SIGTERM (`timeout`, `docker stop`, a scheduler): Prefect's engine raises it in
+                # this thread, marks the flow run crashed, then hands the signal to _terminate,
+                # which asks the shards at work to stop as Ctrl-C does
+                if type(exc).__name__ == "TerminationSignal":
+                    stopped = Interrupted(progress.INTERRUPTED)
+                    stopped.exit_code = 143
+                    raise stopped from None
+                raise
             finally:
                 progress.listen(None)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
     _summary(manifest)
     return 0
 
@@ -346,6 +356,14 @@ def _interrupt(signum: int, frame: Any) -> None:
         os._exit(130)
     progress.stop.set()
     print("\nreflectune: stopping (Ctrl-C again to stop at once)", file=sys.stderr)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM: the run stops as after a Ctrl-C (the shard at work ends unmarked), at once."""
+    from reflectune import progress
+
+    progress.stop.set()
+    print("\nreflectune: stopping (terminated)", file=sys.stderr)
 
 
 def _prefect_api() -> None:

@@ -36,7 +36,10 @@ class SettingError(ReflectuneError):
 
 
 class Interrupted(ReflectuneError):
-    """The user asked the run to stop (Ctrl-C): the shard at work ends without a done marker."""
+    """The user asked the run to stop (Ctrl-C, or SIGTERM): the shard at work ends without a
+    done marker. The command exits with `exit_code`: 130 after Ctrl-C, 143 after SIGTERM."""
+
+    exit_code = 130
 
 
 class ShardFailedError(ReflectuneError):

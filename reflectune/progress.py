@@ -7,6 +7,8 @@ Kept out of Prefect so the library reports progress the same way wherever it run
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -17,6 +19,27 @@ _listener: Callable[[str, dict[str, Any]], None] | None = None
 # set by a front end when the user asks to stop (the CLI's Ctrl-C): work in progress checks it
 # between batches and requests, and ends its shard without a done marker
 stop = threading.Event()
+
+
+def stop_on_terminate() -> None:
+    """From now on SIGTERM (`timeout`, `docker stop`, a worker cancelling the run) first asks the
+    work to stop, as Ctrl-C does, then goes to the handler installed before (Prefect's, which ends
+    the flow run as crashed once its tasks return: they return at once). A no-op outside the
+    main thread, where handlers cannot be set."""
+    try:
+        before = signal.getsignal(signal.SIGTERM)
+
+        def stopping(signum: int, frame: Any) -> None:
+            stop.set()
+            if callable(before):
+                before(signum, frame)
+            elif before == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+
+        signal.signal(signal.SIGTERM, stopping)
+    except ValueError:
+        pass
 
 
 def check() -> None:

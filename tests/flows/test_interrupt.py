@@ -28,10 +28,14 @@ def _sent(stats: dict) -> int:
     return sum(stats["statuses"].values())
 
 
-def _interrupt(proc: subprocess.Popen) -> tuple[int, float, list[psutil.Process]]:
-    """SIGINT to the command's process group; its exit code and the seconds it took."""
+def _interrupt(proc: subprocess.Popen, sig: int = signal.SIGINT) -> tuple[int, float, list[psutil.Process]]:
+    """SIGINT to the command's process group (a terminal's Ctrl-C), or SIGTERM to the command
+    alone (`timeout`, `docker stop`); its exit code and the seconds it took."""
     kids = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGINT)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
     start = time.monotonic()
     try:
         code = proc.wait(60)
@@ -54,8 +58,8 @@ def _wait_for(proc: subprocess.Popen, log, ready, what: str) -> None:
         time.sleep(0.1)
 
 
-def _check_stopped(code, seconds, kids, err: str, out) -> None:
-    assert code == 130 and seconds < STOPS_WITHIN, (code, seconds, err[-3000:])
+def _check_stopped(code, seconds, kids, err: str, out, expected: int = 130) -> None:
+    assert code == expected and seconds < STOPS_WITHIN, (code, seconds, err[-3000:])
     assert "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("reflectune: interrupted: finished shards are kept"), err[-3000:]
     time.sleep(0.5)
@@ -64,7 +68,10 @@ def _check_stopped(code, seconds, kids, err: str, out) -> None:
     assert not list((out / "variants").glob("*.parquet.json"))
 
 
-def test_ctrl_c_during_a_rate_limit_pause_stops_at_once_and_sends_nothing_more(prefect_api, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_during_a_rate_limit_pause_stops_at_once_and_sends_nothing_more(prefect_api, tmp_path, sig):
+    """SIGTERM stops the run as Ctrl-C does (exit 143): Prefect's own handler alone waited for
+    the shard at work to finish, then marked it done."""
     from prefect.settings import PREFECT_API_URL
 
     out = tmp_path / "out"
@@ -81,11 +88,11 @@ def test_ctrl_c_during_a_rate_limit_pause_stops_at_once_and_sends_nothing_more(p
         _wait_for(proc, log, lambda: emulator.snapshot()["statuses"].get("429"), "no request was rate limited")
         time.sleep(1.0)  # in the pause now: the pacer's, and the refused request's backoff
         before = emulator.snapshot()
-        code, seconds, kids = _interrupt(proc)
+        code, seconds, kids = _interrupt(proc, sig)
         log.close()
         err = (tmp_path / "log").read_text()
         after = emulator.snapshot()
-    _check_stopped(code, seconds, kids, err, out)
+    _check_stopped(code, seconds, kids, err, out, 130 if sig == signal.SIGINT else 143)
     assert _sent(after) == _sent(before) and after["answered"] == before["answered"], (before, after)
     # what was answered is kept, as the provider counted it: a rerun pays for none of it again
     held = journal.spend(str(out / "journal"))
