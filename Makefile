@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup browser demo eval-vicuna test test-fast bench clean
+.PHONY: setup browser demo eval-vicuna test test-fast bench docs clean
 
 setup: $(STAMP)
 
@@ -41,7 +41,7 @@ $(DEMO_MODELS): $(STAMP)
 	touch $(DEMO_MODELS)
 
 demo: setup $(DEMO_MODELS)
-	$(BIN)/reflectune recycle examples/sample.jsonl --out $(DEMO_OUT) --shard-size 8 --limit 32 \
+	$(BIN)/reflectune recycle examples/sample.jsonl --out $(DEMO_OUT) --shard-size 16 --limit 32 \
 	  --teacher $(DEMO_TEACHER) --teacher-engine vllm --max-new-tokens 384 \
 	  --epochs 2 --batch-size 8 --per-device-batch-size 4 --learning-rate 5e-5 --train-max-length 512 \
 	  --evaluate --judge $(DEMO_TEACHER) --judge-engine vllm --eval-limit 20 --eval-max-new-tokens 48 \
@@ -85,6 +85,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+
+# the configuration reference, written from the config models (a test fails when it is stale)
+docs: setup
+	$(BIN)/python -m reflectune.config_reference > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -129,7 +129,7 @@ class StudentConfig(_Config):
         "vicuna", description="Prompt template P used for scoring and training; chat = the student's own template.")
     max_length: int = Field(2048, ge=16, description="Truncation length of scored sequences, in tokens.")
     dtype: str = Field("auto", description="auto: bfloat16 where the hardware has it (fast; moves scores by about "
-                       "2% and some decisions, see README), else float32. float32 (--exact) is the reference's "
+                       "2% and some decisions, see docs/scoring.md), else float32. float32 (--exact) is the reference's "
                        "precision.")
     input_join: Literal["none", "newline"] = Field(
         "none", description="How the r-IFD side joins instruction and input: none concatenates them as the "

@@ -20,7 +20,7 @@ from reflectune.journal import dollars
 from reflectune.reflection import MAX_NEW_TOKENS
 
 # Tokens/s measured on the reference CPU host (2 cores, fp32) with SmolLM2-135M; scaled to
-# other models by parameter count. GPU rows follow the README's H100 estimates (bf16):
+# other models by parameter count. GPU rows follow the H100 estimates in docs/gpu.md (bf16):
 # prefill at ~45% of 989 TFLOP/s, decode at ~45% of prefill at large batch.
 CPU_MEASURED_135M = {"teacher:transformers": 22.0, "teacher:vllm": 56.0, "teacher:openai": 53.0,
                      "student:transformers": 400.0, "student:vllm": 200.0}
