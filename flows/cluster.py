@@ -11,6 +11,8 @@ already done). Other flow runs are left alone.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,52 @@ GPU_BATCH_FLOW = "reflectune-gpu-batch"
 GPU_STEP_FLOW = "reflectune-gpu-step"
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = {"kubernetes": ROOT / "infra" / "kubernetes" / "gpu-base-job-template.json"}
+
+
+@contextmanager
+def recording_stops(params: Any, run: str) -> Iterator[None]:
+    """Around a GPU flow run's work: an error a retry cannot mend (a spent budget, an input
+    fact) is written to the run folder (RunFolder.stop) before it fails the run, so the recycle
+    run that launched it raises the same error (`recorded_stop`), not a reading of a message."""
+    from reflectune import io
+    from reflectune.errors import ReflectuneError
+    from reflectune.run_folder import RunFolder
+
+    at = RunFolder(params.output).stop(run)
+    io.remove(at)  # an earlier try's stop is not this one's
+    try:
+        yield
+    except ReflectuneError as exc:
+        if not exc.retryable:
+            io.write_json({"error": type(exc).__name__, "message": str(exc)}, at)
+        raise
+
+
+def recorded_stop(params: Any, run: str) -> Exception | None:
+    """The error a GPU flow run named `run` stopped on, as its own type, or None."""
+    from reflectune import errors, io
+    from reflectune.run_folder import RunFolder
+
+    at = RunFolder(params.output).stop(run)
+    if not io.exists(at):
+        return None
+    kept = io.read_json(at)
+    kind = getattr(errors, kept.get("error", ""), None)
+    if not (isinstance(kind, type) and issubclass(kind, errors.ReflectuneError)) or kind is errors.ShardFailedError:
+        kind = errors.ReflectuneError
+    return kind(kept.get("message", ""))
+
+
+def batch_run_name(stage: str, shards: list[dict[str, Any]]) -> str:
+    """A GPU batch run's name in the run folder: its stage and first shard."""
+    from reflectune.run_folder import shard_name
+
+    return f"{stage}-{shard_name(shards[0]['index'])}" if shards else stage
+
+
+def step_run_name(step: str, baseline: str | None) -> str:
+    """A GPU step run's name in the run folder."""
+    return f"{step}-{baseline}" if baseline else step
 
 
 def setup(pools: dict[str, str], heartbeat_seconds: int = 30, grace_seconds: int = 60) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from prefect import flow
 
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
-from reflectune.flows.cluster import GPU_BATCH_FLOW
+from reflectune.flows.cluster import GPU_BATCH_FLOW, batch_run_name, recording_stops
 from reflectune.tasks.retries import with_retries
 from reflectune.tasks.shards import student_shard, teacher_shard
 
@@ -20,8 +20,9 @@ from reflectune.tasks.shards import student_shard, teacher_shard
 def gpu_batch(stage: Literal["teacher", "student"], shards: list[dict[str, Any]],
               params: RecycleParams) -> list[dict[str, Any]]:
     try:
-        work = with_retries(teacher_shard if stage == "teacher" else student_shard, params)
-        return [work(shard, params) for shard in shards]
+        with recording_stops(params, batch_run_name(stage, shards)):
+            work = with_retries(teacher_shard if stage == "teacher" else student_shard, params)
+            return [work(shard, params) for shard in shards]
     finally:
         pool.close_all()
 

@@ -11,7 +11,7 @@ from prefect import flow
 
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
-from reflectune.flows.cluster import GPU_STEP_FLOW
+from reflectune.flows.cluster import GPU_STEP_FLOW, recording_stops, step_run_name
 from reflectune.tasks.outputs import evaluate_students, train_baseline, train_student
 from reflectune.tasks.retries import with_retries
 
@@ -21,11 +21,12 @@ def gpu_step(step: Literal["train", "baseline", "evaluate"], params: RecyclePara
              baseline: str | None = None) -> dict[str, Any]:
     """`baseline` names the baseline whose student the `baseline` step trains."""
     try:
-        if step == "train":
-            return with_retries(train_student, params)(params)
-        if step == "baseline":
-            return with_retries(train_baseline, params)(params, baseline)
-        return with_retries(evaluate_students, params)(params)
+        with recording_stops(params, step_run_name(step, baseline)):
+            if step == "train":
+                return with_retries(train_student, params)(params)
+            if step == "baseline":
+                return with_retries(train_baseline, params)(params, baseline)
+            return with_retries(evaluate_students, params)(params)
     finally:
         pool.close_all()
 

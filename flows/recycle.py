@@ -26,6 +26,7 @@ from reflectune import manifest as run
 from reflectune.config import RecycleParams
 from reflectune.engines import pool
 from reflectune.errors import RESUME, BudgetExceededError, ReflectuneError
+from reflectune.flows.cluster import batch_run_name, recorded_stop, step_run_name
 from reflectune.run_folder import RunFolder
 from reflectune.tasks.outputs import (evaluate_students, intake_and_shard, select_and_write, train_student,
                                       write_card, write_manifest, write_report)
@@ -237,7 +238,7 @@ def _run_cluster(params: RecycleParams, shards: list[dict[str, Any]], tracker: _
 def gpu_batch_run(params: RecycleParams, stage: str, batch: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
     """One batch of shards for one stage on the GPU pool: the shards' results, read from the outputs."""
     _launch(params, params.execution.gpu_deployment, {"stage": stage, "shards": batch}, f"GPU batch {stage} #{index}",
-            f"{stage}:{index}")
+            f"{stage}:{index}", batch_run_name(stage, batch))
     results = []
     for shard in batch:
         s = stages.Shard(**shard)
@@ -255,14 +256,15 @@ def gpu_step_run(params: RecycleParams, step: str, baseline: str | None = None) 
     from the output folder."""
     label = f"GPU step {step}" + (f" ({baseline})" if baseline else "")
     _launch(params, params.execution.gpu_step_deployment, {"step": step, "baseline": baseline}, label,
-            f"{step}:{baseline or ''}")
+            f"{step}:{baseline or ''}", step_run_name(step, baseline))
     folder = RunFolder(params.output)
     if step == "baseline":
         return io.read_json(folder.baseline_training(baseline))["baseline"]
     return io.read_json(folder.training if step == "train" else folder.evaluation)
 
 
-def _launch(params: RecycleParams, deployment: str, parameters: dict[str, Any], label: str, key: str) -> None:
+def _launch(params: RecycleParams, deployment: str, parameters: dict[str, Any], label: str, key: str,
+            name: str) -> None:
     """Run a GPU flow's deployment to its end.
 
     A run that crashed (its worker died: Prefect marks a run whose heartbeats stop as Crashed,
@@ -271,7 +273,9 @@ def _launch(params: RecycleParams, deployment: str, parameters: dict[str, Any], 
     failed has already retried its tasks: its failure fails this run. A retried parent run
     (the UI's Retry) finds its earlier children by the same keys: one still running is waited
     for, one completed is taken as it is, and one that ended failed, cancelled or crashed is
-    launched again under the next key."""
+    launched again under the next key. A run that stopped on an error no retry mends (a spent
+    budget, an input fact) recorded it in the run folder under `name`: that error is raised here,
+    as its own type."""
     from prefect.deployments import run_deployment
 
     log = get_run_logger()
@@ -290,8 +294,9 @@ def _launch(params: RecycleParams, deployment: str, parameters: dict[str, Any], 
             return
         state = child.state.name if child.state else "without a state"
         why = (child.state.message or "") if child.state else ""
-        if "BudgetExceededError" in why:  # the worker's budget stop, as the flow run's state tells it
-            raise BudgetExceededError(why.split("BudgetExceededError: ", 1)[-1].rstrip("."))
+        stopped = recorded_stop(params, name)
+        if stopped is not None and not (child.state and child.state.is_crashed()):
+            raise stopped
         if not (child.state and child.state.is_crashed()):
             raise ReflectuneError(f"{label} (flow run {child.id}) ended {state}: {why}")
         crashes += 1

@@ -16,14 +16,15 @@ from prefect.artifacts import create_markdown_artifact
 from reflectune import watch
 from reflectune.config import RecycleParams
 from reflectune.flows.recycle import recycle
+from reflectune.tasks.retries import with_retries
 
 
-@task(name="find-new-rows", tags=["reflectune"], retries=3, retry_delay_seconds=[5, 20, 60])
+@task(name="find-new-rows", tags=["reflectune"])
 def find_new_rows(params: RecycleParams) -> watch.Batch | None:
     return watch.new_batch(params.dataset, params.output, params.column_map)
 
 
-@task(name="update-ledger", tags=["reflectune"], retries=3, retry_delay_seconds=[5, 20, 60])
+@task(name="update-ledger", tags=["reflectune"])
 def update_ledger(params: RecycleParams, batch: watch.Batch) -> int:
     return watch.record(params.output, batch)
 
@@ -58,7 +59,8 @@ def rerecycle(params: RecycleParams = RecycleParams(dataset="data/incoming", out
     if busy:
         log.info("run %s is still recycling %s: this run steps aside", busy, params.dataset)
         return {"status": "skipped: an earlier run is active", "watched": params.dataset}
-    batch = find_new_rows(params)
+    # the run's retries, as every flow applies them (tasks/retries.py)
+    batch = with_retries(find_new_rows, params)(params)
     if batch is None:
         log.info("%s: nothing new since the last run", params.dataset)
         return {"status": "nothing new", "watched": params.dataset}
@@ -66,7 +68,7 @@ def rerecycle(params: RecycleParams = RecycleParams(dataset="data/incoming", out
              batch.files, batch.seen_rows, batch.output)
     run_params = params.model_copy(update={"dataset": batch.input, "output": batch.output, "limit": None})
     manifest = recycle(run_params)
-    ledger_rows = update_ledger(params, batch)
+    ledger_rows = with_retries(update_ledger, params)(params, batch)
     c = manifest["counts"]
     create_markdown_artifact(
         f"# Re-recycling {params.dataset}\n\n{len(batch.keys)} new rows ({batch.seen_rows} seen before) -> "

@@ -12,6 +12,7 @@ and nowhere else.
       baselines/KIND.parquet, KIND-model/, KIND-training.json   each baseline's pairs, student, training
       evaluation.parquet, evaluation-table.parquet, evaluation.json   verdicts, the table, the summary
       judge-journal/                                   every verdict of the evaluation's judge that returned
+      stops/RUN.json                                   a GPU flow run's stop on an error no retry mends
       README.md (the dataset card), report.html, manifest.json (written last)
       .reflectune-lock.json                            held while a run writes here
 
@@ -68,6 +69,11 @@ class RunFolder:
     @property
     def journal(self) -> str:
         return self._at("journal")
+
+    def stop(self, run: str) -> str:
+        """How a GPU flow run named `run` (its stage or step and what it covers) stopped on an
+        error a retry cannot mend: the error's type and message, for the run that launched it."""
+        return self._at("stops", f"{run}.json")
 
     @property
     def judge_journal(self) -> str:
