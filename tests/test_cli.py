@@ -273,7 +273,8 @@ def test_every_parameter_is_reachable_from_the_command_line(tmp_path):
         return params
 
     # a setting that is refused without another one gets that one too
-    needs = {"teacher.budget_usd": ["teacher.price_output_per_m=2.5"]}
+    needs = {"teacher.budget_usd": ["teacher.price_output_per_m=2.5"],
+             "evaluation.judge_budget_usd": ["evaluation.judge_price_output_per_m=2.5"]}
     fields = config_fields(RecycleParams)
     # a text field that takes named values
     named = {"evaluation.baselines": "length,ifd"}
