@@ -104,8 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     pl_ = sub.add_parser("plan", help="before spending GPU hours: rows, shards, tokens and time per stage")
     pl_.add_argument("input", help="dataset: .json array, .jsonl or .parquet; local path or s3:// URI")
     pl_.add_argument("--student", default=DEFAULT_MODEL, help="student model spec: its tokenizer counts tokens")
-    pl_.add_argument("--teacher-engine", default="transformers", choices=TEACHER_ENGINES)
-    pl_.add_argument("--student-engine", default="transformers", choices=STUDENT_ENGINES)
+    pl_.add_argument("--teacher-engine", default=_default("teacher.engine"), choices=TEACHER_ENGINES)
+    pl_.add_argument("--student-engine", default=_default("student.engine"), choices=STUDENT_ENGINES)
     pl_.add_argument("--teacher-size", default="135M", help="teacher parameters, e.g. 70B (default: %(default)s)")
     pl_.add_argument("--student-size", default="135M", help="student parameters, e.g. 7B (default: %(default)s)")
     pl_.add_argument("--device", default="cpu", choices=["cpu", "h100"], help="throughput basis (default: %(default)s)")
@@ -150,8 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="model A, e.g. the student trained on the selected data (DIR/model)")
     ev.add_argument("--baseline", required=True, help="model B, e.g. the student trained on the original data")
     ev.add_argument("--judge", default=DEFAULT_MODEL, help="judge model spec; openai: the served model name")
-    ev.add_argument("--judge-engine", default="transformers", choices=TEACHER_ENGINES)
-    ev.add_argument("--engine", default="transformers", choices=STUDENT_ENGINES,
+    ev.add_argument("--judge-engine", default=_default("evaluation.judge_engine"), choices=TEACHER_ENGINES)
+    ev.add_argument("--engine", default=_default("student.engine"), choices=STUDENT_ENGINES,
                     help="engine the two models answer (and are scored) on")
     ev.add_argument("--base-url", help="openai judge: endpoint")
     ev.add_argument("--api-key-env", default=_default("teacher.api_key_env"), help="openai judge: variable holding the key")

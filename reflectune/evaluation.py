@@ -22,9 +22,12 @@ import polars as pl
 
 from reflectune import formats, io, journal, records, templates, training
 from reflectune.config import BASELINES, RecycleParams
+from reflectune.engines import DEFAULT_ENGINE
+from reflectune.engines.vllm_args import DEFAULT_CONTEXT
 from reflectune.errors import InputFileError
 from reflectune.reflection import Sampling
 from reflectune.run_folder import RunFolder
+from reflectune.scoring import MAX_LENGTH
 
 BUNDLED_TEST_SET = Path(__file__).resolve().parent / "data" / "test_set.jsonl"
 JUDGE_VERSION = "pairwise-judge/v2"
@@ -206,7 +209,7 @@ def judge(judge_engine: Any, tests: list[dict[str, str]], answers_a: list[str], 
     return rows
 
 
-def heldout_loss(scorer: Any, tests: list[dict[str, str]], template: str, max_length: int = 2048) -> float | None:
+def heldout_loss(scorer: Any, tests: list[dict[str, str]], template: str, max_length: int = MAX_LENGTH) -> float | None:
     """Mean of each reference answer's loss given its prompt (loss_a_condition), over the
     test items that have one."""
     from reflectune import scoring
@@ -252,10 +255,10 @@ def evaluate(model: str, baseline: str, judge_spec: str, tests: list[dict[str, s
 
 
 def compare(model: str, baselines: dict[str, str], test_sets: dict[str, list[dict[str, str]]], judge_spec: str, *,
-            template: str = "vicuna", judge_engine: str = "transformers", judge_base_url: str | None = None,
+            template: str = templates.DEFAULT_TEMPLATE, judge_engine: str = DEFAULT_ENGINE, judge_base_url: str | None = None,
             judge_api_key_env: str | None = None, max_new_tokens: int = 1024, judge_max_new_tokens: int = 32,
-            max_length: int = 2048, batch_size: int = 8, constrained: str = "auto",
-            engine: str = "transformers", judge_journal: str | None = None,
+            max_length: int = MAX_LENGTH, batch_size: int = 8, constrained: str = "auto",
+            engine: str = DEFAULT_ENGINE, judge_journal: str | None = None,
             judge_budget: journal.Budget | None = None) -> dict[tuple[str, str], Result]:
     """`model` against each baseline on each test set: every model answers every set (one model
     loaded at a time, on `engine`: transformers or vllm), with its held-out loss; then one judge
@@ -274,7 +277,7 @@ def compare(model: str, baselines: dict[str, str], test_sets: dict[str, list[dic
         if engine == "vllm":  # one engine answers and scores
             from reflectune.engines.vllm_engine import VLLMEngine
 
-            writer = scorer = VLLMEngine(spec, max_model_len=max(max_length + 1, 4096))
+            writer = scorer = VLLMEngine(spec, max_model_len=max(max_length + 1, DEFAULT_CONTEXT))
         else:
             writer = TransformersTeacher(spec, batch_size=batch_size)
         answers[name] = {set_name: answer(writer, tests, template, sampling) for set_name, tests in test_sets.items()}

@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from reflectune import intake, prompts, scoring
-from reflectune.engines import BATCH_ENGINES
+from reflectune import intake, prompts, scoring, templates
+from reflectune.engines import BATCH_ENGINES, DEFAULT_ENGINE
 from reflectune.journal import dollars
 from reflectune.reflection import MAX_NEW_TOKENS
 
@@ -44,8 +44,8 @@ class Stage:
 
 
 def plan(uri: str, tokenizer: Any, *, column_map: dict[str, str] | None = None, limit: int | None = None,
-         shard_size: int = 512, teacher_engine: str = "transformers", student_engine: str = "transformers",
-         template: str = "vicuna", max_length: int = 2048, max_new_tokens: int = MAX_NEW_TOKENS, epochs: float = 3.0,
+         shard_size: int = 512, teacher_engine: str = DEFAULT_ENGINE, student_engine: str = DEFAULT_ENGINE,
+         template: str = templates.DEFAULT_TEMPLATE, max_length: int = scoring.MAX_LENGTH, max_new_tokens: int = MAX_NEW_TOKENS, epochs: float = 3.0,
          device: str = "cpu", teacher_params: float = PACKAGED_PARAMS, student_params: float = PACKAGED_PARAMS,
          analysis_tokens: int = 150, throughput: dict[str, float] | None = None, price_input_per_m: float = 0.0,
          price_output_per_m: float = 0.0, budget_tokens: int | None = None, budget_usd: float | None = None,

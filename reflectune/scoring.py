@@ -18,6 +18,9 @@ import polars as pl
 from reflectune import templates
 from reflectune.records import SCORES
 
+# the longest sequence scored or trained on, in tokens (the paper's 2048) unless told otherwise
+MAX_LENGTH = 2048
+
 PARTS = ("q_direct", "a_direct", "q_condition", "a_condition")
 # what a score means; part of every cached score's key. v2: the reference's token boundary,
 # instruction and input joined as the reference, identical sequences scored once
@@ -50,7 +53,7 @@ class StudentEngine(Protocol):
 
 
 def build_sequences(
-    rows: Sequence[dict[str, str]], tokenizer: Any, template: str = templates.DEFAULT_TEMPLATE, max_length: int = 2048,
+    rows: Sequence[dict[str, str]], tokenizer: Any, template: str = templates.DEFAULT_TEMPLATE, max_length: int = MAX_LENGTH,
     join: str = templates.DEFAULT_JOIN,
 ) -> list[dict[str, TokenSequence | str]]:
     """For every row, the four sequences of PARTS, or the reason a part cannot be scored."""
@@ -158,7 +161,7 @@ def score_rows(
     rows: Sequence[dict[str, str]],
     engine: StudentEngine,
     template: str = templates.DEFAULT_TEMPLATE,
-    max_length: int = 2048,
+    max_length: int = MAX_LENGTH,
     progress: Callable[[int, int], None] | None = None,
     join: str = templates.DEFAULT_JOIN,
     counts: dict[str, int] | None = None,

@@ -15,6 +15,8 @@ BATCH_ENGINES = ("openai-batch", "anthropic-batch")
 TEACHER_ENGINES = ("transformers", "vllm", "openai", *BATCH_ENGINES)
 # engines that are a remote API: no model loads here, a key is needed
 API_ENGINES = ("openai", *BATCH_ENGINES)
+# the engine of every model role (teacher, student, judge) unless told otherwise: runs anywhere
+DEFAULT_ENGINE = "transformers"
 
 
 def load_student(engine: str, spec: str, **options: Any) -> Any:

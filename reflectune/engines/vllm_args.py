@@ -24,6 +24,8 @@ class VLLMMemoryError(ReflectuneError):
 
 # KV cache headroom over the bare figure: block rounding and the scheduler's slack
 KV_HEADROOM = 1.2
+# the context an engine gets unless told otherwise (less where the model's is shorter)
+DEFAULT_CONTEXT = 4096
 
 
 @dataclass
@@ -31,7 +33,7 @@ class EngineArgs:
     """What vLLM needs to start; `defaults()` fills in what suits the machine."""
 
     dtype: str = "auto"
-    # None: 4096, or less where the model's context is shorter
+    # None: DEFAULT_CONTEXT, or less where the model's context is shorter
     max_model_len: int | None = None
     # GPU: the fraction of GPU memory vLLM may take (weights, activations, KV cache)
     gpu_memory_utilization: float = 0.9
@@ -71,7 +73,7 @@ def fill_context(args: EngineArgs, spec: str) -> EngineArgs:
     """Set max_model_len from the model's config when it was left open."""
     if args.max_model_len is None:
         config = model_config(spec)
-        args.max_model_len = min(4096, config.get("max_position_embeddings") or 4096)
+        args.max_model_len = min(DEFAULT_CONTEXT, config.get("max_position_embeddings") or DEFAULT_CONTEXT)
     return args
 
 
