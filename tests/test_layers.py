@@ -79,3 +79,39 @@ def test_the_folder_name_check_sees_an_import_inside_a_function(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("from . import x\n\ndef f():\n    import tasks.shards\n    from flows.recycle import recycle\n")
     assert _every_import(module) == [(4, "tasks.shards"), (5, "flows.recycle")]
+
+
+# what the engines may import of the library: the engine-level modules, nothing of the pipeline
+# or its configuration (an allow-list: a new pipeline module is kept out without being named)
+ENGINE_LEVEL = {"reflectune.errors", "reflectune.formats", "reflectune.models", "reflectune.progress",
+                "reflectune.reflection", "reflectune.scoring", "reflectune.secrets"}
+
+
+def _library_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every reflectune module a file imports, anywhere in it: `from
+    reflectune import models` names reflectune.models."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("reflectune")]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "reflectune":
+            found += [(node.lineno, f"reflectune.{a.name}") for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("reflectune."):
+            found.append((node.lineno, node.module))
+    return found
+
+
+def test_the_engines_import_only_the_engine_level_modules():
+    offending = [f"{path.relative_to(ROOT)}:{line} imports {module}"
+                 for path in sorted((ROOT / "reflectune" / "engines").rglob("*.py"))
+                 for line, module in _library_imports(path)
+                 if module not in ENGINE_LEVEL and not module.startswith("reflectune.engines")]
+    assert not offending, offending
+
+
+def test_the_allow_list_sees_every_way_of_importing(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("from reflectune import models, stages\nimport reflectune.config\n\n"
+                      "def f():\n    from reflectune.journal import Budget\n")
+    assert _library_imports(module) == [(1, "reflectune.models"), (1, "reflectune.stages"),
+                                        (2, "reflectune.config"), (5, "reflectune.journal")]
