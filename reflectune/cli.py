@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("PREFECT_HOME"):
         os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", os.path.join(os.environ["PREFECT_HOME"], "storage"))
     parser = _parser()
-    args = parser.parse_args(_dotted(sys.argv[1:] if argv is None else argv))
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["emulator"]:  # its options are the emulator's own (argparse cannot pass them through)
+        from reflectune import emulator
+
+        return emulator.main(given[1:], prog="reflectune emulator")
+    args = parser.parse_args(_dotted(given))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -174,6 +179,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--price-output-per-m", type=float, default=0.0,
                     help="the judge's dollars per million completion tokens")
     ev.set_defaults(func=_evaluate)
+
+    rehearse = sub.add_parser("emulator", add_help=False, help="a paid teacher's API on loopback, for a rehearsal of "
+                              "a paid run at no cost: limits, 429s, faults, the batch APIs (`reflectune emulator "
+                              "--help`; docs/rehearsal.md)")
 
     cluster = sub.add_parser("cluster", help="Prefect server setup for deployments").add_subparsers()
     setup = cluster.add_parser("setup", help="create the work pools and the automation that marks runs of "

@@ -997,8 +997,8 @@ def _handler(emulator: Emulator) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reflectune.emulator", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m reflectune.emulator") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--rpm", type=int, help="requests per window (default: unlimited)")
     parser.add_argument("--tpm", type=int, help="tokens (prompt + completion) per window (default: unlimited)")

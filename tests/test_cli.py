@@ -466,3 +466,27 @@ def test_the_max_new_tokens_help_says_what_an_api_engine_is_sent():
 
     text = config_fields(RecycleParams)["teacher.max_new_tokens"].description
     assert "sent as the request's max_tokens" in text and "applies its own limit" not in text
+
+
+def test_the_emulator_command_serves_until_ctrl_c():
+    """`reflectune emulator` takes the emulator's own options and stops on Ctrl-C with 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "reflectune.cli", "emulator", "--port", "0", "--rpm", "60"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = line.split(" at ", 1)[1].split(" ", 1)[0]
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1"), line
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=10) as answer:
+            assert answer.status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            time.sleep(0.1)
