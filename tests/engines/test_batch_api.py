@@ -258,8 +258,8 @@ def test_in_cluster_mode_training_baselines_and_evaluation_run_as_gpu_steps(monk
     folder = RunFolder(params.output)
     launched = []
 
-    def launch(params, deployment, parameters, label, key):
-        launched.append((deployment, parameters, key))
+    def launch(params, deployment, parameters, label, key, name):
+        launched.append((deployment, parameters, key, name))
         if parameters["step"] == "baseline":
             io.write_json({"baseline": {"kind": parameters["baseline"]}}, folder.baseline_training(parameters["baseline"]))
         else:
@@ -272,13 +272,13 @@ def test_in_cluster_mode_training_baselines_and_evaluation_run_as_gpu_steps(monk
     assert place.on_gpu("train", None) == {"step": "train"}
     assert place.on_gpu("evaluate", None) == {"step": "evaluate"}
     assert recycle.gpu_step_run(params, "baseline", "length") == {"kind": "length"}
-    assert launched == [("steps/gpu", {"step": "train", "baseline": None}, "train:"),
-                        ("steps/gpu", {"step": "evaluate", "baseline": None}, "evaluate:"),
-                        ("steps/gpu", {"step": "baseline", "baseline": "length"}, "baseline:length")]
+    assert launched == [("steps/gpu", {"step": "train", "baseline": None}, "train:", "train"),
+                        ("steps/gpu", {"step": "evaluate", "baseline": None}, "evaluate:", "evaluate"),
+                        ("steps/gpu", {"step": "baseline", "baseline": "length"}, "baseline:length", "baseline-length")]
 
 
 def test_a_retried_parent_launches_again_what_its_earlier_try_left_failed_and_counts_only_its_own_crashes(
-        monkeypatch):
+        monkeypatch, tmp_path):
     """`_launch` under the keys of a retried parent: a child of the earlier try that ended
     failed, cancelled or crashed is launched again under the next key (not returned as this
     try's failure); crashes of this try's own children count against execution.retries."""
@@ -292,7 +292,7 @@ def test_a_retried_parent_launches_again_what_its_earlier_try_left_failed_and_co
     from reflectune.errors import ReflectuneError
     from reflectune.flows import recycle
 
-    params = RecycleParams(execution={"mode": "cluster", "retries": 1})
+    params = RecycleParams(output=str(tmp_path / "out"), execution={"mode": "cluster", "retries": 1})
     stale: set[str] = set()
     outcomes: list = []
     launched: list[str] = []
@@ -309,7 +309,7 @@ def test_a_retried_parent_launches_again_what_its_earlier_try_left_failed_and_co
     # the earlier try's first two children failed and crashed: this try starts at the third key
     stale.update({"local:train::0", "local:train::1"})
     outcomes[:] = [Completed()]
-    recycle._launch(params, "steps/gpu", {"step": "train"}, "GPU step train", "train:")
+    recycle._launch(params, "steps/gpu", {"step": "train"}, "GPU step train", "train:", "train")
     assert launched == ["local:train::2"]
 
     # this try's own crashes: one relaunch (retries 1), then the run fails with the count
@@ -317,14 +317,26 @@ def test_a_retried_parent_launches_again_what_its_earlier_try_left_failed_and_co
     stale.clear()
     outcomes[:] = [Crashed(), Crashed()]
     with pytest.raises(ReflectuneError, match="crashed in 2 attempts"):
-        recycle._launch(params, "steps/gpu", {"step": "train"}, "GPU step train", "train:")
+        recycle._launch(params, "steps/gpu", {"step": "train"}, "GPU step train", "train:", "train")
     assert launched == ["local:train::0", "local:train::1"]
 
     # a child that fails now fails the run at once, naming its flow run
     launched.clear()
     outcomes[:] = [Failed(message="boom")]
     with pytest.raises(ReflectuneError, match=r"GPU step train \(flow run run-1\) ended Failed: boom"):
-        recycle._launch(params, "steps/gpu", {"step": "train"}, "GPU step train", "train:")
+        recycle._launch(params, "steps/gpu", {"step": "train"}, "GPU step train", "train:", "train")
+
+    # a child that stopped on an error no retry mends recorded it: the same error, as its type
+    from reflectune.errors import BudgetExceededError
+    from reflectune.flows.cluster import recording_stops
+
+    with pytest.raises(BudgetExceededError):
+        with recording_stops(params, "train"):
+            raise BudgetExceededError("the teacher budget would be passed by the next request: spent 5 tokens")
+    launched.clear()
+    outcomes[:] = [Failed(message="Flow run encountered an exception: something else")]
+    with pytest.raises(BudgetExceededError, match="^the teacher budget would be passed by the next request: spent 5"):
+        recycle._launch(params, "steps/gpu", {"step": "train"}, "GPU step train", "train:", "train")
 
 
 def test_shards_whose_batches_wait_at_once_hold_one_budget(tmp_path):
