@@ -396,6 +396,9 @@ def _plan(args: argparse.Namespace) -> int:
     from reflectune.models import resolve
 
     teacher = _plan_teacher(args)
+    if args.shard_size < 1:
+        raise ReflectuneError(f"invalid options:\n  --shard-size: {args.shard_size}: give 1 or more records per shard, "
+                              "as recycle takes it")
     try:
         sizes = plan.parse_size(args.teacher_size), plan.parse_size(args.student_size)
     except ValueError as exc:

@@ -183,7 +183,8 @@ def test_plan_refuses_the_budgets_recycle_refuses_naming_its_own_option(capsys):
                             (["--budget-usd", "0", "--price-output-per-m", "10"],
                              "--budget-usd: Input should be greater than 0"),
                             (["--budget-usd", "0.5"], "--budget-usd is 0.5 but no price is set: give --price-input-per-m "
-                                                      "and --price-output-per-m")):
+                                                      "and --price-output-per-m"),
+                            (["--shard-size", "0"], "--shard-size: 0: give 1 or more records per shard")):
         assert main(["plan", str(SAMPLE), *given]) == 2, given
         captured = capsys.readouterr()
         assert expected in captured.err and "Traceback" not in captured.err and not captured.out, given
