@@ -27,6 +27,14 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _check_priced(prefix: str, budget_usd: float | None, prices: tuple[float, float]) -> None:
+    """A dollar budget needs the prices that turn tokens into dollars (`prefix`: the settings'
+    names before budget_usd and price_*)."""
+    if budget_usd is not None and not any(prices):
+        raise ValueError(f"{prefix}budget_usd is {budget_usd} but no price is set: give {prefix}price_input_per_m "
+                         f"and {prefix}price_output_per_m (your provider's dollars per million tokens)")
+
+
 class TeacherConfig(_Config):
     model: str = Field(DEFAULT_MODEL, description="Teacher model: packaged:NAME, a local directory or a hub id; "
                        "for engine openai, the model name the endpoint serves (e.g. gpt-4o).")
@@ -101,10 +109,7 @@ class TeacherConfig(_Config):
     @model_validator(mode="after")
     def _priced(self) -> "TeacherConfig":
         # here, not in RecycleParams: every command that spends on a teacher refuses it alike
-        if self.budget_usd is not None and not any(self.prices):
-            raise ValueError(f"teacher.budget_usd is {self.budget_usd} but no price is set: give "
-                             "teacher.price_input_per_m and teacher.price_output_per_m (your provider's dollars per "
-                             "million tokens)")
+        _check_priced("teacher.", self.budget_usd, self.prices)
         return self
 
     @property
@@ -234,10 +239,8 @@ class EvaluationConfig(_Config):
 
     @model_validator(mode="after")
     def _priced(self) -> "EvaluationConfig":
-        if self.judge_budget_usd is not None and not (self.judge_price_input_per_m or self.judge_price_output_per_m):
-            raise ValueError(f"evaluation.judge_budget_usd is {self.judge_budget_usd} but no price is set: give "
-                             "evaluation.judge_price_input_per_m and evaluation.judge_price_output_per_m (your "
-                             "provider's dollars per million tokens)")
+        _check_priced("evaluation.judge_", self.judge_budget_usd, (self.judge_price_input_per_m,
+                                                                   self.judge_price_output_per_m))
         return self
 
     @property
