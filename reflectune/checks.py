@@ -166,15 +166,29 @@ _ABOUT_INSTRUCTION = re.compile(
     re.IGNORECASE)
 
 
+# an instruction that points at material: "the given list", "the following text", "this sentence"
+_POINTS_AT = re.compile(
+    r"\b(?:the|this|these|that)\s+(?:given|following|provided|above|below|attached)\b|"
+    r"\b(?:this|these)\s+(?:sentences?|text|paragraphs?|passage|list|numbers|code|snippet|article|poem|e-?mail|"
+    r"data|table|words?|story|essay|function|equation)\b", re.IGNORECASE)
+# the material itself, after the pointer: a colon, a new line or a quotation, then text
+_MATERIAL = re.compile(r"[:\n\"\u201c'`]\s*\S")
+
+
 def fragment(instruction: str) -> str | None:
-    """Why a new instruction is a piece of the teacher's analysis, not an instruction, or None:
-    it starts mid-sentence, carries the review's headings, or judges an instruction."""
+    """Why a new instruction is not an instruction one can answer, or None: it starts
+    mid-sentence, carries the review's headings or judges an instruction (a piece of the
+    teacher's analysis), or points at material it does not hold ("Sort the given list" with
+    no list: a new instruction has no input, so it must carry what it asks about)."""
     text = instruction.lstrip()
     if not text:
         return None
     first = text[0]
     if first in ",;:)]}.!?" or (first.islower() and _CONTINUATION.match(text)):
         return f"starts mid-sentence ({_quote(text[:40])})"
+    pointer = _POINTS_AT.search(text)
+    if pointer and not _MATERIAL.search(text, pointer.end()):
+        return f"points at material it does not hold ({_quote(pointer.group(0))})"
     return _first(text, (_HEADING, "carries the review's headings"),
                   (_ABOUT_INSTRUCTION, "judges an instruction instead of giving one"))
 

@@ -71,6 +71,9 @@ FRAGMENTS = [
     "and the answer lacks depth. A better instruction would ask for a comparison",
     "The original instruction is too vague: it names a topic without asking for anything.",
     "**Complexity of Topic**: Write an essay on the causes of the First World War.",
+    # the demo's 1.5B teacher: a new instruction (it has no input) that points at a list it lacks
+    "Sort the given list of numbers in descending order.",
+    "Translate this sentence into French, keeping its formal tone.",
 ]
 SCRIPT_SWITCHES = [
     ("Summarize the meeting notes.", "The committee has审批 the budget for next year."),
@@ -117,6 +120,10 @@ CLEAN_INSTRUCTIONS = [
     "explain the process of photosynthesis in detail, step by step",
     "Compose a formal email to a landlord asking for a repair, with a subject line.",
     "Summarize the following paragraph in two sentences: \"Solar panels convert sunlight into electricity.\"",
+    "Rewrite the following sentence in the passive voice:\nThe committee approved the budget.",
+    "Write a Python function that returns the input string reversed, with a docstring and two tests.",
+    "Classify the following animals as mammals or birds: whale, eagle, bat, penguin.",
+    "Given a list of integers, return the length of its longest increasing subsequence.",
 ]
 
 
