@@ -118,13 +118,26 @@ def unfinished(text: str) -> str | None:
     return None
 
 
+# the teacher's comment on its own rewrite, which no instruction asks for, a rewrite task's
+# included: "This answer provides more information ...", "The better answer is more detailed"
+_SELF_COMMENT = re.compile(
+    rf"\bthis\s+(?:revised\s+|new\s+|improved\s+|better\s+|updated\s+)?{_ANSWER}\s+(?:provides|adds|includes|"
+    rf"meets|is\s+more)\b"
+    rf"|\bthe\s+(?:better|revised|improved|new)\s+{_ANSWER}\s+(?:is\s+more|provides|includes|adds|meets)\b",
+    re.IGNORECASE)
+
+
 def review(answer: str, instruction: str, input: str = "") -> str | None:
     """Why an answer field is a review of an answer rather than an answer, or None. An
     instruction that itself asks for feedback, a revision or talk about an answer is answered
-    in kind, so the signals are not held against its answer."""
+    in kind, so the signals are not held against its answer, except the teacher's comment on
+    its own rewrite, which no instruction asks for."""
+    why = "reviews an answer instead of answering"
+    own = _first(answer, (_SELF_COMMENT, why + " (comments on its own rewrite)"))
+    if own:
+        return own
     if _ASKS_REVIEW.search(f"{instruction}\n{input}"):
         return None
-    why = "reviews an answer instead of answering"
     found = _first(answer, (_ABOUT_ANSWER, why), (_REVISION, why))
     if found:
         return found

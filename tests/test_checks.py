@@ -14,6 +14,13 @@ LABELLED = Path(__file__).parent / "data" / "labelled_rewrites.jsonl"
 # What the packaged 1.5B teacher wrote in the demo's answer fields, as the report showed it
 # among the "most helpful rewrites" (each with the pair it was written for).
 REVIEWS = [
+    # the demo's 1.5B teacher commenting on its own rewrite, a rewrite task's included
+    ("Rewrite the sentence without changing the meaning.",
+     "This answer provides more information by adding details such as the purpose of going to the store "
+     "(buying groceries). It also adds context by specifying the time (yesterday)."),
+    ("Convert 100 degrees Fahrenheit to Celsius.",
+     "Subtract 32 and multiply by 5/9: 37.8 C.\n\nThe better answer is more detailed and includes the full "
+     "explanation of the formula."),
     ("explain", "The answer provided does not explain anything at all. It simply states \"Sure.\" which is not "
      "helpful. A good explanation would describe the topic"),
     ("Give three tips for keeping a sourdough starter healthy.",
