@@ -184,6 +184,12 @@ _POINTS_AT = re.compile(
     r"\b(?:the|this|these|that)\s+(?:given|following|provided|above|below|attached)\b|"
     r"\b(?:this|these)\s+(?:sentences?|text|paragraphs?|passage|list|numbers|code|snippet|article|poem|e-?mail|"
     r"data|table|words?|story|essay|function|equation)\b", re.IGNORECASE)
+# a task done to material named with "the" ("Rewrite the sentence", "the main idea of the passage")
+_ACTS_ON = re.compile(
+    r"\b(?:rewrite|rephrase|reword|paraphrase|summari[sz]e|translate|edit|correct|fix|proofread|shorten|simplify|"
+    r"classify|sort|condense)\s+the\s+(?:sentences?|passages?|paragraphs?|text|list|numbers|words|article|essay|"
+    r"e-?mail|code|poem|story|statement|phrase)\b"
+    r"|\b(?:of|in|from)\s+the\s+(?:passage|paragraph|excerpt|text\s+above|text\s+below)\b", re.IGNORECASE)
 # the material itself, after the pointer: a colon, a new line or a quotation, then text
 _MATERIAL = re.compile(r"[:\n\"\u201c'`]\s*\S")
 
@@ -199,7 +205,7 @@ def fragment(instruction: str) -> str | None:
     first = text[0]
     if first in ",;:)]}.!?" or (first.islower() and _CONTINUATION.match(text)):
         return f"starts mid-sentence ({_quote(text[:40])})"
-    pointer = _POINTS_AT.search(text)
+    pointer = _POINTS_AT.search(text) or _ACTS_ON.search(text)
     if pointer and not _MATERIAL.search(text, pointer.end()):
         return f"points at material it does not hold ({_quote(pointer.group(0))})"
     return _first(text, (_HEADING, "carries the review's headings"),

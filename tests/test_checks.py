@@ -81,6 +81,8 @@ FRAGMENTS = [
     # the demo's 1.5B teacher: a new instruction (it has no input) that points at a list it lacks
     "Sort the given list of numbers in descending order.",
     "Translate this sentence into French, keeping its formal tone.",
+    "Rewrite the sentence without changing the meaning.",
+    "What is the main idea of the passage? Please provide three reasons why bicycle lanes would help shops.",
 ]
 SCRIPT_SWITCHES = [
     ("Summarize the meeting notes.", "The committee has审批 the budget for next year."),
@@ -131,6 +133,9 @@ CLEAN_INSTRUCTIONS = [
     "Write a Python function that returns the input string reversed, with a docstring and two tests.",
     "Classify the following animals as mammals or birds: whale, eagle, bat, penguin.",
     "Given a list of integers, return the length of its longest increasing subsequence.",
+    "Rewrite the sentence \"Me and him goes to the store\" in correct English.",
+    "Summarize the plot of Hamlet in three sentences.",
+    "Explain how the passage of a bill through Congress works.",
 ]
 
 
