@@ -317,6 +317,7 @@ def _recycle(args: argparse.Namespace) -> int:
     lock.check(params.output)  # a busy folder named at once, not after the server's start-up
     _prefect_api()
     recycle = _flows("recycle").recycle
+    from prefect.exceptions import TerminationSignal  # Prefect is imported by now
 
     _quiet_user_errors()
     previous = signal.signal(signal.SIGINT, _interrupt), signal.signal(signal.SIGTERM, _terminate)
@@ -325,15 +326,13 @@ def _recycle(args: argparse.Namespace) -> int:
             progress.listen(bars.event)
             try:
                 manifest = recycle(params)
-            except BaseException as exc:
+            except TerminationSignal:
                 # SIGTERM (`timeout`, `docker stop`, a scheduler): Prefect's engine raises it in
                 # this thread, marks the flow run crashed, then hands the signal to _terminate,
                 # which asks the shards at work to stop as Ctrl-C does
-                if type(exc).__name__ == "TerminationSignal":
-                    stopped = Interrupted(progress.INTERRUPTED)
-                    stopped.exit_code = 143
-                    raise stopped from None
-                raise
+                stopped = Interrupted(progress.INTERRUPTED)
+                stopped.exit_code = 143
+                raise stopped from None
             finally:
                 progress.listen(None)
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,20 +290,17 @@ def compare(model: str, baselines: dict[str, str], test_sets: dict[str, list[dic
     judge_engine_ = load_teacher(judge_engine, judge_spec,
                                  **judge_options(judge_engine, judge_base_url, judge_api_key_env, batch_size))
     judging = Sampling(0.0, 1.0, judge_max_new_tokens, 0, constrained=constrained)
-    kept = journal.Journal(judge_journal, 0, 0) if judge_journal else None
-    judged = journal.JournaledTeacher(judge_engine_, kept, judge_budget) if kept else judge_engine_
-    results, finished = {}, False
+    results = {}
     try:
-        for name, spec in baselines.items():
-            for set_name, tests in test_sets.items():
-                rows = judge(judged, tests, answers["model"][set_name], answers[name][set_name], judging)
-                results[(name, set_name)] = Result(
-                    models.model_id(model), models.model_id(spec), getattr(judge_engine_, "teacher_id", judge_spec),
-                    rows, losses["model"][set_name], losses[name][set_name])
-        finished = True
+        with journal.behind(judge_engine_, judge_journal, budget=judge_budget) if judge_journal \
+                else nullcontext(judge_engine_) as judged:
+            for name, spec in baselines.items():
+                for set_name, tests in test_sets.items():
+                    rows = judge(judged, tests, answers["model"][set_name], answers[name][set_name], judging)
+                    results[(name, set_name)] = Result(
+                        models.model_id(model), models.model_id(spec), getattr(judge_engine_, "teacher_id", judge_spec),
+                        rows, losses["model"][set_name], losses[name][set_name])
     finally:
-        if kept is not None:
-            kept.close(merge=finished)
         judge_engine_.close()
     return results
 

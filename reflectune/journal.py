@@ -26,7 +26,8 @@ import re
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -331,6 +332,20 @@ class BatchLedger:
 
 
 _BATCH = re.compile(r"^batch-(\d+)-(\d+)-([0-9a-f]+)\.json$")
+
+
+@contextmanager
+def behind(engine: Any, root: str, lo: int = 0, hi: int = 0, budget: Budget | None = None) -> Iterator[JournaledTeacher]:
+    """`engine` behind the request journal at `root` (a writer for source rows lo..hi) and
+    `budget`: what every model that is paid (the teacher, the evaluation's judge) answers
+    through. The writer's parts are merged when the work inside finishes."""
+    kept = Journal(root, lo, hi)
+    finished = False
+    try:
+        yield JournaledTeacher(engine, kept, budget)
+        finished = True
+    finally:
+        kept.close(merge=finished)
 
 
 class JournaledTeacher:

@@ -192,13 +192,9 @@ def journaled(engine: Any, cfg: TeacherConfig, journal_at: str, records: pl.Data
     and the budget of `cfg`: what every command that pays a teacher sends through. The
     journal's parts are merged when the work inside finishes."""
     rows = records["source_index"]
-    kept = journal.Journal(journal_at, int(rows.min()) if rows.len() else 0, int(rows.max()) if rows.len() else 0)
-    finished = False
-    try:
-        yield journal.JournaledTeacher(engine, kept, teacher_budget(cfg))
-        finished = True
-    finally:
-        kept.close(merge=finished)
+    with journal.behind(engine, journal_at, int(rows.min()) if rows.len() else 0,
+                        int(rows.max()) if rows.len() else 0, teacher_budget(cfg)) as teacher:
+        yield teacher
 
 
 def teacher_shard(shard: Shard, target: str, cfg: TeacherConfig, engine: Any, journal_at: str,
